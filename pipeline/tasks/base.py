@@ -1,0 +1,59 @@
+"""What a task is: examples, splits, prompt templates, answer post-processing, metric name."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Literal
+
+TaskKind = Literal["vqa", "caption", "text"]
+MetricName = Literal["vqa_accuracy", "cider", "exact_match"]
+
+SPLITS = ("support", "train", "eval")
+"""support: the pool demonstrations are drawn from; train: queries for teacher-cache / train-student;
+eval: held-out queries for evaluate."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One sample of a task.
+
+    id: unique within the task (all splits), stable across runs (stored in the teacher store).
+    question: the input text (a VQA question, a text task's input; "" for captioning).
+    answers: every reference answer (VQAv2: the ten human answers; captions: all references).
+    image: a path to an image file, a decoded ``PIL.Image.Image`` (HF datasets), or None (text only).
+    """
+
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    image: Any = None
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """The data that makes a task: prompt templates and generation/metric settings.
+
+    name: registry name (e.g. ``vqav2``).
+    kind: ``vqa`` | ``caption`` | ``text``.
+    metric: ``vqa_accuracy`` | ``cider`` | ``exact_match``.
+    prompt: query template with ``{question}``, e.g. ``"Question:{question} Short answer:"``.
+    answer: answer template with ``{answer}`` appended after the prompt, e.g. ``" {answer}"``.
+    max_new_tokens: generation budget (10 for VQA, 20 for captions as the paper's harness).
+    """
+
+    name: str
+    kind: TaskKind
+    metric: MetricName
+    prompt: str
+    answer: str = " {answer}"
+    max_new_tokens: int = 10
+
+
+def most_frequent_answer(answers: tuple[str, ...]) -> str:
+    """The answer used for demonstrations and teacher forcing: the most frequent one (first on ties)."""
+    if not answers:
+        raise ValueError("example has no answers; a demonstration or training query needs at least one")
+    counts = Counter(a.strip() for a in answers)
+    best = max(counts.values())
+    return next(a.strip() for a in answers if counts[a.strip()] == best)
