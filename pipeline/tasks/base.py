@@ -57,3 +57,42 @@ def most_frequent_answer(answers: tuple[str, ...]) -> str:
     counts = Counter(a.strip() for a in answers)
     best = max(counts.values())
     return next(a.strip() for a in answers if counts[a.strip()] == best)
+
+
+class Task:
+    """A task: its spec plus lazily loaded splits (``support``, ``train``, ``eval``).
+
+    ``loaders`` maps a split name to a zero-argument callable returning a sequence of ``Example``;
+    each is called at most once.
+    """
+
+    def __init__(self, spec: TaskSpec, loaders: dict[str, Any]):
+        unknown = set(loaders) - set(SPLITS)
+        if unknown:
+            raise ValueError(f"task {spec.name}: unknown split(s) {sorted(unknown)}; valid: {', '.join(SPLITS)}")
+        self.spec = spec
+        self._loaders = dict(loaders)
+        self._cache: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def split(self, name: str) -> Any:
+        """The examples of one split (a sequence of ``Example``)."""
+        if name not in self._loaders:
+            raise ValueError(
+                f"task {self.spec.name} has no split '{name}'; it has: {', '.join(sorted(self._loaders))}"
+            )
+        if name not in self._cache:
+            self._cache[name] = self._loaders[name]()
+        return self._cache[name]
+
+    def demo_answer(self, example: Example) -> str:
+        """The answer shown in a demonstration or teacher-forced on a training query."""
+        return most_frequent_answer(example.answers)
+
+    def postprocess(self, generated: str) -> str:
+        """Turn generated text into the prediction: first line, stripped (captions keep case)."""
+        text = generated.strip().split("\n", 1)[0].strip()
+        return text if self.spec.kind == "caption" else text.rstrip(".").strip() if self.spec.kind == "text" else text
