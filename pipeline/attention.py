@@ -1,0 +1,201 @@
+"""MimIC inside HuggingFace models through transformers' attention interface.
+
+We register one attention function and its mask function under ``ATTN_NAME``. The function runs
+the stock sdpa attention (the same kernel as the base model, so with v = 0 the outputs are equal
+bit for bit) and, for the decoder self-attention modules that carry MimIC heads, adds mu(q) v.
+Heads are attached by module identity to ``model.get_decoder().layers[i].self_attn`` — vision
+towers, the perceiver and Idefics1's gated cross-attention call the same function but carry no
+heads, so they pass through untouched. Parameters live outside the base model (a plain attribute
+in the module's ``__dict__``, not a registered submodule), so the base state dict never changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from pipeline.live import LiveVectors
+from pipeline.mimic import MimicHeads
+
+ATTN_NAME = "mimic"
+_STATE_KEY = "_mimic_state"
+
+
+@dataclass
+class _Switch:
+    """Shared by every layer of one attachment, so one flag turns the whole student on or off."""
+
+    enabled: bool = True
+
+
+@dataclass
+class _HeadState:
+    heads: MimicHeads
+    switch: _Switch
+    calls: int = field(default=0)
+
+
+def mimic_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Stock sdpa attention plus mu(q) v on modules that carry MimIC heads.
+
+    query (B, H, Tq, D), key/value (B, Hkv, Tkv, D) post-RoPE, not repeated for GQA; mask bool
+    (B, 1, Tq, Tkv) True = attend, additive float, or None. Returns ((B, Tq, H, D), None).
+    """
+    out, weights = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+    state: _HeadState | None = module.__dict__.get(_STATE_KEY)
+    if state is None:
+        return out, weights
+    state.calls += 1
+    if not state.switch.enabled:
+        return out, weights
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    shift = state.heads(query, key, attention_mask, scale)
+    return (out.float() + shift).to(out.dtype), weights
+
+
+def register_mimic_attention() -> None:
+    """Register the attention function and its mask function (idempotent).
+
+    The mask registration matters: without it ``create_causal_mask`` returns None for an unknown
+    implementation and padding would be silently ignored.
+    """
+    AttentionInterface.register(ATTN_NAME, mimic_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The language model's decoder layers (``model.get_decoder().layers`` in every family)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise TypeError(
+            f"{type(model).__name__} has no decoder layers at model.get_decoder().layers; "
+            "MimIC supports HuggingFace causal LMs and image-text-to-text models"
+        )
+    return layers
+
+
+class StudentHandle:
+    """A student attached to a model: ``detach()``, ``enable()``, ``disable()``, ``disabled()``."""
+
+    def __init__(self, model: nn.Module, switch: _Switch, undo: list):
+        self.model = model
+        self._switch = switch
+        self._undo = undo
+
+    @property
+    def enabled(self) -> bool:
+        return self._switch.enabled
+
+    def enable(self) -> None:
+        self._switch.enabled = True
+
+    def disable(self) -> None:
+        self._switch.enabled = False
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the base model: ``with handle.disabled(): model(**batch)``."""
+        previous = self._switch.enabled
+        self._switch.enabled = False
+        try:
+            yield
+        finally:
+            self._switch.enabled = previous
+
+    def detach(self) -> None:
+        """Remove every trace of the student; the model is the base model again."""
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+
+
+def _check_routed(attn: nn.Module, index: int) -> None:
+    impl = getattr(getattr(attn, "config", None), "_attn_implementation", None)
+    if impl != ATTN_NAME:
+        raise RuntimeError(
+            f"decoder layer {index} self-attention runs attn_implementation={impl!r}, not {ATTN_NAME!r}: "
+            "MimIC would silently do nothing. Load the model with the family's attn_implementation "
+            "(pipeline.families) or call pipeline.attention.route_attention(model, family)."
+        )
+
+
+def _call_check_hook(model: nn.Module, states: list[_HeadState]) -> object:
+    """After the first forward with the student enabled, every attached layer must have been called."""
+
+    def hook(_module, _args, _output):
+        if not states or not states[0].switch.enabled:
+            return
+        missing = [i for i, s in enumerate(states) if s.calls == 0]
+        handle.remove()
+        if missing:
+            raise RuntimeError(
+                f"decoder layers {missing} never called the registered attention function: this model's "
+                "attention does not go through transformers' attention interface, so MimIC cannot act on it"
+            )
+
+    handle = model.get_decoder().register_forward_hook(hook)
+    return handle
+
+
+def attach_mimic(model: nn.Module, heads: Sequence[MimicHeads]) -> StudentHandle:
+    """Attach one ``MimicHeads`` per decoder layer by module identity; freeze the base model.
+
+    ``heads`` must have one entry per decoder layer, sized for that layer's heads.
+    """
+    register_mimic_attention()
+    layers = decoder_layers(model)
+    if len(heads) != len(layers):
+        raise ValueError(f"got MimIC heads for {len(heads)} layers, the model has {len(layers)} decoder layers")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    switch, states, undo = _Switch(), [], []
+    for i, (layer, layer_heads) in enumerate(zip(layers, heads, strict=True)):
+        attn = layer.self_attn
+        _check_routed(attn, i)
+        if _STATE_KEY in attn.__dict__:
+            raise RuntimeError(f"decoder layer {i} already carries a student; detach it first")
+        layer_heads.to(next(model.parameters()).device)
+        state = _HeadState(layer_heads, switch)
+        attn.__dict__[_STATE_KEY] = state
+        states.append(state)
+        undo.append(lambda attn=attn: attn.__dict__.pop(_STATE_KEY, None))
+    hook = _call_check_hook(model, states)
+    undo.append(hook.remove)
+    return StudentHandle(model, switch, undo)
+
+
+def attach_live(model: nn.Module, live: LiveVectors) -> StudentHandle:
+    """Attach LIVE: a forward hook on each decoder layer's MLP adds its norm-preserving shift."""
+    layers = decoder_layers(model)
+    if live.vectors.shape[0] != len(layers):
+        raise ValueError(f"LIVE vectors for {live.vectors.shape[0]} layers, the model has {len(layers)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    live.to(next(model.parameters()).device)
+    switch, undo = _Switch(), []
+    for i, layer in enumerate(layers):
+
+        def hook(_module, _args, output, i=i):
+            return live.shift(i, output) if switch.enabled else output
+
+        undo.append(layer.mlp.register_forward_hook(hook).remove)
+    return StudentHandle(model, switch, undo)

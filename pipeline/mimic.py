@@ -1,0 +1,196 @@
+"""The MimIC method, pure torch (Jiang et al., CVPR 2025, arXiv 2504.08851, Sec. 3).
+
+For one query q of a head with keys K and values V, attention over demonstrations' keys K_D
+prepended to K decomposes exactly (Eq. 4 of the paper):
+
+    SA(q, [K_D; K], [V_D; V]) = (1 - mu) SA(q, K, V) + mu SA(q, K_D, V_D),   mu = Z1 / (Z1 + Z2)
+
+with Z1 = sum_j exp(q.k_j^D * s) and Z2 = sum_j exp(q.k_j * s). MimIC keeps the first term as is and
+learns the second: a shift vector v per head stands for SA(q, K_D, V_D) - SA(q, K, V), and
+f(q) = <w, q> + b approximates log Z1, so that
+
+    out(q) = SA(q, K, V) + mu(q) v,        mu(q) = sigmoid(f(q) - log Z2(q))        (Eq. 6-7)
+
+log Z2 is the masked log-normaliser of the head's *own* attention (causal, padding and sliding
+window masks applied, GQA key heads shared), computed here exactly in chunks of queries so no
+(T x T) matrix of the whole sequence is held at once. Rows with no visible key get mu = 0.
+
+No transformers, no files: this module only knows tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+VARIANTS = ("mimic", "head_shared", "query_independent", "shift_only")
+"""mimic: per-head f and v (the paper's method). head_shared: one f (w, b) shared by all heads of a
+layer (mu still uses each head's own log Z2). query_independent: mu = sigmoid(g) with a learned
+scalar g per head. shift_only: mu = 1 (a plain per-head shift)."""
+
+DEFAULT_CHUNK = 256
+
+
+def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """(Tq, Tkv) bool, True = attend; queries are the last ``q_len`` positions of the keys."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    return torch.arange(kv_len, device=device)[None, :] <= q_pos
+
+
+def _chunk_lse(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logsumexp over keys for one chunk of queries.
+
+    q: (B, Hkv, G, t, D) float32; k: (B, Hkv, 1, Tkv, D) float32; mask: bool (B, 1|Hkv, 1|G, t, Tkv)
+    or float additive of the same shape, or None. Returns lse (B, Hkv, G, t) and valid (same shape).
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    if mask is None:
+        valid = torch.ones(scores.shape[:-1], dtype=torch.bool, device=scores.device)
+    elif mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+        valid = mask.any(-1).expand(scores.shape[:-1])
+    else:
+        scores = scores + mask.float()
+        visible = mask > torch.finfo(mask.dtype).min / 2
+        valid = visible.any(-1).expand(scores.shape[:-1])
+    lse = torch.logsumexp(scores, dim=-1)
+    # A fully masked row has lse = -inf; any finite stand-in works because mu is zeroed there.
+    return torch.where(valid, lse, torch.zeros_like(lse)), valid
+
+
+def masked_log_z2(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    chunk_size: int = DEFAULT_CHUNK,
+    use_checkpoint: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log Z2(q) = logsumexp_j (q . k_j * scaling) over the keys q may attend to.
+
+    query: (B, H, Tq, D) post-RoPE; key: (B, Hkv, Tkv, D), H a multiple of Hkv (GQA: query head h
+    uses key head h // (H / Hkv), as ``repeat_kv`` does). attention_mask: bool (B, 1|H, Tq, Tkv),
+    True = attend; or an additive float mask; or None = causal when Tq > 1 (queries at the end of
+    the keys, as with a KV cache) and every key when Tq == 1.
+    Returns (log_z2 (B, H, Tq) float32, valid (B, H, Tq) bool: the row sees at least one key).
+    Differentiable in query and key; chunks of ``chunk_size`` queries are recomputed in backward
+    (checkpointed) when gradients are needed, so memory is O(chunk * Tkv) per head.
+    """
+    bsz, n_heads, q_len, dim = query.shape
+    n_kv, kv_len = key.shape[1], key.shape[2]
+    if n_heads % n_kv:
+        raise ValueError(f"query heads ({n_heads}) must be a multiple of key heads ({n_kv})")
+    groups = n_heads // n_kv
+    q = query.float().reshape(bsz, n_kv, groups, q_len, dim)
+    k = key.float()[:, :, None]
+    if attention_mask is None:
+        mask = _causal_mask(q_len, kv_len, query.device) if q_len > 1 else None
+        mask = None if mask is None else mask[None, None, None]
+    else:
+        m = attention_mask[..., :kv_len]  # as sdpa_attention_forward slices it
+        if m.shape[1] == 1:
+            mask = m[:, :, None]
+        else:
+            mask = m.reshape(m.shape[0], n_kv, groups, m.shape[2], kv_len)
+    if use_checkpoint is None:
+        use_checkpoint = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+    lses, valids = [], []
+    for start in range(0, q_len, chunk_size):
+        stop = min(start + chunk_size, q_len)
+        q_c = q[:, :, :, start:stop]
+        m_c = None if mask is None else mask[..., start:stop, :] if mask.shape[-2] > 1 else mask
+        if use_checkpoint and q_len > chunk_size:
+            lse, valid = checkpoint(_chunk_lse, q_c, k, m_c, scaling, use_reentrant=False)
+        else:
+            lse, valid = _chunk_lse(q_c, k, m_c, scaling)
+        lses.append(lse)
+        valids.append(valid)
+    lse = torch.cat(lses, dim=-1).reshape(bsz, n_heads, q_len)
+    valid = torch.cat(valids, dim=-1).reshape(bsz, n_heads, q_len)
+    return lse, valid
+
+
+class MimicHeads(nn.Module):
+    """The MimIC parameters of one attention layer and the shift they add (Eq. 6-7).
+
+    Parameters (H heads of size D): ``shift`` v (H, D); for ``mimic`` ``f_weight`` (H, D) and
+    ``f_bias`` (H,) — H(2D + 1) in all; ``head_shared`` (D,) and (1,); ``query_independent`` a
+    ``gate`` (H,); ``shift_only`` nothing else. v starts at zero, so a fresh module leaves the model
+    unchanged; f starts as ``nn.Linear(D, 1)`` does.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, variant: str = "mimic"):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown MimIC variant '{variant}'; choose one of {', '.join(VARIANTS)}")
+        self.variant = variant
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.shift = nn.Parameter(torch.zeros(num_heads, head_dim))
+        bound = 1.0 / math.sqrt(head_dim)
+        if variant == "mimic":
+            self.f_weight = nn.Parameter(torch.empty(num_heads, head_dim).uniform_(-bound, bound))
+            self.f_bias = nn.Parameter(torch.empty(num_heads).uniform_(-bound, bound))
+        elif variant == "head_shared":
+            self.f_weight = nn.Parameter(torch.empty(head_dim).uniform_(-bound, bound))
+            self.f_bias = nn.Parameter(torch.empty(1).uniform_(-bound, bound))
+        elif variant == "query_independent":
+            self.gate = nn.Parameter(torch.zeros(num_heads))
+
+    def log_z1(self, query: torch.Tensor) -> torch.Tensor:
+        """f(q) = <w_h, q> + b_h, the learned stand-in for log Z1. query (B, H, T, D) -> (B, H, T)."""
+        q = query.float()
+        if self.variant == "mimic":
+            return torch.einsum("bhtd,hd->bht", q, self.f_weight.float()) + self.f_bias.float()[None, :, None]
+        return torch.einsum("bhtd,d->bht", q, self.f_weight.float()) + self.f_bias.float()
+
+    def mu(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> torch.Tensor:
+        """mu(q) = sigmoid(f(q) - log Z2(q)), zero on rows with no visible key. Returns (B, H, Tq) float32."""
+        bsz, n_heads, q_len, _ = query.shape
+        if self.variant == "shift_only":
+            return query.new_ones(bsz, n_heads, q_len, dtype=torch.float32)
+        if self.variant == "query_independent":
+            return torch.sigmoid(self.gate.float())[None, :, None].expand(bsz, n_heads, q_len)
+        log_z2, valid = masked_log_z2(query, key, attention_mask, scaling, chunk_size)
+        return torch.sigmoid(self.log_z1(query) - log_z2) * valid
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+    ) -> torch.Tensor:
+        """The term mu(q) v added to the head outputs. Returns (B, Tq, H, D) in float32."""
+        if query.shape[1] != self.num_heads or query.shape[-1] != self.head_dim:
+            raise ValueError(
+                f"MimIC heads built for {self.num_heads} heads of size {self.head_dim}, "
+                f"got a query of shape {tuple(query.shape)}"
+            )
+        mu = self.mu(query, key, attention_mask, scaling)
+        return (mu[..., None] * self.shift.float()[None, :, None, :]).transpose(1, 2)
+
+
+def parameter_count(num_layers: int, num_heads: int, head_dim: int, variant: str = "mimic") -> int:
+    """Trainable MimIC parameters of a model, without building it."""
+    per_layer = {
+        "mimic": num_heads * (2 * head_dim + 1),
+        "head_shared": num_heads * head_dim + head_dim + 1,
+        "query_independent": num_heads * (head_dim + 1),
+        "shift_only": num_heads * head_dim,
+    }
+    if variant not in per_layer:
+        raise ValueError(f"unknown MimIC variant '{variant}'; choose one of {', '.join(VARIANTS)}")
+    return num_layers * per_layer[variant]
