@@ -1,0 +1,438 @@
+"""Teacher store: the on-disk format of stage 1 (DESIGN.md §4); the only module that imports zarr.
+
+A zarr v3 group, one row per query (N rows, S rows per shard, right-padded to T_max tokens):
+
+    hs           uint16  (N, T_max, L, D)  bf16 bits (zarr has no bf16; float16 is lossy); pad 0
+                                           chunk (1, T_max, L, D), shard (S, T_max, L, D)
+    done         bool    (N,)              chunk S (one writer per chunk); set after the shard's data
+    lengths      int32   (N,)              aligned tokens T of each query
+    token_ids    int32   (N, T_max)        pad -1
+    icd_ids      int32   (N, k)            demonstrations: indices into attrs["support_split"]; pad -1
+    query_ids    int32   (N,)              index of the query in attrs["split"]
+    topk_values  float32 (N, T_max, K)     optional teacher top-k logits (KL students); pad 0
+    topk_indices int32   (N, T_max, K)     optional; pad -1
+
+Every chunk is blosc(zstd, clevel 1, shuffle) then crc32c: lossless, and a flipped byte fails loudly.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import queue
+import shutil
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from pipeline.config import UserError
+
+SCHEMA_VERSION = 1
+ENCODING = "bf16-bits-in-uint16"
+HS, DONE, LENGTHS, TOKEN_IDS = "hs", "done", "lengths", "token_ids"
+ICD_IDS, QUERY_IDS, TOPK_VALUES, TOPK_INDICES = "icd_ids", "query_ids", "topk_values", "topk_indices"
+REQUIRED_ARRAYS = (HS, DONE, LENGTHS, TOKEN_IDS, ICD_IDS, QUERY_IDS)
+QUERY_SPLIT_ATTR, SUPPORT_SPLIT_ATTR = "split", "support_split"
+RESERVED_ATTRS = ("schema_version", "encoding")
+VOLATILE_ATTRS = ("created", "code_version")  # left out of fingerprint comparisons
+LARGE_SAMPLE_BYTES = 4 * 2**20
+SHARD_LARGE, SHARD_SMALL = 16, 64  # samples per shard above / below LARGE_SAMPLE_BYTES
+_RESUME = "re-run the same teacher-cache command to resume"
+_RECREATE = "re-create it with `pipeline teacher-cache ... --overwrite`"
+
+
+class StoreError(UserError):
+    """A teacher store is missing, foreign, incomplete, corrupt or unwritable; one line, with the fix."""
+
+
+def default_shard_size(t_max: int, n_layers: int, hidden: int) -> int:
+    """Samples per shard: 16 when one sample's bf16 states exceed 4 MiB (Idefics2: 21.5 MB), else 64."""
+    return SHARD_LARGE if t_max * n_layers * hidden * 2 > LARGE_SAMPLE_BYTES else SHARD_SMALL
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Shapes of a teacher store.
+
+    n_samples: N queries. t_max: most aligned (query + answer) tokens of any query. n_layers: L.
+    hidden: D. shots: k demonstrations per query. shard_size: S samples per shard file (None: by
+    bytes, see `default_shard_size`). topk: K teacher logits kept per token (None: not stored).
+    """
+
+    n_samples: int
+    t_max: int
+    n_layers: int
+    hidden: int
+    shots: int
+    shard_size: int | None = None
+    topk: int | None = None
+
+    def __post_init__(self) -> None:
+        def ok(v: Any, least: int) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+        bad = [f"{k}={getattr(self, k)!r}" for k in ("n_samples", "t_max", "n_layers", "hidden")
+               if not ok(getattr(self, k), 1)]
+        bad += [] if ok(self.shots, 0) else [f"shots={self.shots!r}"]
+        bad += [f"{k}={getattr(self, k)!r}" for k in ("shard_size", "topk")
+                if getattr(self, k) is not None and not ok(getattr(self, k), 1)]
+        if bad:
+            raise ValueError(f"invalid StoreLayout: {', '.join(bad)}; expected positive ints (shots >= 0, "
+                             "shard_size/topk may be None)")
+        if self.shard_size is None:
+            size = min(self.n_samples, default_shard_size(self.t_max, self.n_layers, self.hidden))
+            object.__setattr__(self, "shard_size", size)
+
+
+@dataclass
+class SampleRecord:
+    """One query's teacher states. hs: bfloat16 (T, L, D); token_ids: (T,) ints; icd_ids: <= k
+    demonstration indices; query_id: index in its split; topk_values / topk_indices: (T, K) or None."""
+
+    hs: torch.Tensor
+    token_ids: Sequence[int] | torch.Tensor
+    icd_ids: Sequence[int]
+    query_id: int
+    topk_values: torch.Tensor | None = None
+    topk_indices: torch.Tensor | None = None
+
+
+def bf16_to_bits(t: torch.Tensor) -> np.ndarray:
+    """bfloat16 tensor -> uint16 numpy array of the same bits, same shape."""
+    return t.detach().cpu().contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def bits_to_bf16(a: np.ndarray) -> torch.Tensor:
+    """uint16 bits -> bfloat16 tensor, bit-exact inverse of `bf16_to_bits`."""
+    return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+
+
+def _bits_to_f64(a: np.ndarray) -> np.ndarray:
+    return (a.astype(np.uint32) << 16).view(np.float32).astype(np.float64)  # float64: no overflow on squaring
+
+
+def _compressors(typesize: int | None = None) -> list:
+    blosc = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=typesize, blocksize=2**20)
+    return [blosc, Crc32cCodec()]
+
+
+def _jsonable(attrs: dict) -> dict:
+    return json.loads(json.dumps(attrs, default=str))
+
+
+def _fingerprint(attrs: dict) -> dict:
+    return {k: v for k, v in attrs.items() if k not in RESERVED_ATTRS + VOLATILE_ATTRS}
+
+
+def create_store(path: str | Path, layout: StoreLayout, attrs: dict) -> TeacherStore:
+    """Create an empty store (mode 'w-': an existing path is an error, never wiped); returns it open r+."""
+    path = Path(path)
+    clash = sorted(set(attrs) & set(RESERVED_ATTRS))
+    if clash:
+        raise ValueError(f"attrs may not set {clash}: the store writes them itself")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise StoreError(f"{path} already exists; pass --overwrite to replace it or choose another path")
+    meta = {"schema_version": SCHEMA_VERSION, "encoding": ENCODING, **_jsonable(attrs)}
+    try:
+        group = zarr.open_group(path, mode="w-", attributes=meta)
+    except FileExistsError as e:
+        raise StoreError(f"{path} already exists; pass --overwrite to replace it or choose another path") from e
+    n, t, s, k = layout.n_samples, layout.t_max, layout.shard_size, layout.topk
+    group.create_array(HS, shape=(n, t, layout.n_layers, layout.hidden), dtype="uint16", fill_value=0,
+                       chunks=(1, t, layout.n_layers, layout.hidden),
+                       shards=(s, t, layout.n_layers, layout.hidden), compressors=_compressors(2))
+    small = {DONE: ((n,), "bool", False), LENGTHS: ((n,), "int32", 0), TOKEN_IDS: ((n, t), "int32", -1),
+             ICD_IDS: ((n, layout.shots), "int32", -1), QUERY_IDS: ((n,), "int32", -1)}
+    if k is not None:
+        small |= {TOPK_VALUES: ((n, t, k), "float32", 0.0), TOPK_INDICES: ((n, t, k), "int32", -1)}
+    splits = {QUERY_IDS: attrs.get(QUERY_SPLIT_ATTR), ICD_IDS: attrs.get(SUPPORT_SPLIT_ATTR)}
+    for name, (shape, dtype, fill) in small.items():
+        group.create_array(name, shape=shape, dtype=dtype, fill_value=fill, chunks=(s, *shape[1:]),
+                           compressors=_compressors(), attributes=_jsonable({"split": splits.get(name)}))
+    return TeacherStore(path, "r+")
+
+
+def open_store(path: str | Path, mode: str = "r") -> TeacherStore:
+    """Open an existing store, mode 'r' (readers) or 'r+' (resuming writers); checks schema, not completeness."""
+    if mode not in ("r", "r+"):
+        raise ValueError(f"mode {mode!r}: expected 'r' or 'r+'")
+    return TeacherStore(path, mode)
+
+
+def remove_store(path: str | Path) -> None:
+    """Delete a teacher store (for --overwrite); refuses any directory that is not one."""
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        is_store = "schema_version" in json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        is_store = False
+    if not is_store:
+        raise StoreError(f"refusing to delete {path}: it is not a teacher store (no zarr.json with "
+                         "schema_version); remove it by hand if you mean it")
+    shutil.rmtree(path)
+
+
+def _check_schema(path: Path, attrs: dict) -> None:
+    if "schema_version" not in attrs:
+        raise StoreError(f"{path} is a zarr group but not a teacher store (no schema_version attribute); "
+                         "point --cache at a store written by `pipeline teacher-cache`")
+    if attrs["schema_version"] != SCHEMA_VERSION or attrs.get("encoding") != ENCODING:
+        raise StoreError(f"{path} has schema_version {attrs['schema_version']!r} / encoding "
+                         f"{attrs.get('encoding')!r}, this code reads {SCHEMA_VERSION} / {ENCODING!r}; "
+                         f"{_RECREATE} or use the code version that wrote it")
+
+
+class TeacherStore:
+    """An open teacher store. Readers: `validate()`, then `read(i)` one sample at a time. Writers:
+    `pending_shards(rank, world)`, then `write_shard(s, records)` per owned shard (or a ShardWriter).
+    Survives fork (zarr resets its event loop) and pickles as (path, mode), reopening on unpickle."""
+
+    def __init__(self, path: str | Path, mode: str = "r") -> None:
+        self.path, self.mode = Path(path), mode
+        if not self.path.exists():
+            raise StoreError(f"no teacher store at {self.path}; run `pipeline teacher-cache ...` first")
+        try:
+            self._group = zarr.open_group(self.path, mode=mode)
+        except (zarr.errors.BaseZarrError, OSError, ValueError) as e:
+            raise StoreError(f"{self.path} is not a zarr group ({type(e).__name__}); point --cache at a "
+                             "store written by `pipeline teacher-cache`") from e
+        _check_schema(self.path, dict(self._group.attrs))
+        names = set(self._group.array_keys())
+        missing = [n for n in REQUIRED_ARRAYS if n not in names]
+        if missing:
+            raise StoreError(f"{self.path} lacks arrays {missing}; it is corrupt: {_RECREATE}")
+        self._arrays = {n: self._group[n] for n in names}
+        hs = self._arrays[HS]
+        n, t, n_layers, hidden = hs.shape
+        topk = self._arrays[TOPK_VALUES].shape[2] if TOPK_VALUES in names else None
+        self.layout = StoreLayout(n, t, n_layers, hidden, self._arrays[ICD_IDS].shape[1], hs.shards[0], topk)
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "mode": self.mode}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["mode"])
+
+    def __len__(self) -> int:
+        return self.layout.n_samples
+
+    @property
+    def attrs(self) -> dict:
+        """Every group attribute: schema_version, encoding and the creator's attrs."""
+        return dict(self._group.attrs)
+
+    @property
+    def fingerprint(self) -> dict:
+        """The creator's attrs minus volatile keys (created, code_version): what must match to reuse."""
+        return _fingerprint(self.attrs)
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.layout.n_samples / self.layout.shard_size)
+
+    def shard_samples(self, s: int) -> range:
+        """Sample indices of shard s."""
+        if not 0 <= s < self.n_shards:
+            raise IndexError(f"shard {s} out of range: the store has {self.n_shards} shards")
+        size = self.layout.shard_size
+        return range(s * size, min((s + 1) * size, self.layout.n_samples))
+
+    def pending_shards(self, rank: int = 0, world: int = 1) -> list[int]:
+        """Shards owned by `rank` of `world` writers (r, r+W, ...) whose done flags are not all set."""
+        if not (world >= 1 and 0 <= rank < world):
+            raise ValueError(f"rank {rank} of world {world}: expected 0 <= rank < world")
+        done = self._arrays[DONE][:]
+        return [s for s in range(rank, self.n_shards, world)
+                if not done[self.shard_samples(s).start:self.shard_samples(s).stop].all()]
+
+    def write_shard(self, s: int, records: Sequence[SampleRecord]) -> None:
+        """Write a whole shard, one call per array, then its done flags (a crash in between redoes it)."""
+        if self.mode != "r+":
+            raise StoreError(f"{self.path} is open read-only; use open_store(path, mode='r+') to write")
+        rows = self.shard_samples(s)
+        if len(records) != len(rows):
+            raise ValueError(f"shard {s} holds samples {rows.start}..{rows.stop - 1}: expected "
+                             f"{len(rows)} records, got {len(records)}")
+        data = self._pack(s, records)
+        try:
+            for name, buf in data.items():
+                self._arrays[name][rows.start:rows.stop] = buf
+            self._arrays[DONE][rows.start:rows.stop] = True  # only once every data array is on disk
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise StoreError(f"out of disk space writing shard {s} of {self.path}; free space (or choose "
+                             f"another --cache path) and {_RESUME}") from e
+
+    def _pack(self, s: int, records: Sequence[SampleRecord]) -> dict[str, np.ndarray]:
+        lay, n = self.layout, len(records)
+        out = {HS: np.zeros((n, lay.t_max, lay.n_layers, lay.hidden), np.uint16),
+               LENGTHS: np.zeros(n, np.int32), TOKEN_IDS: np.full((n, lay.t_max), -1, np.int32),
+               ICD_IDS: np.full((n, lay.shots), -1, np.int32), QUERY_IDS: np.zeros(n, np.int32)}
+        if lay.topk is not None:
+            out[TOPK_VALUES] = np.zeros((n, lay.t_max, lay.topk), np.float32)
+            out[TOPK_INDICES] = np.full((n, lay.t_max, lay.topk), -1, np.int32)
+        for j, r in enumerate(records):
+            tokens = torch.as_tensor(r.token_ids).cpu().numpy()
+            t = self._check_record(s, j, r, len(tokens))
+            out[HS][j, :t], out[LENGTHS][j], out[TOKEN_IDS][j, :t] = bf16_to_bits(r.hs), t, tokens
+            out[ICD_IDS][j, :len(r.icd_ids)], out[QUERY_IDS][j] = list(r.icd_ids), r.query_id
+            if lay.topk is not None:
+                out[TOPK_VALUES][j, :t] = r.topk_values.detach().float().cpu().numpy()
+                out[TOPK_INDICES][j, :t] = r.topk_indices.detach().cpu().numpy()
+        return out
+
+    def _check_record(self, s: int, j: int, r: SampleRecord, n_tokens: int) -> int:
+        lay, t = self.layout, r.hs.shape[0] if r.hs.ndim == 3 else -1
+        bad = []
+        if r.hs.dtype != torch.bfloat16 or r.hs.ndim != 3 or tuple(r.hs.shape[1:]) != (lay.n_layers, lay.hidden):
+            bad.append(f"hs {r.hs.dtype} {tuple(r.hs.shape)}, expected bfloat16 (T, {lay.n_layers}, {lay.hidden})")
+        if not 1 <= t <= lay.t_max:
+            bad.append(f"T={t}, expected 1..t_max={lay.t_max}")
+        if n_tokens != t:
+            bad.append(f"{n_tokens} token_ids for T={t} states")
+        if len(r.icd_ids) > lay.shots:
+            bad.append(f"{len(r.icd_ids)} icd_ids, expected at most shots={lay.shots}")
+        topk = [r.topk_values, r.topk_indices]
+        if lay.topk is None and any(x is not None for x in topk):
+            bad.append("topk given but the store has no topk arrays (layout.topk=None)")
+        if lay.topk is not None and any(x is None or tuple(x.shape) != (t, lay.topk) for x in topk):
+            bad.append(f"topk_values/topk_indices must both be ({t}, {lay.topk})")
+        if bad:
+            raise ValueError(f"record {j} of shard {s}: {'; '.join(bad)}")
+        return t
+
+    def read_array(self, name: str) -> np.ndarray:
+        """A whole array (meant for the small ones: lengths, token_ids, ...); cached in mode 'r'."""
+        if name in self._cache:
+            return self._cache[name]
+        if name not in self._arrays:
+            raise KeyError(f"no array {name!r} in {self.path}; valid: {sorted(self._arrays)}")
+        value = self._arrays[name][:]
+        if self.mode == "r":
+            self._cache[name] = value
+        return value
+
+    def read(self, i: int) -> SampleRecord:
+        """Sample i: hs bfloat16 (T, L, D) bit-exact, token_ids int64 (T,), topk (T, K) if stored."""
+        n = self.layout.n_samples
+        if not 0 <= i < n:
+            raise IndexError(f"sample {i} out of range for a store of {n} samples")
+        try:
+            done = self.read_array(DONE)
+            if not done[i]:
+                raise StoreError(f"sample {i} of {self.path} is not written ({int(done.sum())} of {n} "
+                                 f"samples done); {_RESUME}")
+            t = int(self.read_array(LENGTHS)[i])
+            hs = bits_to_bf16(self._arrays[HS][i, :t])  # a plain slice: fancy indexing is ~100x slower
+            icd = self.read_array(ICD_IDS)[i]
+            rec = SampleRecord(hs, torch.from_numpy(self.read_array(TOKEN_IDS)[i, :t].astype(np.int64)),
+                               [int(x) for x in icd if x >= 0], int(self.read_array(QUERY_IDS)[i]))
+            if self.layout.topk is not None:
+                rec.topk_values = torch.from_numpy(self._arrays[TOPK_VALUES][i, :t])
+                rec.topk_indices = torch.from_numpy(self._arrays[TOPK_INDICES][i, :t].astype(np.int64))
+        except (ValueError, RuntimeError) as e:
+            if isinstance(e, StoreError):
+                raise
+            raise StoreError(f"sample {i} of {self.path} failed its checksum or decode ({e}); the store "
+                             f"is corrupt: {_RECREATE}") from e
+        return rec
+
+    def validate(self, expected: dict | None = None) -> None:
+        """Check schema, that every sample is done and (if given) that `expected` attrs match."""
+        _check_schema(self.path, self.attrs)
+        done = self._arrays[DONE][:]
+        if not done.all():
+            raise StoreError(f"{self.path} is incomplete: {int(done.sum())} of {len(done)} samples done; "
+                             f"{_RESUME}")
+        if expected is None:
+            return
+        stored, want, gone = self.fingerprint, _fingerprint(_jsonable(expected)), "<missing>"
+        diff = [f"{k}: stored {stored.get(k, gone)!r} vs expected {want.get(k, gone)!r}"
+                for k in sorted(set(stored) | set(want)) if stored.get(k, gone) != want.get(k, gone)]
+        if diff:
+            raise StoreError(f"{self.path} was made by a different teacher setup ({'; '.join(diff)}); "
+                             f"{_RECREATE} or point --cache at the matching store")
+
+    def cleanup_partials(self) -> list[Path]:
+        """Delete orphan `*.partial` files a SIGKILLed writer left; call only while no writer runs."""
+        orphans = sorted(self.path.rglob("*.partial"))
+        for p in orphans:
+            p.unlink(missing_ok=True)
+        return orphans
+
+
+class ShardWriter:
+    """Writes shards on a background thread so the producer (the GPU loop) never waits on compression
+    or disk. `submit` blocks once `depth` shards are queued; an exception in the thread is re-raised
+    by the next `submit` or by `close`, never lost. Use as a context manager."""
+
+    def __init__(self, store: TeacherStore, depth: int = 2) -> None:
+        self._store, self._error, self._closed = store, None, False
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="teacher-store-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:  # after a failure keep draining, so submit() never blocks forever
+                try:
+                    self._store.write_shard(*item)
+                except BaseException as e:  # handed to the caller
+                    self._error = e
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, shard_id: int, records: Sequence[SampleRecord]) -> None:
+        self._raise_pending()
+        if self._closed:
+            raise RuntimeError("ShardWriter.submit after close()")
+        self._queue.put((shard_id, list(records)))
+
+    def close(self) -> None:
+        """Finish queued shards, stop the thread, re-raise its exception if any."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_pending()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except BaseException as err:  # keep the body's exception primary, show both
+            exc.__context__ = err
+
+
+def per_layer_mean_norm(path: str | Path) -> np.ndarray:
+    """(L,) float64: mean over every valid (non-padding) token of ||h_l||_2 over D, via dask."""
+    import dask.array as da  # only statistics need dask; keep imports of readers light
+
+    store = open_store(path)
+    store.validate()
+    hs = store._arrays[HS]
+    x = da.from_zarr(hs, chunks=hs.chunks).map_blocks(_bits_to_f64, dtype=np.float64)  # one sample a task
+    norms = da.sqrt((x * x).sum(axis=-1))  # (N, T, L)
+    lengths = store.read_array(LENGTHS)
+    mask = np.arange(store.layout.t_max)[None, :] < lengths[:, None]  # (N, T)
+    total = (norms * da.from_array(mask[..., None], chunks=(1, -1, 1))).sum(axis=(0, 1)).compute()
+    return total / mask.sum()
