@@ -81,6 +81,13 @@ def register_mimic_attention() -> None:
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
+def route_attention(model: nn.Module, spec: str | dict[str, str]) -> None:
+    """Send the model's attention through ``spec`` (the family's ``attn_implementation(ATTN_NAME)``:
+    a string, or ``{"text_config": ...}`` to route only the language model)."""
+    register_mimic_attention()
+    model.set_attn_implementation(spec)
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The language model's decoder layers (``model.get_decoder().layers`` in every family)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
@@ -134,7 +141,7 @@ def _check_routed(attn: nn.Module, index: int) -> None:
         raise RuntimeError(
             f"decoder layer {index} self-attention runs attn_implementation={impl!r}, not {ATTN_NAME!r}: "
             "MimIC would silently do nothing. Load the model with the family's attn_implementation "
-            "(pipeline.families) or call pipeline.attention.route_attention(model, family)."
+            "(pipeline.families) or call pipeline.attention.route_attention(model, family.attn_implementation('mimic'))."
         )
 
 

@@ -1,8 +1,23 @@
-"""The `pipeline` command: thin Typer app; parse, load config, call ``stages.*.run``."""
+"""The `pipeline` command: thin Typer app; parse, load config, call ``stages.*.run``.
+
+Each command's options are generated from its stage's frozen config dataclass, so the dataclass
+field help is the `--help` text and YAML keys and flags share names. Precedence: defaults < the
+``--config`` YAML file < flags given on the command line.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import sys
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
 import typer
+
+from pipeline.config import ConfigError, UserError, load_config, read_yaml
 
 app = typer.Typer(
     name="pipeline",
@@ -13,24 +28,84 @@ app = typer.Typer(
 )
 
 
-def _not_built(name: str) -> None:
-    typer.echo(f"error: `pipeline {name}` is not built yet", err=True)
-    raise typer.Exit(2)
+def _cli_type(hint: Any) -> Any:
+    """Typer-friendly annotation: Optional[base] (None = not given), lists for sequences."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, __import__("types").UnionType) and len(args) == 1:
+        hint = args[0]
+    if typing.get_origin(hint) in (list, tuple):
+        inner = typing.get_args(hint)[0] if typing.get_args(hint) else str
+        return Optional[list[inner]]  # noqa: UP045 (typer needs typing.Optional)
+    return Optional[hint]  # noqa: UP045
 
 
-@app.command("teacher-cache")
-def teacher_cache() -> None:
-    """Stage 1: run k-shot ICL once and cache per-layer query states in a Zarr store."""
-    _not_built("teacher-cache")
+def _options(cls: type) -> list[inspect.Parameter]:
+    hints = typing.get_type_hints(cls)
+    params = [inspect.Parameter(
+        "config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],  # noqa: UP045
+        default=typer.Option(None, "--config", help="YAML file with any of these options (flags override it)."),
+    )]
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        decls = [f"{flag}/--no-{flag[2:]}"] if hint is bool else [flag]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        help_text = f.metadata.get("help", "") + (f" [default: {default}]" if default not in (None, "") else "")
+        if choices:
+            help_text += f" [choices: {', '.join(str(c) for c in choices if c is not None)}]"
+        params.append(inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, annotation=_cli_type(hint),
+            default=typer.Option(None, *decls, help=help_text, show_default=False),
+        ))
+    return params
 
 
-@app.command("train-student")
-def train_student() -> None:
-    """Stage 2: train a MimIC (or baseline) student against a teacher store."""
-    _not_built("train-student")
+def _command(cls: type, runner: Callable[[Any], Any]) -> Callable[..., None]:
+    def command(**kwargs: Any) -> None:
+        config_file = kwargs.pop("config_file", None)
+        with user_errors():
+            data = read_yaml(config_file) if config_file else None
+            runner(load_config(cls, data, **kwargs))
+
+    command.__signature__ = inspect.Signature(_options(cls))  # type: ignore[attr-defined]
+    return command
 
 
-@app.command("evaluate")
-def evaluate() -> None:
-    """Compare zero-shot, k-shot ICL and trained students with the official metrics."""
-    _not_built("evaluate")
+class user_errors:
+    """Print a user-caused error on one line (no traceback) and exit 2; Ctrl-C exits 130."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            return False
+        if issubclass(exc_type, (UserError, ConfigError)):
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+        if issubclass(exc_type, KeyboardInterrupt):
+            typer.echo("interrupted; re-run the same command to resume", err=True)
+            raise typer.Exit(130)
+        return False
+
+
+def _register(name: str, cls_path: str, run_path: str, help_text: str) -> None:
+    module_name, cls_name = cls_path.rsplit(".", 1)
+    cls = getattr(__import__(module_name, fromlist=[cls_name]), cls_name)
+    run_module, run_name = run_path.rsplit(".", 1)
+
+    def runner(config: Any) -> Any:
+        return getattr(__import__(run_module, fromlist=[run_name]), run_name)(config)
+
+    app.command(name, help=help_text)(_command(cls, runner))
+
+
+_register("teacher-cache", "stages.teacher_cache.TeacherCacheConfig", "stages.teacher_cache.run",
+          "Stage 1: run k-shot ICL once and cache per-layer query states in a Zarr store (resumable).")
+_register("train-student", "stages.train_student.TrainConfig", "stages.train_student.run",
+          "Stage 2: train a MimIC (or LIVE / LoRA) student against a teacher store (resumable).")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app(prog_name="pipeline", args=sys.argv[1:])

@@ -1,0 +1,155 @@
+"""What every stage shares: devices and ranks, model loading with defaults, a progress bar."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from pipeline.config import CONFIGS_DIR, UserError
+from pipeline.families import attention_geometry, family_for
+
+
+@dataclass
+class Loaded:
+    """A model ready for a stage. ``source`` carries name, revision and fingerprint (DESIGN §4 attrs)."""
+
+    model: Any
+    processor: Any
+    family: Any
+    source: Any
+    device: torch.device
+
+    @property
+    def geometry(self):
+        return attention_geometry(self.model)
+
+
+@dataclass(frozen=True)
+class ModelSourceInfo:
+    """Identity of a model that was built in-process (tests, benchmarks) rather than loaded by name."""
+
+    alias: str
+    revision: str | None
+    fingerprint: str
+
+
+def dist_info() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) — one process per device under ``accelerate launch``."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes, state.device
+
+
+def barrier() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return dist_info()[2]
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for, but no CUDA device is visible; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA, float32 on CPU."""
+    choices = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in choices:
+        raise UserError(f"unknown dtype '{dtype}'; valid: auto, {', '.join(choices)}")
+    return choices[dtype]
+
+
+def model_defaults(name: str) -> dict[str, Any]:
+    """``configs/models/<alias>.yaml`` for an alias or a matching hub id (shots, epochs), else {}."""
+    for path in sorted((CONFIGS_DIR / "models").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        if name in (path.stem, data.get("id")):
+            return data
+    return {}
+
+
+def load_for_stage(
+    name: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> Loaded:
+    """Load a model by alias, hub id or path with its language model's attention routed through
+    the MimIC attention function (the stock sdpa kernel, plus mu v only where a student is attached)."""
+    from transformers import AutoConfig
+
+    from pipeline.attention import ATTN_NAME, register_mimic_attention
+    from pipeline.models import load_model, resolve_model
+
+    register_mimic_attention()
+    dev = resolve_device(device)
+    source = resolve_model(name, revision=revision, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(source.path, revision=source.revision, trust_remote_code=trust_remote_code)
+    family = family_for(config)
+    model, processor, source = load_model(
+        name,
+        dtype=resolve_dtype(dtype, dev),
+        attn_implementation=family.attn_implementation(ATTN_NAME),
+        device=str(dev),
+        trust_remote_code=trust_remote_code,
+        revision=revision,
+    )
+    return Loaded(model, processor, family, source, dev)
+
+
+def wrap_model(model: Any, processor: Any, name: str = "in-process", device: str = "cpu") -> Loaded:
+    """A ``Loaded`` for a model built in-process (tests, benchmarks); attention routed as by
+    ``load_for_stage``."""
+    import hashlib
+    import json
+
+    from pipeline.attention import ATTN_NAME, route_attention
+
+    cfg = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+    fp = hashlib.sha256(cfg.encode()).hexdigest()[:16]
+    dev = torch.device(device)
+    family = family_for(model.config)
+    route_attention(model, family.attn_implementation(ATTN_NAME))
+    return Loaded(model.to(dev), processor, family, ModelSourceInfo(name, None, fp), dev)
+
+
+class Progress:
+    """A tqdm bar that shows samples/s and tokens/s; silent off rank 0 or when disabled."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, unit: str = "sample"):
+        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
+        self.start = time.perf_counter()
+        self.samples = 0
+        self.tokens = 0
+
+    def update(self, samples: int, tokens: int = 0, **postfix: Any) -> None:
+        self.samples += samples
+        self.tokens += tokens
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix(
+            {"samples/s": f"{self.samples / elapsed:.2f}", "tokens/s": f"{self.tokens / elapsed:.0f}", **postfix},
+            refresh=False,
+        )
+        self.bar.update(samples)
+
+    def close(self) -> float:
+        self.bar.close()
+        return time.perf_counter() - self.start
+
+
+def default_store_path(task: str) -> Path:
+    name = Path(task).stem if task.endswith((".yaml", ".yml")) else task
+    return Path("cache") / f"{name}.zarr"

@@ -1,0 +1,296 @@
+"""Stage 1 — run k-shot ICL once and cache the teacher's per-layer states at the query tokens.
+
+load config -> set up (model, task, plan, store) -> run (shards owned by this rank, batched by
+length, written by a background thread) -> save (done flags per shard; validate at the end).
+
+Teacher sequence: BOS + k demonstrations + query + teacher-forced answer; the student's sequence
+is BOS + query + answer, and the query+answer token ids must be identical (checked per sample).
+Aligned positions: every query+answer token (query image tokens included), BOS excluded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import __version__
+from pipeline.capture import LAYER_TARGETS, StateCapture, span_positions
+from pipeline.config import UserError, opt
+from pipeline.prompts import build_prompt
+from pipeline.store import (
+    SampleRecord,
+    ShardWriter,
+    StoreError,
+    StoreLayout,
+    create_store,
+    open_store,
+    remove_store,
+)
+from pipeline.tasks import load_task
+from pipeline.tasks.sampling import sample_demonstrations
+from stages.common import (
+    Loaded,
+    Progress,
+    barrier,
+    default_store_path,
+    dist_info,
+    load_for_stage,
+    model_defaults,
+)
+
+
+@dataclass(frozen=True)
+class TeacherCacheConfig:
+    """Options of `pipeline teacher-cache` (YAML keys and CLI flags have the same names)."""
+
+    task: str = opt("vqav2", "Task name (vqav2, okvqa, coco_caption, shapes_vqa, a built-in text task) or a task YAML path.")
+    model: str = opt("idefics2-8b", "Model alias (configs/models), hub id or local directory.")
+    out: str | None = opt(None, "Store path; default cache/<task>.zarr.")
+    shots: int | None = opt(None, "Demonstrations per query; default from configs/models (Idefics1 32, Idefics2 8).")
+    n_queries: int = opt(1000, "Training queries to cache (first N of the task's train split).")
+    seed: int = opt(3407, "Seed of the demonstration sampler.")
+    layer_target: str = opt("mlp", "Which state is aligned: mlp output, decoder layer output, attention output.", LAYER_TARGETS)
+    batch_size: int = opt(0, "Teacher forwards per batch; 0 = auto (start high, halve on out-of-memory).")
+    topk: int = opt(0, "Also store the teacher's top-k answer log-probs per token (for KL students); 0 = off.")
+    shard_size: int | None = opt(None, "Samples per shard file; default by size (16 large, 64 small).")
+    max_length: int | None = opt(None, "Longest teacher prompt allowed; default the model's context length.")
+    data_root: str | None = opt(None, "Root of the official data files (or env MIMIC_DATA).")
+    device: str = opt("auto", "cpu, cuda, cuda:N, or auto (the accelerate rank's device).")
+    dtype: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32.")
+    revision: str | None = opt(None, "Model revision (hub branch, tag or commit).")
+    trust_remote_code: bool = opt(False, "Allow the model repository's own code to run.")
+    num_workers: int = opt(0, "Processes preparing prompts and images while the GPU works.")
+    overwrite: bool = opt(False, "Replace an existing store made with a different configuration.")
+
+
+@dataclass
+class Planned:
+    """One training query: its index in the train split, its demonstrations, its student span ids."""
+
+    query_index: int
+    demo_indices: list[int]
+    span_ids: list[int]
+
+
+def plan_queries(task: Any, loaded: Loaded, shots: int, n_queries: int, seed: int) -> list[Planned]:
+    """Sample demonstrations and tokenise the student side of every query (for T_max and checks)."""
+    queries, support = task.split("train"), task.split("support")
+    n = min(n_queries, len(queries))
+    if n == 0:
+        raise UserError(f"task {task.name} has no training queries")
+    plan = []
+    for i in range(n):
+        query = queries[i]
+        demos = sample_demonstrations(support, query, shots, seed) if shots else []
+        student = build_prompt(loaded.family, loaded.processor, task.spec, query, [], [], task.demo_answer(query))
+        plan.append(Planned(i, list(demos), student.encoded.input_ids[student.span_start :]))
+    return plan
+
+
+def store_attrs(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: int, plan: list[Planned]) -> dict:
+    """The fingerprint of what produced the store (DESIGN §4); stage 2 checks it."""
+    geometry = loaded.geometry
+    queries = task.split("train")
+    query_ids = [str(queries[p.query_index].id) for p in plan]
+    support = task.split("support")
+    # .ids() reads one column instead of building every example (443k rows for VQAv2)
+    support_ids = [str(i) for i in support.ids()] if hasattr(support, "ids") else [str(e.id) for e in support]
+    return {
+        "model": loaded.source.alias,
+        "model_revision": loaded.source.revision,
+        "model_fingerprint": loaded.source.fingerprint,
+        "family": loaded.family.name,
+        "layer_target": config.layer_target,
+        "layers": geometry.num_layers,
+        "hidden": geometry.hidden_size,
+        "shots": shots,
+        "demo_strategy": "random",
+        "demo_seed": config.seed,
+        "prompt_template": task.spec.prompt,
+        "answer_template": task.spec.answer,
+        "task": task.name,
+        "split": "train",
+        "n": len(plan),
+        "query_example_ids": query_ids,
+        "support_fingerprint": hashlib.sha256("\n".join(support_ids).encode()).hexdigest()[:16],
+        "topk": config.topk,
+        "code_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def open_or_create(path: Path, layout: StoreLayout, attrs: dict, overwrite: bool, rank: int) -> Any:
+    """Resume a store made by the same configuration, refuse a different one unless ``overwrite``."""
+    if rank == 0:
+        if path.exists():
+            try:
+                store = open_store(path, mode="r+")
+                same = store.fingerprint == {k: v for k, v in attrs.items() if k not in ("created", "code_version")}
+            except StoreError:
+                same = False
+            if not same and not overwrite:
+                raise UserError(
+                    f"a store made with a different configuration exists at {path}; "
+                    "pass --overwrite to replace it or --out to write elsewhere"
+                )
+            if not same:
+                remove_store(path)
+        if not path.exists():
+            create_store(path, layout, attrs)
+    barrier()
+    store = open_store(path, mode="r+")
+    if rank == 0:
+        store.cleanup_partials()
+    barrier()
+    return store
+
+
+def context_limit(model: Any, max_length: int | None) -> int | None:
+    if max_length is not None:
+        return max_length
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Move a collated batch; floating tensors (pixels) take the model's dtype."""
+    return {
+        k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
+        for k, v in batch.items()
+    }
+
+
+class TeacherRunner:
+    """Teacher forwards for a list of samples, batched by length, with out-of-memory back-off."""
+
+    def __init__(self, loaded: Loaded, config: TeacherCacheConfig):
+        self.loaded, self.config = loaded, config
+        self.batch_size = config.batch_size or (16 if loaded.device.type == "cuda" else 4)
+        self.dtype = next(loaded.model.parameters()).dtype
+        accepts = inspect.signature(loaded.model.forward).parameters
+        self.keep_logits = "logits_to_keep" in accepts and not config.topk
+        self.capture = StateCapture(loaded.model, config.layer_target)
+
+    @torch.inference_mode()
+    def forward(self, prompts: list[Any], to_cpu: bool = True) -> list[tuple[torch.Tensor, Any, Any]]:
+        """States (T_span, L, D) bf16 (on CPU unless ``to_cpu`` is False) and optional top-k
+        (values, indices) per prompt."""
+        lengths = [len(p.encoded) for p in prompts]
+        starts = [p.span_start for p in prompts]
+        width = max(n - s for n, s in zip(lengths, starts, strict=True))
+        batch = self.loaded.family.collate([p.encoded for p in prompts], self.loaded.processor, "right")
+        batch = to_device(batch, self.loaded.device, self.dtype)
+        pos, _ = span_positions(lengths, starts, width, self.loaded.device)
+        extra = {"logits_to_keep": 1} if self.keep_logits else {}
+        with self.capture:
+            self.capture.positions = pos
+            out = self.loaded.model(**batch, use_cache=False, **extra)
+            states = self.capture.stacked().to(torch.bfloat16)
+        topk = None
+        if self.config.topk:
+            idx = pos[..., None].expand(-1, -1, out.logits.shape[-1])
+            logp = torch.log_softmax(torch.gather(out.logits, 1, idx).float(), -1)
+            topk = logp.topk(self.config.topk, dim=-1)
+        move = (lambda t: t.cpu()) if to_cpu else (lambda t: t)
+        states = move(states)
+        results = []
+        for b, (n, s) in enumerate(zip(lengths, starts, strict=True)):
+            k = (move(topk.values[b, : n - s]), move(topk.indices[b, : n - s])) if topk is not None else (None, None)
+            results.append((states[b, : n - s].clone(), *k))
+        return results
+
+    def run_sorted(self, prompts: list[Any]) -> list[tuple[torch.Tensor, Any, Any]]:
+        """Batches of similar length; halve the batch on CUDA out-of-memory (``--batch-size 0``)."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].encoded))
+        results: dict[int, Any] = {}
+        i = 0
+        while i < len(order):
+            chunk = order[i : i + self.batch_size]
+            try:
+                for j, r in zip(chunk, self.forward([prompts[j] for j in chunk]), strict=True):
+                    results[j] = r
+                i += len(chunk)
+            except torch.cuda.OutOfMemoryError:
+                if self.config.batch_size or self.batch_size == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self.batch_size //= 2
+        return [results[j] for j in range(len(prompts))]
+
+
+def teacher_prompts(task: Any, loaded: Loaded, plan: list[Planned], limit: int | None) -> list[Any]:
+    """Build and check the teacher prompts of some planned samples."""
+    queries, support = task.split("train"), task.split("support")
+    prompts = []
+    for p in plan:
+        query = queries[p.query_index]
+        demos = [support[j] for j in p.demo_indices]
+        prompt = build_prompt(
+            loaded.family, loaded.processor, task.spec, query, demos,
+            [task.demo_answer(d) for d in demos], task.demo_answer(query),
+        )
+        if prompt.encoded.input_ids[prompt.span_start :] != p.span_ids:
+            check_alignment_ids(prompt.encoded.input_ids[prompt.span_start :], p.span_ids, query.id)
+        if limit is not None and len(prompt.encoded) > limit:
+            raise UserError(
+                f"query {query.id} (sample {p.query_index}): the {len(p.demo_indices)}-shot teacher prompt has "
+                f"{len(prompt.encoded)} tokens, more than the limit {limit}; use fewer --shots or a larger --max-length"
+            )
+        prompts.append(prompt)
+    return prompts
+
+
+def check_alignment_ids(teacher_ids: list[int], student_ids: list[int], query_id: Any) -> None:
+    raise UserError(
+        f"query {query_id}: the teacher's query+answer tokens differ from the student's "
+        f"({len(teacher_ids)} vs {len(student_ids)} tokens); the tokenizer merges across the demonstration "
+        "boundary — change the task's prompt template so each segment starts a new token"
+    )
+
+
+def run(config: TeacherCacheConfig, loaded: Loaded | None = None, show_progress: bool = True) -> Path:
+    """Write (or resume) the teacher store; returns its path."""
+    rank, world, _ = dist_info()
+    defaults = model_defaults(config.model)
+    shots = config.shots if config.shots is not None else int(defaults.get("shots", 8))
+    task = load_task(config.task, **({"data_root": config.data_root} if config.data_root else {}))
+    if loaded is None:
+        loaded = load_for_stage(config.model, config.device, config.dtype, config.revision, config.trust_remote_code)
+    plan = plan_queries(task, loaded, shots, config.n_queries, config.seed)
+    geometry = loaded.geometry
+    layout = StoreLayout(
+        n_samples=len(plan), t_max=max(len(p.span_ids) for p in plan), n_layers=geometry.num_layers,
+        hidden=geometry.hidden_size, shots=shots, shard_size=config.shard_size, topk=config.topk or None,
+    )
+    path = Path(config.out) if config.out else default_store_path(config.task)
+    store = open_or_create(path, layout, store_attrs(config, task, loaded, shots, plan), config.overwrite, rank)
+    pending = store.pending_shards(rank, world)
+    runner = TeacherRunner(loaded, config)
+    limit = context_limit(loaded.model, config.max_length)
+    total = sum(len(store.shard_samples(s)) for s in pending)
+    progress = Progress(total, f"teacher-cache {task.name} ({shots}-shot)", enabled=show_progress and rank == 0)
+    with ShardWriter(store) as writer:
+        for shard in pending:
+            items = [plan[i] for i in store.shard_samples(shard)]
+            prompts = teacher_prompts(task, loaded, items, limit)
+            outputs = runner.run_sorted(prompts)
+            records = [
+                SampleRecord(hs=hs, token_ids=p.span_ids, icd_ids=p.demo_indices, query_id=p.query_index,
+                             topk_values=tv, topk_indices=ti)
+                for p, (hs, tv, ti) in zip(items, outputs, strict=True)
+            ]
+            writer.submit(shard, records)
+            progress.update(len(items), sum(len(p.encoded) for p in prompts), batch=runner.batch_size)
+    elapsed = progress.close()
+    barrier()
+    if rank == 0:
+        open_store(path).validate()
+        if show_progress:
+            print(f"wrote {path} ({len(plan)} queries, {shots}-shot, {geometry.num_layers} layers) in {elapsed:.1f}s")
+    return path

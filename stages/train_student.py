@@ -1,0 +1,160 @@
+"""Stage 2 — train a student against the cached teacher states (never loading demonstrations).
+
+load config -> set up (store, task, model, student, data, optimiser; resume from a checkpoint) ->
+run (L = L_align + lambda L_gt, AdamW + cosine warm-up, clip, accumulation, DDP by all-reduce) ->
+save (adapter, train_log.jsonl, loss curve PNG, the exact config).
+
+``--online`` runs the teacher every step instead of reading the store (the official code's way;
+the comparison point for the offline design); everything else is shared.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from pipeline.capture import LAYER_TARGETS
+from pipeline.config import UserError, config_to_dict, opt
+from pipeline.losses import ALIGN_LOSSES
+from pipeline.mimic import VARIANTS
+from pipeline.plots import plot_losses
+from pipeline.store import open_store
+from pipeline.students import new_student
+from pipeline.tasks import load_task
+from stages.common import Loaded, dist_info, load_for_stage, model_defaults
+from stages.trainer import Trainer
+from stages.training import Checkpoint, StudentData
+
+METHODS = ("mimic", "live", "lora")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of `pipeline train-student` (YAML keys and CLI flags have the same names)."""
+
+    cache: str | None = opt(None, "Teacher store written by `pipeline teacher-cache` (required unless --online with --task).")
+    method: str = opt("mimic", "Student: mimic, live (one vector per layer), lora (PEFT).", METHODS)
+    variant: str = opt("mimic", "MimIC variant: mimic, head_shared, query_independent, shift_only.", VARIANTS)
+    align: str | None = opt(None, "Alignment loss: mse (official), l2sum (paper), kl (top-k logits), none. Default by method.", (*ALIGN_LOSSES, None))
+    lambda_gt: float = opt(0.5, "Weight of the cross-entropy term L_gt.")
+    ce_tokens: str = opt("answer", "Cross-entropy on the answer tokens, or on all tokens (official code).", ("answer", "all"))
+    epochs: int | None = opt(None, "Epochs; default from configs/models (Idefics2 5, Idefics1 10).")
+    max_steps: int | None = opt(None, "Stop after this many optimiser steps (smoke tests, benchmarks).")
+    lr: float = opt(5e-3, "AdamW learning rate.")
+    weight_decay: float = opt(1e-3, "AdamW weight decay (none on biases).")
+    warmup_ratio: float = opt(0.1, "Fraction of steps of linear warm-up before the cosine decay.")
+    grad_clip: float = opt(1.0, "Gradient norm clip.")
+    batch_size: int = opt(2, "Samples per micro-batch per device.")
+    grad_accum: int = opt(2, "Micro-batches per optimiser step.")
+    seed: int = opt(3407, "Seed of initialisation and data order.")
+    name: str | None = opt(None, "Run name (runs/<name>); default <store>-<method>[-<variant>].")
+    runs_dir: str = opt("runs", "Where runs are written.")
+    checkpoint_every: int = opt(50, "Optimiser steps between checkpoints (resume after a kill).")
+    online: bool = opt(False, "Run the teacher every step instead of reading the store.")
+    resample_demos: bool = opt(True, "--online: draw new demonstrations each epoch (as the official code).")
+    task: str | None = opt(None, "--online without a store: the task.")
+    model: str | None = opt(None, "Model; default the store's model.")
+    shots: int | None = opt(None, "--online without a store: demonstrations per query.")
+    n_queries: int = opt(1000, "--online without a store: training queries.")
+    layer_target: str = opt("mlp", "--online without a store: the aligned state.", LAYER_TARGETS)
+    data_root: str | None = opt(None, "Root of the official data files (or env MIMIC_DATA).")
+    num_workers: int = opt(0, "DataLoader worker processes reading the store.")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto.")
+    dtype: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32.")
+    force: bool = opt(False, "Train even if the model does not match the store's fingerprint.")
+    overwrite: bool = opt(False, "Start over even if the run directory holds a checkpoint of another config.")
+
+
+def default_align(config: TrainConfig) -> str:
+    if config.align is not None:
+        return config.align
+    return {"mimic": "mse", "live": "kl", "lora": "none"}[config.method]
+
+
+def run_name(config: TrainConfig, store_attrs: dict) -> str:
+    if config.name:
+        return config.name
+    base = Path(config.cache).stem if config.cache else store_attrs.get("task", "online")
+    tag = config.method + (f"-{config.variant}" if config.method == "mimic" and config.variant != "mimic" else "")
+    return f"{base}-{tag}" + ("-online" if config.online else "")
+
+
+def check_model_matches(attrs: dict, loaded: Loaded, force: bool) -> None:
+    """Refuse a model other than the store's (shapes always; fingerprint unless --force)."""
+    g = loaded.geometry
+    if (attrs["layers"], attrs["hidden"]) != (g.num_layers, g.hidden_size):
+        raise UserError(
+            f"the store holds {attrs['layers']} layers x {attrs['hidden']} hidden states of {attrs['model']}, "
+            f"but {loaded.source.alias} has {g.num_layers} x {g.hidden_size}"
+        )
+    if attrs.get("model_fingerprint") != loaded.source.fingerprint and not force:
+        raise UserError(
+            f"the store was made with {attrs['model']} (fingerprint {attrs.get('model_fingerprint')}), the model "
+            f"loaded is {loaded.source.alias} ({loaded.source.fingerprint}); pass --force to train anyway"
+        )
+
+
+def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer:
+    """Everything the loop needs; resumes from ``runs/<name>/checkpoint`` when present."""
+    if config.cache is None and not (config.online and config.task):
+        raise UserError("give --cache STORE (or --online with --task)")
+    attrs: dict[str, Any] = {}
+    if config.cache:
+        store = open_store(config.cache)
+        store.validate()
+        attrs = store.attrs
+    model_name = config.model or attrs.get("model") or "smollm2-135m"
+    task_name = attrs.get("task") or config.task
+    task = load_task(task_name, **({"data_root": config.data_root} if config.data_root else {}))
+    if loaded is None:
+        loaded = load_for_stage(model_name, config.device, config.dtype)
+    if attrs:
+        check_model_matches(attrs, loaded, config.force)
+        if attrs.get("prompt_template") != task.spec.prompt:
+            raise UserError(f"the store's prompt template {attrs.get('prompt_template')!r} differs from the "
+                            f"task's {task.spec.prompt!r}; re-run teacher-cache")
+    align = default_align(config)
+    if align == "kl" and attrs and not attrs.get("topk"):
+        raise UserError("the kl alignment needs teacher logits: re-run teacher-cache with --topk 20")
+    name = run_name(config, attrs)
+    run_dir = Path(config.runs_dir) / name
+    torch.manual_seed(config.seed)
+    student = new_student(
+        config.method, config.variant, loaded.model, loaded.geometry, base_model=loaded.source.alias,
+        base_revision=loaded.source.revision, base_fingerprint=loaded.source.fingerprint,
+        store_fingerprint={k: v for k, v in attrs.items() if k not in ("created", "query_example_ids")},
+    )
+    data = StudentData(config, task, loaded, attrs, store_path=config.cache)
+    epochs = config.epochs or int(model_defaults(model_name).get("epochs", 5))
+    return Trainer(config, loaded, student, data, run_dir, epochs, align)
+
+
+def save_outputs(trainer: Trainer) -> Path:
+    run_dir = trainer.run_dir
+    trainer.student.save(run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(trainer.config), sort_keys=False))
+    plot_losses(run_dir / "train_log.jsonl", run_dir / "loss_curve.png")
+    return run_dir
+
+
+def run(config: TrainConfig, loaded: Loaded | None = None, show_progress: bool = True) -> Path:
+    """Train (or resume) a student; returns the run directory."""
+    rank, _, _ = dist_info()
+    trainer = setup(config, loaded)
+    checkpoint = Checkpoint(trainer.run_dir / "checkpoint", config_to_dict(config))
+    if rank == 0:
+        checkpoint.check_config(config.overwrite)
+    trainer.train(checkpoint, show_progress=show_progress and rank == 0)
+    if rank == 0:
+        save_outputs(trainer)
+        summary = trainer.summary()
+        (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if show_progress:
+            print(f"wrote {trainer.run_dir}: {summary['steps']} steps, final loss {summary['final_loss']:.4g}, "
+                  f"{summary['samples_per_s']:.2f} samples/s")
+    return trainer.run_dir

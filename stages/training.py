@@ -1,0 +1,143 @@
+"""Stage 2's data (store or online teacher prompts) and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import UserError
+from pipeline.prompts import build_prompt
+from pipeline.store import open_store
+from pipeline.tasks.sampling import sample_demonstrations
+from stages.common import Loaded
+
+LOG_FILE = "train_log.jsonl"
+# keys that may change between a run and its resumption
+RESUMABLE_KEYS = ("max_steps", "num_workers", "checkpoint_every", "overwrite", "force", "device")
+
+
+@dataclass
+class Item:
+    """One training sample: the student prompt and, offline, the cached teacher states."""
+
+    index: int
+    prompt: Any
+    hs: torch.Tensor | None = None
+    topk: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+class StudentData(torch.utils.data.Dataset):
+    """Student inputs rebuilt from the task's query (+ image); teacher states from the store."""
+
+    def __init__(self, config: Any, task: Any, loaded: Loaded, attrs: dict, store_path: str | None):
+        self.config, self.task, self.family, self.processor = config, task, loaded.family, loaded.processor
+        self.store_path = store_path
+        self._store = None
+        self.online = config.online
+        if store_path:
+            store = open_store(store_path)
+            self.query_index = [int(q) for q in store.read_array("query_ids")]
+            self.demos = [[int(d) for d in row if d >= 0] for row in store.read_array("icd_ids")]
+            self.demo_seed, self.shots = int(attrs["demo_seed"]), int(attrs["shots"])
+            self.layer_target = attrs["layer_target"]
+        else:
+            queries = task.split("train")
+            self.query_index = list(range(min(config.n_queries, len(queries))))
+            self.demo_seed, self.shots, self.layer_target = config.seed, config.shots or 0, config.layer_target
+            self.demos = [self.sample_demos(i, 0) for i in range(len(self.query_index))]
+
+    def __len__(self) -> int:
+        return len(self.query_index)
+
+    def sample_demos(self, i: int, epoch: int) -> list[int]:
+        query = self.task.split("train")[self.query_index[i]]
+        seed = self.demo_seed + (epoch if self.config.resample_demos else 0)
+        return list(sample_demonstrations(self.task.split("support"), query, self.shots, seed)) if self.shots else []
+
+    def __getitem__(self, i: int) -> Item:
+        query = self.task.split("train")[self.query_index[i]]
+        answer = self.task.demo_answer(query)
+        prompt = build_prompt(self.family, self.processor, self.task.spec, query, [], [], answer)
+        if self.online:
+            return Item(i, prompt)
+        if self._store is None:  # opened lazily, inside the DataLoader worker
+            self._store = open_store(self.store_path)
+        record = self._store.read(i)
+        if prompt.encoded.input_ids[prompt.span_start :] != [int(t) for t in record.token_ids]:
+            raise UserError(
+                f"sample {i} (query {query.id}): the student's query+answer tokens differ from the store's; "
+                "the task data or tokenizer changed since teacher-cache — re-run it"
+            )
+        topk = (record.topk_values, record.topk_indices) if record.topk_values is not None else None
+        return Item(i, prompt, record.hs, topk)
+
+    def teacher_prompts(self, items: list[Item], epoch: int) -> list[Any]:
+        """--online: the k-shot teacher prompts of a batch (demonstrations per epoch)."""
+        queries, support = self.task.split("train"), self.task.split("support")
+        prompts = []
+        for it in items:
+            query = queries[self.query_index[it.index]]
+            demo_ids = self.demos[it.index] if epoch == 0 or not self.config.resample_demos else self.sample_demos(it.index, epoch)
+            demos = [support[j] for j in demo_ids]
+            prompts.append(build_prompt(self.family, self.processor, self.task.spec, query, demos,
+                                        [self.task.demo_answer(d) for d in demos], self.task.demo_answer(query)))
+        return prompts
+
+
+def collate_items(items: list[Item]) -> list[Item]:
+    return items
+
+
+def pad_states(states: list[torch.Tensor], width: int) -> torch.Tensor:
+    """(T_i, ...) tensors -> (B, width, ...) zero-padded."""
+    out = states[0].new_zeros((len(states), width, *states[0].shape[1:]))
+    for b, s in enumerate(states):
+        out[b, : s.shape[0]] = s
+    return out
+
+
+class Checkpoint:
+    """``runs/<name>/checkpoint``: student tensors (safetensors) + optimiser/scheduler/RNG + step."""
+
+    def __init__(self, directory: Path, config: dict):
+        self.dir = directory
+        self.config = {k: v for k, v in config.items() if k not in RESUMABLE_KEYS}
+
+    def check_config(self, overwrite: bool) -> None:
+        saved = self.dir / "config.json"
+        if not saved.exists():
+            return
+        old = json.loads(saved.read_text())
+        diff = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
+        if diff and not overwrite:
+            raise UserError(f"{self.dir.parent} holds a run with other settings ({', '.join(diff)}); "
+                            "pass --overwrite to start over or --name for a new run")
+        if diff:
+            shutil.rmtree(self.dir.parent)
+
+    def load(self) -> dict | None:
+        if not (self.dir / "state.pt").exists():
+            return None
+        state = torch.load(self.dir / "state.pt", weights_only=True)
+        state["tensors"] = load_file(str(self.dir / "student.safetensors"))
+        return state
+
+    def save(self, tensors: dict, optimizer: Any, scheduler: Any, step: int) -> None:
+        tmp = self.dir.with_name(self.dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "student.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                    "rng": torch.get_rng_state()}, tmp / "state.pt")
+        (tmp / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True))
+        old = self.dir.with_name(self.dir.name + ".old")
+        if self.dir.exists():
+            self.dir.rename(old)
+        tmp.rename(self.dir)
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,164 @@
+"""Stage 1 on tiny models: states against a separate forward, kill + resume, two writers (gloo)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny
+
+from pipeline.config import UserError, load_config
+from pipeline.prompts import build_prompt
+from pipeline.store import open_store
+from pipeline.tasks import load_task
+from stages.common import wrap_model
+from stages.teacher_cache import TeacherCacheConfig, run
+
+REPO = Path(__file__).resolve().parents[1]
+ARRAYS = ("hs", "done", "lengths", "token_ids", "icd_ids", "query_ids")
+
+
+def cache(tmp_path, loaded, **kw):
+    opts = dict(task="shapes_vqa", model=loaded.source.alias, shots=2, n_queries=5, out=str(tmp_path / "s.zarr"),
+                shard_size=2, batch_size=1)
+    opts.update(kw)
+    return run(load_config(TeacherCacheConfig, **opts), loaded=loaded, show_progress=False)
+
+
+def reference_states(loaded, prompt, target):
+    """A separate teacher forward of one prompt; states captured by hooks written here."""
+    layers = loaded.model.get_decoder().layers
+    got = {}
+    mods = [getattr(layer, target) if target != "layer" else layer for layer in layers]
+    hooks = [m.register_forward_hook(lambda _m, _a, out, i=i: got.__setitem__(i, out[0] if isinstance(out, tuple) else out))
+             for i, m in enumerate(mods)]
+    batch = loaded.family.collate([prompt.encoded], loaded.processor, "right")
+    with torch.no_grad():
+        out = loaded.model(**batch, output_hidden_states=True)
+    for h in hooks:
+        h.remove()
+    states = torch.stack([got[i][0, prompt.span_start :] for i in range(len(mods))], dim=1)
+    return states.to(torch.bfloat16), out.hidden_states
+
+
+@pytest.mark.parametrize("name,task", [("idefics", "shapes_vqa"), ("idefics2", "shapes_caption"), ("llama", "antonyms")])
+@pytest.mark.parametrize("target", ["mlp", "layer"])
+def test_states_equal_a_separate_forward(tmp_path, name, task, target):
+    fam = tiny(name)
+    loaded = wrap_model(fam.model, fam.processor, f"tiny-{name}")
+    path = cache(tmp_path, loaded, task=task, layer_target=target)
+    store = open_store(path)
+    store.validate()
+    assert store.attrs["layer_target"] == target and store.attrs["shots"] == 2
+    t = load_task(task)
+    queries, support = t.split("train"), t.split("support")
+    for i in range(len(store)):
+        rec = store.read(i)
+        query = queries[rec.query_id]
+        demos = [support[j] for j in rec.icd_ids]
+        assert len(demos) == 2 and query.id not in {d.id for d in demos}
+        prompt = build_prompt(fam.family, fam.processor, t.spec, query, demos,
+                              [t.demo_answer(d) for d in demos], t.demo_answer(query))
+        want, hidden = reference_states(loaded, prompt, target)
+        assert torch.equal(rec.hs.view(torch.int16), want.view(torch.int16)), f"sample {i}"
+        assert rec.token_ids.tolist() == prompt.input_ids[prompt.span_start :]
+        if target == "layer":  # and against transformers' own hidden states (all but the normed last)
+            for layer in range(want.shape[1] - 1):
+                ref = hidden[layer + 1][0, prompt.span_start :].to(torch.bfloat16)
+                assert torch.equal(rec.hs[:, layer].view(torch.int16), ref.view(torch.int16))
+
+
+def test_batched_matches_unbatched_and_topk(tmp_path):
+    fam = tiny("llama")
+    loaded = wrap_model(fam.model, fam.processor, "tiny-llama")
+    one = open_store(cache(tmp_path / "a", loaded, task="antonyms", batch_size=1, topk=5))
+    many = open_store(cache(tmp_path / "b", loaded, task="antonyms", batch_size=4, topk=5))
+    for i in range(len(one)):
+        a, b = one.read(i), many.read(i)
+        torch.testing.assert_close(a.hs.float(), b.hs.float(), rtol=1e-2, atol=1e-3)
+        assert a.topk_indices.shape == (a.hs.shape[0], 5)
+        assert torch.all(a.topk_values[:, :-1] >= a.topk_values[:, 1:])  # sorted log-probs
+        assert torch.all(a.topk_values <= 0)
+
+
+def test_resume_and_refusals(tmp_path):
+    fam = tiny("llama")
+    loaded = wrap_model(fam.model, fam.processor, "tiny-llama")
+    path = cache(tmp_path, loaded, task="antonyms")
+    before = {k: open_store(path).read_array(k) for k in ARRAYS}
+    cache(tmp_path, loaded, task="antonyms")  # same config: nothing pending, nothing changes
+    assert all(np.array_equal(before[k], open_store(path).read_array(k)) for k in ARRAYS)
+    with pytest.raises(UserError, match="different configuration.*--overwrite"):
+        cache(tmp_path, loaded, task="antonyms", shots=3)
+    cache(tmp_path, loaded, task="antonyms", shots=3, overwrite=True)
+    assert open_store(path).attrs["shots"] == 3
+    with pytest.raises(UserError, match=r"more than the limit 20; use fewer --shots or a larger --max-length"):
+        cache(tmp_path / "long", loaded, task="antonyms", max_length=20)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """The tiny Llama saved to disk, so subprocesses load it by path like a real model."""
+    fam = tiny("llama")
+    d = tmp_path_factory.mktemp("tiny-llama")
+    fam.model.save_pretrained(d)
+    fam.processor.save_pretrained(d)
+    return d
+
+
+def cli(*args, env_extra=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return [sys.executable, "-m", "pipeline", *args], env
+
+
+def store_args(model_dir, out, n=24):
+    return ("teacher-cache", "--task", "antonyms", "--model", str(model_dir), "--shots", "3", "--n-queries", str(n),
+            "--shard-size", "2", "--batch-size", "1", "--out", str(out), "--device", "cpu")
+
+
+def assert_same_store(a, b):
+    sa, sb = open_store(a), open_store(b)
+    sa.validate()
+    sb.validate()
+    for k in ARRAYS:
+        assert np.array_equal(sa.read_array(k), sb.read_array(k)), k
+
+
+def test_sigkill_and_resume_gives_the_same_store(tmp_path, tiny_dir):
+    ref = tmp_path / "ref.zarr"
+    cmd, env = cli(*store_args(tiny_dir, ref))
+    subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=REPO)
+    out = tmp_path / "killed.zarr"
+    cmd, env = cli(*store_args(tiny_dir, out))
+    rng = random.Random(1234)
+    for _ in range(2):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+        while not (out / "done").exists() and proc.poll() is None:  # wait until writing has begun
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=REPO)
+    assert_same_store(ref, out)
+
+
+def test_two_gloo_processes_write_the_same_store(tmp_path, tiny_dir):
+    one = tmp_path / "one.zarr"
+    cmd, env = cli(*store_args(tiny_dir, one, n=8))
+    subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=REPO)
+    two = tmp_path / "two.zarr"
+    args = store_args(tiny_dir, two, n=8)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(29500 + os.getpid() % 1000), "-m", "pipeline", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(torchrun, env=env, capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_store(one, two)
