@@ -1,0 +1,142 @@
+"""Interleaved ICL prompts: ``[BOS] demo_1 ... demo_k query [answer separator]`` as one ``Encoded``.
+
+Every demonstration and the query are tokenised as separate segments and their ids concatenated
+(DESIGN §4), so the query (+ answer) ids of a k-shot teacher prompt and of a zero-shot student prompt
+are identical; ``check_alignment`` fails loudly when they are not. Both start with the family's BOS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .families.base import Encoded, Family, Segment, tokenizer_of
+from .tasks.base import Example, TaskSpec
+
+
+@dataclass
+class Prompt:
+    """An encoded prompt and where its query starts.
+
+    encoded: ids (T,) and per-image tensors of the whole sequence.
+    span_start: index of the first query token (the query's image tokens included); the aligned span
+        is ``[span_start, T)``.
+    answer_start: index of the first teacher-forced answer token, None for a generation prompt.
+    """
+
+    encoded: Encoded
+    span_start: int
+    answer_start: int | None
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.encoded.input_ids
+
+
+def load_image(image: Any) -> Any:
+    """An example's image as a PIL RGB image: a path is opened, a PIL image is kept, None stays None."""
+    if image is None or not isinstance(image, (str, Path)):
+        return image
+    from PIL import Image
+
+    with Image.open(image) as im:
+        return im.convert("RGB")
+
+
+def demo_text(spec: TaskSpec, family: Family, example: Example, answer: str) -> str:
+    """The text of one demonstration round: prompt, answer, round separator."""
+    return spec.prompt.format(question=example.question) + spec.answer.format(answer=answer) + family.round_separator
+
+
+def build_prompt(
+    family: Family,
+    processor: Any,
+    spec: TaskSpec,
+    query: Example,
+    demos: Sequence[Example],
+    demo_answers: Sequence[str],
+    answer: str | None,
+) -> Prompt:
+    """BOS + one segment per demonstration + one query segment (prompt, then answer + separator if given).
+
+    The query + answer text is one segment, so teacher and student share its ids exactly.
+    ``answer_start`` is found by tokenising the prompt alone and checking it is a prefix of prompt +
+    answer; a tokenizer that merges across that boundary raises ValueError.
+    """
+    if len(demos) != len(demo_answers):
+        raise ValueError(f"query {query.id}: got {len(demos)} demonstrations but {len(demo_answers)} answers")
+    family.check_processor(processor)
+    encoded = family.bos(processor)
+    for demo, demo_answer in zip(demos, demo_answers, strict=True):
+        encoded = encoded + family.encode(processor, Segment(demo_text(spec, family, demo, demo_answer),
+                                                             load_image(demo.image)))
+    span_start = len(encoded)
+    image = load_image(query.image)
+    prompt_text = spec.prompt.format(question=query.question)
+    prompt_only = family.encode(processor, Segment(prompt_text, image))
+    if answer is None:
+        return Prompt(encoded + prompt_only, span_start, None)
+    full = family.encode(processor, Segment(prompt_text + spec.answer.format(answer=answer) + family.round_separator,
+                                            image))
+    n = len(prompt_only)
+    if full.input_ids[:n] != prompt_only.input_ids or len(full) == n:
+        tok = tokenizer_of(processor)
+        raise ValueError(
+            f"query {query.id}: the prompt's tokens are not a prefix of prompt + answer tokens "
+            f"(prompt template {spec.prompt!r}, answer template {spec.answer!r}, answer {answer!r}); "
+            f"the tokenizer merges across the boundary: prompt ends {tok.decode(prompt_only.input_ids[-3:])!r}, "
+            f"prompt + answer has {tok.decode(full.input_ids[max(0, n - 3) : n + 2])!r}. "
+            "Fix the templates so the answer starts a new token, e.g. prompt '...:' and answer ' {answer}'."
+        )
+    return Prompt(encoded + full, span_start, span_start + n)
+
+
+def check_alignment(teacher: Prompt, student: Prompt, query_id: str) -> None:
+    """Raise ValueError unless teacher and student have identical ids (and answer offset) from span_start on."""
+    t_ids, s_ids = teacher.input_ids[teacher.span_start :], student.input_ids[student.span_start :]
+    if t_ids != s_ids:
+        first = next((i for i, (a, b) in enumerate(zip(t_ids, s_ids, strict=False)) if a != b), min(len(t_ids), len(s_ids)))
+        raise ValueError(
+            f"query {query_id}: teacher and student query tokens differ at query offset {first} "
+            f"(teacher {len(t_ids)} query tokens, student {len(s_ids)}; teacher id "
+            f"{t_ids[first] if first < len(t_ids) else None}, student id {s_ids[first] if first < len(s_ids) else None}). "
+            "Both must encode the query as one separately tokenised segment (pipeline.prompts.build_prompt)."
+        )
+    t_answer = None if teacher.answer_start is None else teacher.answer_start - teacher.span_start
+    s_answer = None if student.answer_start is None else student.answer_start - student.span_start
+    if t_answer != s_answer:
+        raise ValueError(
+            f"query {query_id}: the answer starts at query offset {t_answer} in the teacher and {s_answer} in "
+            "the student; build both with the same answer"
+        )
+
+
+def render_prompt(prompt: Prompt, processor: Any, min_run: int = 3) -> str:
+    """Readable text of a prompt: runs of >= ``min_run`` identical ids as ``tok*N``, and the markers
+    ``[[QUERY]]`` at ``span_start`` and ``[[ANSWER]]`` at ``answer_start`` (for snapshots and logs)."""
+    tok = tokenizer_of(processor)
+    ids = prompt.input_ids
+    marks = {prompt.span_start: "[[QUERY]]"}
+    if prompt.answer_start is not None:
+        marks[prompt.answer_start] = marks.get(prompt.answer_start, "") + "[[ANSWER]]"
+    parts, chunk, i = [], [], 0
+    while i <= len(ids):
+        run = 1
+        while i + run < len(ids) and ids[i + run] == ids[i] and (i + run) not in marks:
+            run += 1
+        if i in marks or i == len(ids) or run >= min_run:
+            parts.append(tok.decode(chunk, skip_special_tokens=False))
+            chunk = []
+        if i == len(ids):
+            break
+        if i in marks:
+            parts.append(marks[i])
+        if run >= min_run:
+            parts.append(f"{tok.decode([ids[i]], skip_special_tokens=False)}*{run}")
+            i += run
+        else:
+            chunk.append(ids[i])
+            i += 1
+    return "".join(parts)
