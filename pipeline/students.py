@@ -2,7 +2,7 @@
 
 ``new_student`` builds a fresh one on a model, ``load_student_dir`` reloads a saved one; both
 return a ``Student`` with ``trainable()``, ``disabled()`` (run the base model), ``save(dir)`` and
-``detach()``. LoRA targets only the language model's decoder self-attention projections, found by
+``detach()`` (the model is exactly the base model again). LoRA targets only the language model's decoder self-attention projections, found by
 module identity (never vision towers or cross-attention).
 """
 
@@ -101,11 +101,17 @@ class Student:
         return save_adapter(directory, replace(self.config, **info), self.tensors())
 
     def detach(self) -> None:
+        """Remove the student; the model is the base model again (LoRA layers are swapped back
+        for the Linear layers they wrap)."""
         if self.handle is not None:
             self.handle.detach()
-        else:
-            for layer in _lora_layers(self.model):
-                layer.enable_adapters(False)
+            return
+        from peft.tuners.lora import LoraLayer
+
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, LoraLayer):
+                parent_name, _, child = name.rpartition(".")
+                setattr(self.model.get_submodule(parent_name), child, module.get_base_layer())
 
 
 def _attach(config: AdapterConfig, model: nn.Module, module: nn.Module | None) -> Student:

@@ -146,15 +146,18 @@ def run(config: TrainConfig, loaded: Loaded | None = None, show_progress: bool =
     """Train (or resume) a student; returns the run directory."""
     rank, _, _ = dist_info()
     trainer = setup(config, loaded)
-    checkpoint = Checkpoint(trainer.run_dir / "checkpoint", config_to_dict(config))
-    if rank == 0:
-        checkpoint.check_config(config.overwrite)
-    trainer.train(checkpoint, show_progress=show_progress and rank == 0)
-    if rank == 0:
-        save_outputs(trainer)
-        summary = trainer.summary()
-        (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        if show_progress:
-            print(f"wrote {trainer.run_dir}: {summary['steps']} steps, final loss {summary['final_loss']:.4g}, "
-                  f"{summary['samples_per_s']:.2f} samples/s")
+    try:
+        checkpoint = Checkpoint(trainer.run_dir / "checkpoint", config_to_dict(config))
+        if rank == 0:
+            checkpoint.check_config(config.overwrite)
+        trainer.train(checkpoint, show_progress=show_progress and rank == 0)
+        if rank == 0:
+            save_outputs(trainer)
+            summary = trainer.summary()
+            (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            if show_progress:
+                print(f"wrote {trainer.run_dir}: {summary['steps']} steps, final loss {summary['final_loss']:.4g}, "
+                      f"{summary['samples_per_s']:.2f} samples/s")
+    finally:
+        trainer.student.detach()  # a model passed in leaves as it came
     return trainer.run_dir
