@@ -174,7 +174,7 @@ class Trainer:
             (loss / n_micro).backward()
             self.stats["compute_s"] += time.perf_counter() - t1
             self.stats["samples"] += len(items)
-            totals["loss"] += float(loss) / n_micro
+            totals["loss"] += float(loss.detach()) / n_micro
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v / n_micro
         self.all_reduce_grads(params)
