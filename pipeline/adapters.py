@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.config import UserError
 from pipeline.live import LiveVectors
 from pipeline.mimic import VARIANTS, MimicHeads
 
@@ -27,7 +28,7 @@ ADAPTER_FORMAT_VERSION = 1
 METHODS = ("mimic", "live", "lora")
 
 
-class AdapterError(RuntimeError):
+class AdapterError(UserError):
     """A student file that is missing, malformed, or made for another model."""
 
 

@@ -105,6 +105,10 @@ _register("teacher-cache", "stages.teacher_cache.TeacherCacheConfig", "stages.te
           "Stage 1: run k-shot ICL once and cache per-layer query states in a Zarr store (resumable).")
 _register("train-student", "stages.train_student.TrainConfig", "stages.train_student.run",
           "Stage 2: train a MimIC (or LIVE / LoRA) student against a teacher store (resumable).")
+_register("evaluate", "stages.evaluate.EvalConfig", "stages.evaluate.run",
+          "Compare zero-shot, k-shot ICL and trained students with the official metrics; writes results/<task>/.")
+_register("demo", "stages.demo.DemoConfig", "stages.demo.run",
+          "The whole pipeline offline on the embedded SmolLM2-135M: teacher-cache, train-student, evaluate.")
 
 
 def main() -> None:  # pragma: no cover - console entry point

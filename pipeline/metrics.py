@@ -14,6 +14,8 @@ import shutil
 import string
 from collections.abc import Sequence
 
+from pipeline.config import UserError
+
 METRIC_NAMES = ("vqa_accuracy", "cider", "exact_match")
 
 # Official vqaEval.py tables, verbatim. Keys such as "Im" or "Id've" can never match because the
@@ -68,7 +70,7 @@ _PERIOD_STRIP_COUNT = int(re.UNICODE)
 _EDGE_CHARS = string.punctuation + string.whitespace + "\u201c\u201d\u2018\u2019\u00ab\u00bb"
 
 
-class JavaNotFoundError(RuntimeError):
+class JavaNotFoundError(UserError):
     """Raised when ``java`` is not on PATH: pycocoevalcap's PTB tokenizer runs a Java program."""
 
 

@@ -13,28 +13,18 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from pipeline.adapters import ADAPTER_WEIGHTS, AdapterConfig, AdapterError, check_fits, read_adapter_config
-from pipeline.config import ConfigError, UserError, config_to_dict, opt
+from pipeline.config import ConfigError, UserError, opt
 from pipeline.metrics import JavaNotFoundError, score
-from pipeline.plots import plot_layer_distances
-from pipeline.students import geometry_tuple, load_student_dir
+from pipeline.students import geometry_tuple
 from pipeline.tasks import SPLITS, load_task
 from stages.common import Loaded, load_for_stage, model_defaults
-from stages.evaluation import (
-    RESULT_KIND,
-    TABLE_FILE,
-    RecordLog,
-    build_queries,
-    generate_records,
-    layer_distances,
-    write_table,
-)
+from stages.evaluation import RESULT_KIND, TABLE_FILE, Evaluation
 
 MODES = ("zero-shot", "icl", "student")
 
@@ -98,7 +88,7 @@ def find_run_dirs(config: EvalConfig) -> list[Path]:
     if not config.runs:
         if not found:
             raise UserError(f"no student run under {runs_dir}/ (no */{ADAPTER_WEIGHTS}); train one with "
-                            "`pipeline train-student`, pass --runs DIR, or drop the student mode (--modes zero-shot,icl)")
+                            "`pipeline train-student`, pass --runs DIR, or drop the student mode (--modes zero-shot --modes icl)")
         return [found[-1].parent]
     dirs = []
     for run in config.runs:
@@ -110,6 +100,14 @@ def find_run_dirs(config: EvalConfig) -> list[Path]:
                             f"runs under {runs_dir}/: {names}")
         dirs.append(path)
     return dirs
+
+
+def default_runs(config: EvalConfig) -> list[RunInfo]:
+    """Without the student mode, the runs still give the defaults (task, model, shots) when they exist."""
+    try:
+        return [read_run(p) for p in find_run_dirs(config)]
+    except UserError:
+        return []
 
 
 def read_run(path: Path) -> RunInfo:
@@ -148,7 +146,7 @@ def resolve_settings(config: EvalConfig, runs: list[RunInfo]) -> tuple[str, str 
     return task, model, shots, data_root
 
 
-def eval_examples(task: Any, config: EvalConfig) -> list[Any]:
+def eval_examples(task: Any, config: Any) -> list[Any]:
     """The first ``n_queries`` of the split; a split with no examples or without answers is refused."""
     examples = list(task.split(config.split))
     if config.n_queries:
@@ -172,11 +170,6 @@ def check_metric_ready(metric: str) -> None:
             raise UserError(str(err)) from err
 
 
-def source_name(source: Any) -> str:
-    # stages.common.wrap_model records `.name`, pipeline.models.ModelSource has `.alias`
-    return getattr(source, "name", None) or getattr(source, "alias", "")
-
-
 @contextmanager
 def mimic_routing(loaded: Loaded) -> Iterator[None]:
     """Route the language model's attention to "mimic" (students need it) and restore it after.
@@ -197,91 +190,16 @@ def mimic_routing(loaded: Loaded) -> Iterator[None]:
         loaded.model.set_attn_implementation(loaded.family.attn_implementation(previous or "sdpa"))
 
 
-class Evaluation:
-    """One `pipeline evaluate` call: the task, the model, the queries, and where results go."""
-
-    def __init__(self, config: EvalConfig, task: Any, loaded: Loaded, shots: int, show_progress: bool):
-        self.config, self.task, self.loaded, self.shots = config, task, loaded, shots
-        self.show_progress = show_progress
-        self.examples = eval_examples(task, config)
-        self.out_dir = Path(config.results_dir) / task.name
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.model_name = source_name(loaded.source)
-
-    def fingerprint(self, mode: str, extra: dict | None = None) -> dict:
-        """What must match for saved records to be reused (prompts are matched per record)."""
-        return {"task": self.task.name, "mode": mode, "model_fingerprint": self.loaded.source.fingerprint,
-                "num_beams": self.config.num_beams, "max_new_tokens": self.task.spec.max_new_tokens,
-                "dtype": str(next(self.loaded.model.parameters()).dtype), **(extra or {})}
-
-    def mode(self, name: str, mode: str, shots: int, fingerprint: dict, extra: dict | None = None) -> dict:
-        """Generate (missing records only), score, write ``<name>.json``; returns the saved payload."""
-        log = RecordLog(self.out_dir, name, fingerprint)
-        queries = build_queries(self.task, self.loaded, self.examples, shots, self.config.seed)
-        records = generate_records(self.loaded, self.task, queries, log, self.config.batch_size,
-                                   self.config.num_beams, f"evaluate {name}", self.show_progress)
-        metric = self.task.spec.metric
-        try:
-            scored = score(metric, [r["prediction"] for r in records], [r["answers"] for r in records])
-        except (JavaNotFoundError, ValueError) as err:
-            raise UserError(f"{metric} failed for {name}: {err} (the predictions are kept in {log.partial}; "
-                            "re-run to score them without generating again)") from err
-        for record, value in zip(records, scored["per_sample"], strict=True):
-            record["score"] = value
-        n = len(records)
-        payload = {
-            "kind": RESULT_KIND, "task": self.task.name, "name": name, "mode": mode, "shots": shots,
-            "split": self.config.split, "model": self.model_name, "metric": metric, "score": scored["score"], "n": n,
-            "mean_latency_ms": sum(r["latency_ms"] for r in records) / n,
-            "mean_prompt_tokens": sum(r["prompt_tokens"] for r in records) / n,
-            "generation": {"num_beams": self.config.num_beams, "max_new_tokens": self.task.spec.max_new_tokens,
-                           "stop_strings": list(self.loaded.family.stop_strings), "padding": "left"},
-            "config": {**config_to_dict(self.config), "task": self.task.name, "model": self.model_name,
-                       "shots": self.shots},
-            "fingerprint": fingerprint, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **(extra or {}), "records": records,
-        }
-        log.finish(payload)
-        return payload
-
-    def student(self, run: RunInfo) -> dict:
-        """A run's student with zero demonstrations, then (if asked and possible) the L2 analysis."""
-        loaded = self.loaded
-        if run.adapter.base_fingerprint and run.adapter.base_fingerprint != loaded.source.fingerprint:
-            print(f"warning: {run.name} was trained on {run.adapter.base_model} ({run.adapter.base_fingerprint}), "
-                  f"evaluating on {self.model_name} ({loaded.source.fingerprint})")
-        try:
-            student = load_student_dir(run.path, loaded.model, loaded.geometry, self.model_name)
-        except AdapterError as err:
-            raise UserError(str(err)) from err
-        adapter_time = (run.path / ADAPTER_WEIGHTS).stat().st_mtime_ns
-        fingerprint = self.fingerprint("student", {"run": str(run.path.resolve()), "adapter_mtime_ns": adapter_time})
-        try:
-            extra = {"run": str(run.path), "adapter": {"method": run.adapter.method, "variant": run.adapter.variant},
-                     "l2": self.l2(run, student)}
-            return self.mode(run.name, "student", 0, fingerprint, extra)
-        finally:
-            student.detach()
-
-    def l2(self, run: RunInfo, student: Any) -> dict:
-        """Per-layer L2 distances (and ``l2_<run>.png``), or why they were skipped."""
-        if not self.config.l2:
-            return {"skipped": "--l2 false"}
-        if run.store is None or not run.store.exists():
-            return {"skipped": f"the run's teacher store {run.store} does not exist"}
-        result = layer_distances(self.loaded, self.task, student, run.store, self.config.l2_queries,
-                                 self.config.batch_size)
-        png = self.out_dir / f"l2_{run.name}.png"
-        plot_layer_distances({"zero-shot": result["zero-shot"], run.name: result["student"]}, png,
-                             f"{self.task.name}: L2 to {run.adapter.store_fingerprint.get('shots', '?')}-shot ICL states")
-        return {**result, "png": str(png)}
-
-
-def check_runs_fit(runs: list[RunInfo], loaded: Loaded) -> None:
-    """Every adapter must fit the model, checked before anything is generated."""
+def check_runs_fit(runs: list[RunInfo], loaded: Loaded, shots: int) -> None:
+    """Every adapter must fit the model and have its own result name; checked before generating."""
+    taken = {"zero-shot", f"icl-{shots}shot"}
     for run in runs:
+        if run.name in taken:
+            raise UserError(f"run {run.path} has the same result name as another mode or run ({run.name}); "
+                            "rename the run directory")
+        taken.add(run.name)
         try:
-            check_fits(run.adapter, geometry_tuple(loaded.geometry), source_name(loaded.source))
+            check_fits(run.adapter, geometry_tuple(loaded.geometry), loaded.source.alias)
         except AdapterError as err:
             raise UserError(f"{run.path}: {err}") from err
 
@@ -290,18 +208,20 @@ def run(config: EvalConfig, loaded: Loaded | None = None, show_progress: bool = 
     """Evaluate every mode on the same queries; returns ``{"task", "results": {name: payload}, "table", ...}``."""
     check_config(config)
     runs = [read_run(p) for p in find_run_dirs(config)] if "student" in config.modes else []
-    task_name, model_name, shots, data_root = resolve_settings(config, runs)
+    task_name, model_name, shots, data_root = resolve_settings(config, runs or default_runs(config))
     if "icl" in config.modes and shots < 1:
         raise UserError(f"the icl mode needs --shots >= 1 (got {shots})")
     task = load_task(task_name, **({"data_root": data_root} if data_root else {}))
     check_metric_ready(task.spec.metric)
+    examples = eval_examples(task, config)
     if loaded is None:
         if model_name is None:
             raise UserError("no model: pass --model (or evaluate a student run, whose base model is the default)")
-        loaded = load_for_stage(model_name, "mimic", config.device, config.dtype, config.revision,
-                                config.trust_remote_code)
-    check_runs_fit(runs, loaded)
-    evaluation = Evaluation(config, task, loaded, shots, show_progress)
+        loaded = load_for_stage(model_name, device=config.device, dtype=config.dtype, revision=config.revision,
+                                trust_remote_code=config.trust_remote_code)
+    check_runs_fit(runs, loaded, shots)
+    evaluation = Evaluation(config, task, loaded, examples, shots, show_progress)
+    read_results(evaluation.out_dir, task.name)  # refuse a folder holding another task before generating
     results = {}
     with mimic_routing(loaded):
         if "zero-shot" in config.modes:
@@ -311,11 +231,63 @@ def run(config: EvalConfig, loaded: Loaded | None = None, show_progress: bool = 
             fingerprint = evaluation.fingerprint("icl", {"shots": shots, "seed": config.seed})
             results[name] = evaluation.mode(name, "icl", shots, fingerprint)
         for info in runs:
-            if info.name in results:
-                raise UserError(f"run {info.path} is named like another result ({info.name}); rename the run directory")
             results[info.name] = evaluation.student(info)
     table = write_table(evaluation.out_dir, task.name, shots)
     if show_progress:
         print(table)
     return {"task": task.name, "results": results, "table": table, "table_path": str(evaluation.out_dir / TABLE_FILE),
             "results_dir": str(evaluation.out_dir)}
+
+
+def read_results(out_dir: Path, task_name: str) -> list[dict]:
+    """Every results JSON in ``out_dir``; one of another task is refused, never mixed into the table."""
+    rows = []
+    for path in sorted(out_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} is not valid JSON ({err.msg}); delete it and re-run") from err
+        if not isinstance(data, dict) or (data.get("kind") != RESULT_KIND and "records" not in data):
+            continue  # not a results file (e.g. notes someone saved here)
+        if data.get("task") != task_name:
+            raise UserError(
+                f"{path} holds results of task {data.get('task')!r}, not {task_name!r}; refusing to mix them into "
+                f"{out_dir / TABLE_FILE}: move it to its own task folder (the other results are saved; "
+                "re-running re-uses them)"
+            )
+        rows.append(data)
+    return rows
+
+
+def _label(row: dict) -> str:
+    return {"zero-shot": "zero-shot", "icl": f"{row.get('shots')}-shot ICL"}.get(row["mode"], f"student {row['name']}")
+
+
+def _order(row: dict) -> tuple:
+    return (MODE_ORDER.get(row["mode"], 3), row.get("shots", 0), row["name"])
+
+
+MODE_ORDER = {"zero-shot": 0, "icl": 1, "student": 2}
+
+
+def results_table(rows: list[dict], task_name: str, shots: int) -> str:
+    """Markdown: one row per result; speed-up = the ICL row's ms/query over this row's."""
+    icl = [r for r in rows if r["mode"] == "icl"]
+    ref = next((r for r in icl if r.get("shots") == shots), max(icl, key=lambda r: r.get("shots", 0), default=None))
+    metric = rows[0]["metric"] if rows else "score"
+    speed_head = f"speed-up vs {ref['shots']}-shot ICL" if ref else "speed-up vs ICL"
+    lines = [f"## {task_name}", "", f"| mode | {metric} | n | ms/query | prompt tokens/query | {speed_head} |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for row in sorted(rows, key=_order):
+        speed = f"{ref['mean_latency_ms'] / row['mean_latency_ms']:.2f}x" if ref and row["mean_latency_ms"] > 0 else "-"
+        value = f"{row['score']:.2f}" if row["metric"] == metric else f"{row['score']:.2f} ({row['metric']})"
+        lines.append(f"| {_label(row)} | {value} | {row['n']} | {row['mean_latency_ms']:.1f} | "
+                     f"{row['mean_prompt_tokens']:.1f} | {speed} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(out_dir: Path, task_name: str, shots: int) -> str:
+    """``<out_dir>/table.md`` across every result of the task; returns its text."""
+    table = results_table(read_results(out_dir, task_name), task_name, shots)
+    (out_dir / TABLE_FILE).write_text(table)
+    return table

@@ -14,16 +14,21 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline.adapters import ADAPTER_WEIGHTS, AdapterError
 from pipeline.capture import StateCapture, span_positions
-from pipeline.config import UserError
+from pipeline.config import UserError, config_to_dict
 from pipeline.families.base import pad_token_id, tokenizer_of
+from pipeline.metrics import JavaNotFoundError, score
+from pipeline.plots import plot_layer_distances
 from pipeline.prompts import Prompt, build_prompt
 from pipeline.store import open_store
+from pipeline.students import load_student_dir
 from pipeline.tasks.sampling import sample_demonstrations
 from stages.common import Loaded, Progress
 from stages.teacher_cache import to_device
@@ -98,33 +103,34 @@ class RecordLog:
         self.final = directory / f"{name}.json"
         self.fingerprint = fingerprint
 
+    def previous(self) -> dict | None:
+        """The saved ``<name>.json`` if it was made with the same fingerprint."""
+        if not self.final.is_file():
+            return None
+        data = json.loads(self.final.read_text())
+        return data if data.get("fingerprint") == self.fingerprint else None
+
     def done(self) -> dict[str, dict]:
         """Reusable records by example id, from the final JSON and the partial file."""
-        found: dict[str, dict] = {}
-        if self.final.is_file():
-            data = json.loads(self.final.read_text())
-            if data.get("fingerprint") == self.fingerprint:
-                found.update({r["id"]: r for r in data.get("records", [])})
-        if self.partial.is_file():
-            lines = [ln for ln in self.partial.read_text().splitlines() if ln.strip()]
-            if lines and json.loads(lines[0]).get("fingerprint") == self.fingerprint:
-                for line in lines[1:]:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:  # a line torn by a kill: generate that sample again
-                        continue
-                    found[record["id"]] = record
+        found = {r["id"]: r for r in (self.previous() or {}).get("records", [])}
+        lines = self.partial.read_text().splitlines() if self.partial.is_file() else []
+        rows = []
+        for line in lines:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a kill: that sample is generated again
+                continue
+        if rows and rows[0].get("fingerprint") == self.fingerprint:
+            found.update({r["id"]: r for r in rows[1:] if "id" in r})
         return found
 
     @contextmanager
     def appender(self, keep: Sequence[dict]) -> Iterator[Any]:
-        """Rewrite the partial file with the header and ``keep``; yield ``append(record)``."""
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
-        with self.partial.open("w") as f:
-            f.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
-            for record in keep:
-                f.write(json.dumps(record) + "\n")
-            f.flush()
+        """Rewrite the partial file (atomically) with the header and ``keep``; yield ``append(record)``."""
+        tmp = self.partial.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in [{"fingerprint": self.fingerprint}, *keep]))
+        tmp.replace(self.partial)
+        with self.partial.open("a") as f:
 
             def append(record: dict) -> None:
                 f.write(json.dumps(record) + "\n")
@@ -142,15 +148,19 @@ class RecordLog:
 
 def generate_records(
     loaded: Loaded, task: Any, queries: list[Query], log: RecordLog, batch_size: int, num_beams: int,
-    desc: str, show_progress: bool,
-) -> list[dict]:
-    """Records (without scores) for every query, in query order; only missing ones are generated.
+    desc: str, show_progress: bool, warm_up: bool = False,
+) -> tuple[list[dict], int]:
+    """Records (without scores) for every query, in query order, and how many were generated now.
 
-    latency_ms: the batch's wall time (generate + decode) / batch size.
+    Only missing records are generated (shortest prompts first). latency_ms: the batch's wall time
+    (generate + decode) / batch size; ``warm_up`` runs one untimed short generation first, so that
+    one-off start-up costs (kernels, stop-string tables) do not land on the first mode's latency.
     """
     done = log.done()
     keep = {q.key: done[q.key] for q in queries if q.key in done and done[q.key].get("prompt_sha") == q.prompt_sha}
     todo = sorted((q for q in queries if q.key not in keep), key=lambda q: len(q.prompt.encoded))
+    if todo and warm_up:
+        generate_batch(loaded, [todo[0].prompt], 2, num_beams)
     progress = Progress(len(todo), desc, enabled=show_progress)
     with log.appender(list(keep.values())) as append:
         for start in range(0, len(todo), batch_size):
@@ -170,12 +180,22 @@ def generate_records(
                 append(record)
             progress.update(len(chunk), sum(len(q.prompt.encoded) for q in chunk))
     progress.close()
-    return [keep[q.key] for q in queries]
+    return [keep[q.key] for q in queries], len(todo)
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def student_prompt(loaded: Loaded, task: Any, record: Any, where: str) -> Prompt:
+    """BOS + query + teacher-forced answer of a cached sample; its tokens must be the store's."""
+    query = task.split("train")[record.query_id]
+    prompt = build_prompt(loaded.family, loaded.processor, task.spec, query, [], [], task.demo_answer(query))
+    if prompt.input_ids[prompt.span_start :] != [int(t) for t in record.token_ids]:
+        raise UserError(f"{where} (query {query.id}): the student tokens differ from the store's; the task data "
+                        "or tokenizer changed since teacher-cache")
+    return prompt
 
 
 def layer_distances(
@@ -193,21 +213,13 @@ def layer_distances(
     attrs = store.attrs
     if attrs.get("task") != task.name:
         raise UserError(f"the store {store_path} holds task {attrs.get('task')!r}, not {task.name!r}")
-    train = task.split("train")
     capture = StateCapture(loaded.model, attrs["layer_target"])
     n = min(n_queries, len(store))
     sums = {"zero-shot": 0.0, "student": 0.0}
     tokens = 0
     for start in range(0, n, batch_size):
         records = [store.read(i) for i in range(start, min(n, start + batch_size))]
-        prompts = []
-        for i, record in enumerate(records, start):
-            query = train[record.query_id]
-            prompt = build_prompt(loaded.family, loaded.processor, task.spec, query, [], [], task.demo_answer(query))
-            if prompt.input_ids[prompt.span_start :] != [int(t) for t in record.token_ids]:
-                raise UserError(f"sample {i} of {store_path} (query {query.id}): the student tokens differ from the "
-                                "store's; the task data or tokenizer changed since teacher-cache")
-            prompts.append(prompt)
+        prompts = [student_prompt(loaded, task, r, f"sample {i} of {store_path}") for i, r in enumerate(records, start)]
         lengths = [len(p.encoded) for p in prompts]
         starts = [p.span_start for p in prompts]
         width = max(a - b for a, b in zip(lengths, starts, strict=True))
@@ -228,55 +240,94 @@ def layer_distances(
             "layer_target": attrs["layer_target"], "store": str(store_path)}
 
 
-def read_results(out_dir: Path, task_name: str) -> list[dict]:
-    """Every results JSON in ``out_dir``; one of another task is refused, never mixed into the table."""
-    rows = []
-    for path in sorted(out_dir.glob("*.json")):
+class Evaluation:
+    """One `pipeline evaluate` call: the task, the model, the queries, and where results go."""
+
+    def __init__(self, config: Any, task: Any, loaded: Loaded, examples: list[Any], shots: int, show_progress: bool):
+        self.config, self.task, self.loaded, self.shots = config, task, loaded, shots
+        self.examples, self.show_progress = examples, show_progress
+        self.out_dir = Path(config.results_dir) / task.name
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.model_name = loaded.source.alias
+        self.warm = False
+
+    def fingerprint(self, mode: str, extra: dict | None = None) -> dict:
+        """What must match for saved records to be reused (prompts are matched per record)."""
+        return {"task": self.task.name, "mode": mode, "model_fingerprint": self.loaded.source.fingerprint,
+                "num_beams": self.config.num_beams, "max_new_tokens": self.task.spec.max_new_tokens,
+                "dtype": str(next(self.loaded.model.parameters()).dtype), **(extra or {})}
+
+    def mode(self, name: str, mode: str, shots: int, fingerprint: dict, extra: dict | None = None) -> dict:
+        """Generate (missing records only), score, write ``<name>.json``; returns the saved payload."""
+        log = RecordLog(self.out_dir, name, fingerprint)
+        queries = build_queries(self.task, self.loaded, self.examples, shots, self.config.seed)
+        records, generated = generate_records(self.loaded, self.task, queries, log, self.config.batch_size,
+                                              self.config.num_beams, f"evaluate {name}", self.show_progress,
+                                              warm_up=not self.warm)
+        self.warm = self.warm or generated > 0
+        metric = self.task.spec.metric
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} is not valid JSON ({err.msg}); delete it and re-run") from err
-        if not isinstance(data, dict) or (data.get("kind") != RESULT_KIND and "records" not in data):
-            continue  # not a results file (e.g. notes someone saved here)
-        if data.get("task") != task_name:
-            raise UserError(
-                f"{path} holds results of task {data.get('task')!r}, not {task_name!r}; refusing to mix them into "
-                f"{out_dir / TABLE_FILE}: move it to its own task folder (the other results are saved; "
-                "re-running re-uses them)"
-            )
-        rows.append(data)
-    return rows
+            scored = score(metric, [r["prediction"] for r in records], [r["answers"] for r in records])
+        except (JavaNotFoundError, ValueError) as err:
+            raise UserError(f"{metric} failed for {name}: {err} (the predictions are kept in {log.partial}; "
+                            "re-run to score them without generating again)") from err
+        for record, value in zip(records, scored["per_sample"], strict=True):
+            record["score"] = value
+        n = len(records)
+        payload = {
+            "kind": RESULT_KIND, "task": self.task.name, "name": name, "mode": mode, "shots": shots,
+            "split": self.config.split, "model": self.model_name, "metric": metric, "score": scored["score"], "n": n,
+            "mean_latency_ms": sum(r["latency_ms"] for r in records) / n,
+            "mean_prompt_tokens": sum(r["prompt_tokens"] for r in records) / n,
+            "generation": {"num_beams": self.config.num_beams, "max_new_tokens": self.task.spec.max_new_tokens,
+                           "stop_strings": list(self.loaded.family.stop_strings), "padding": "left"},
+            "config": {**config_to_dict(self.config), "task": self.task.name, "model": self.model_name,
+                       "shots": self.shots},
+            "fingerprint": fingerprint, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **(extra or {}), "records": records,
+        }
+        log.finish(payload)
+        return payload
 
+    def student(self, run: Any) -> dict:
+        """A run's student with zero demonstrations, then (if asked and possible) the L2 analysis."""
+        loaded = self.loaded
+        if run.adapter.base_fingerprint and run.adapter.base_fingerprint != loaded.source.fingerprint:
+            print(f"warning: {run.name} was trained on {run.adapter.base_model} ({run.adapter.base_fingerprint}), "
+                  f"evaluating on {self.model_name} ({loaded.source.fingerprint})")
+        try:
+            student = load_student_dir(run.path, loaded.model, loaded.geometry, self.model_name)
+        except AdapterError as err:
+            raise UserError(str(err)) from err
+        adapter_sha = hashlib.sha256((run.path / ADAPTER_WEIGHTS).read_bytes()).hexdigest()[:16]
+        fingerprint = self.fingerprint("student", {"adapter_sha256": adapter_sha})
+        try:
+            previous = RecordLog(self.out_dir, run.name, fingerprint).previous()
+            extra = {"run": str(run.path), "adapter": {"method": run.adapter.method, "variant": run.adapter.variant},
+                     "l2": self.l2(run, student, (previous or {}).get("l2"))}
+            return self.mode(run.name, "student", 0, fingerprint, extra)
+        finally:
+            student.detach()
 
-def _label(row: dict) -> str:
-    return {"zero-shot": "zero-shot", "icl": f"{row.get('shots')}-shot ICL"}.get(row["mode"], f"student {row['name']}")
+    def l2(self, run: Any, student: Any, previous: dict | None) -> dict:
+        """Per-layer L2 distances (and ``l2_<run>.png``), or why they were skipped (also printed)."""
+        if not self.config.l2:
+            return {"skipped": "--l2 false"}
+        if run.store is None or not run.store.exists():
+            return self.skip_l2(run, f"the run's teacher store {run.store} does not exist")
+        png = self.out_dir / f"l2_{run.name}.png"
+        if previous and previous.get("requested") == self.config.l2_queries and png.is_file():
+            return previous  # same adapter and model (the fingerprint matched): same distances
+        try:
+            result = layer_distances(self.loaded, self.task, student, run.store, self.config.l2_queries,
+                                     self.config.batch_size)
+        except UserError as err:
+            return self.skip_l2(run, str(err))
+        plot_layer_distances({"zero-shot": result["zero-shot"], run.name: result["student"]}, png,
+                             f"{self.task.name}: L2 to {run.adapter.store_fingerprint.get('shots', '?')}-shot ICL states")
+        return {**result, "png": str(png), "requested": self.config.l2_queries}
 
-
-def _order(row: dict) -> tuple:
-    return (MODE_ORDER.get(row["mode"], 3), row.get("shots", 0), row["name"])
-
-
-MODE_ORDER = {"zero-shot": 0, "icl": 1, "student": 2}
-
-
-def results_table(rows: list[dict], task_name: str, shots: int) -> str:
-    """Markdown: one row per result; speed-up = the ICL row's ms/query over this row's."""
-    icl = [r for r in rows if r["mode"] == "icl"]
-    ref = next((r for r in icl if r.get("shots") == shots), max(icl, key=lambda r: r.get("shots", 0), default=None))
-    metric = rows[0]["metric"] if rows else "score"
-    speed_head = f"speed-up vs {ref['shots']}-shot ICL" if ref else "speed-up vs ICL"
-    lines = [f"## {task_name}", "", f"| mode | {metric} | n | ms/query | prompt tokens/query | {speed_head} |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for row in sorted(rows, key=_order):
-        speed = f"{ref['mean_latency_ms'] / row['mean_latency_ms']:.2f}x" if ref and row["mean_latency_ms"] > 0 else "-"
-        value = f"{row['score']:.2f}" if row["metric"] == metric else f"{row['score']:.2f} ({row['metric']})"
-        lines.append(f"| {_label(row)} | {value} | {row['n']} | {row['mean_latency_ms']:.1f} | "
-                     f"{row['mean_prompt_tokens']:.1f} | {speed} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_table(out_dir: Path, task_name: str, shots: int) -> str:
-    """``<out_dir>/table.md`` across every result of the task; returns its text."""
-    table = results_table(read_results(out_dir, task_name), task_name, shots)
-    (out_dir / TABLE_FILE).write_text(table)
-    return table
+    def skip_l2(self, run: Any, reason: str) -> dict:
+        if self.show_progress:
+            print(f"note: no L2 analysis for {run.name}: {reason}")
+        return {"skipped": reason}
