@@ -135,15 +135,16 @@ class Progress:
         self.samples = 0
         self.tokens = 0
 
-    def update(self, samples: int, tokens: int = 0, **postfix: Any) -> None:
-        self.samples += samples
+    def update(self, n: int, tokens: int = 0, samples: int | None = None, **postfix: Any) -> None:
+        """Advance the bar by ``n`` units; ``samples`` (default ``n``) and ``tokens`` feed the rates."""
+        self.samples += n if samples is None else samples
         self.tokens += tokens
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        self.bar.set_postfix(
-            {"samples/s": f"{self.samples / elapsed:.2f}", "tokens/s": f"{self.tokens / elapsed:.0f}", **postfix},
-            refresh=False,
-        )
-        self.bar.update(samples)
+        rates = {"samples/s": f"{self.samples / elapsed:.2f}"}
+        if self.tokens:
+            rates["tokens/s"] = f"{self.tokens / elapsed:.0f}"
+        self.bar.set_postfix({**rates, **postfix}, refresh=False)
+        self.bar.update(n)
 
     def close(self) -> float:
         self.bar.close()

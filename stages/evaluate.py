@@ -128,7 +128,8 @@ def resolve_settings(config: EvalConfig, runs: list[RunInfo]) -> tuple[str, str 
     stores = [r.adapter.store_fingerprint for r in runs]
     task = config.task
     if task is None:
-        named = {r.stage1.get("task") or s.get("task") for r, s in zip(runs, stores, strict=True)} - {None}
+        named = {r.stage1.get("task") or s.get("task_source") or s.get("task")
+                 for r, s in zip(runs, stores, strict=True)} - {None}
         if len(named) > 1:
             raise UserError(f"the runs were trained on different tasks ({', '.join(sorted(named))}); "
                             "evaluate them separately or pass --task")
@@ -142,7 +143,9 @@ def resolve_settings(config: EvalConfig, runs: list[RunInfo]) -> tuple[str, str 
         shots = next((int(s["shots"]) for s in stores if s.get("shots")), None)
     if shots is None:
         shots = int(model_defaults(model or "").get("shots", 8))
-    data_root = config.data_root or next((r.stage1.get("data_root") for r in runs if r.stage1.get("data_root")), None)
+    data_root = config.data_root or next((r.stage1.get("data_root") or s.get("data_root")
+                                          for r, s in zip(runs, stores, strict=True)
+                                          if r.stage1.get("data_root") or s.get("data_root")), None)
     return task, model, shots, data_root
 
 

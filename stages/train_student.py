@@ -109,8 +109,9 @@ def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer:
         store.validate()
         attrs = store.attrs
     model_name = config.model or attrs.get("model") or "smollm2-135m"
-    task_name = attrs.get("task") or config.task
-    task = load_task(task_name, **({"data_root": config.data_root} if config.data_root else {}))
+    task_name = attrs.get("task_source") or attrs.get("task") or config.task
+    data_root = config.data_root or attrs.get("data_root")
+    task = load_task(task_name, **({"data_root": data_root} if data_root else {}))
     if loaded is None:
         loaded = load_for_stage(model_name, config.device, config.dtype)
     if attrs:

@@ -149,7 +149,7 @@ class Trainer:
                     if self.rank == 0:
                         log.write(json.dumps(row) + "\n")
                         log.flush()
-                    progress.update(1, 0, loss=f"{row['loss']:.4g}")
+                    progress.update(1, samples=sum(len(m) for m in group), loss=f"{row['loss']:.4g}")
                     self.stats["final_loss"], self.stats["steps"] = row["loss"], step
                     if self.rank == 0 and (step % self.config.checkpoint_every == 0 or step == self.total_steps):
                         checkpoint.save(self.student.tensors(), opt, sched, step)
