@@ -21,6 +21,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from pipeline.families.base import decoder_layers
 from pipeline.live import LiveVectors
 from pipeline.mimic import MimicHeads
 
@@ -86,18 +87,6 @@ def route_attention(model: nn.Module, spec: str | dict[str, str]) -> None:
     a string, or ``{"text_config": ...}`` to route only the language model)."""
     register_mimic_attention()
     model.set_attn_implementation(spec)
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The language model's decoder layers (``model.get_decoder().layers`` in every family)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise TypeError(
-            f"{type(model).__name__} has no decoder layers at model.get_decoder().layers; "
-            "MimIC supports HuggingFace causal LMs and image-text-to-text models"
-        )
-    return layers
 
 
 class StudentHandle:

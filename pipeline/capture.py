@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.attention import decoder_layers
+from pipeline.families.base import decoder_layers
 
 LAYER_TARGETS = ("mlp", "layer", "attn")
 

@@ -26,7 +26,8 @@ from pipeline.adapters import (
     read_adapter_tensors,
     save_adapter,
 )
-from pipeline.attention import attach_live, attach_mimic, decoder_layers
+from pipeline.attention import attach_live, attach_mimic
+from pipeline.families.base import decoder_layers
 
 LORA_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.05}
 
