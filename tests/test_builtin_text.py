@@ -48,7 +48,8 @@ def test_splits_are_disjoint_and_cover_the_file(name):
             assert not ids[a] & ids[b] and not inputs[a] & inputs[b]
     total = len(read_text_task_file(TEXT_TASKS_DIR / f"{name}.jsonl"))
     assert sum(len(x) for x in ids) == total
-    assert len(splits["eval"]) >= 50 and len(splits["train"]) >= 80 and len(splits["support"]) >= 80
+    # demonstrations need a small pool (8 shots + the excluded query); training queries are the bottleneck
+    assert len(splits["eval"]) >= 50 and len(splits["train"]) >= 100 and len(splits["support"]) >= 40
 
 
 def test_splits_do_not_depend_on_line_order():

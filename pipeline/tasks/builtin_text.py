@@ -6,7 +6,7 @@ the answer ``" {answer}"``; demonstrations are joined with ``"\\n"`` after the B
 The tasks were chosen because SmolLM2-135M-Instruct fails them zero-shot and solves them with a
 few demonstrations (measured with ``bench/icl_text_tasks.py``; numbers at ``DEFAULT_TEXT_TASK``).
 
-Splits are assigned by the sha256 of each example id (sorted, then cut 35% support / 35% train /
+Splits are assigned by the sha256 of each example id (sorted, then cut 20% support / 50% train /
 30% eval), so they are disjoint, stable across runs and independent of line order.
 """
 
@@ -32,8 +32,9 @@ exact match on its 69 eval queries 0% / 10% / 84% / 86% at 0 / 1 / 4 / 8 shots (
 PROMPT = "{question} ->"
 ANSWER = " {answer}"
 SEPARATOR = "\n"
-SPLIT_SHARES = (("eval", 0.30), ("train", 0.35))
-"""Shares of each task cut off (in hash order) for eval, then train; the rest is support."""
+SPLIT_SHARES = (("eval", 0.30), ("train", 0.50))
+"""Shares of each task cut off (in hash order) for eval, then train; the rest (20%) is support.
+Training queries are what the student learns from; demonstrations need only a small pool."""
 
 
 def read_text_task_file(path: Path) -> tuple[Example, ...]:
