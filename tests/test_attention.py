@@ -61,6 +61,22 @@ def register_reference():
     AttentionMaskInterface.register(REF_NAME, sdpa_mask)
 
 
+def reference_logits(fam, heads, batch):
+    """Logits of a float64 copy of the model whose attention is ``reference_attention``."""
+    register_reference()
+    ref_model = copy.deepcopy(fam.model).double()
+    route_attention(ref_model, fam.family.attn_implementation(REF_NAME))
+    REF_HEADS.clear()
+    for layer, h in zip(ref_model.get_decoder().layers, heads, strict=True):
+        REF_HEADS[id(layer.self_attn)] = (h.shift, h.f_weight, h.f_bias)
+    try:
+        with torch.no_grad():
+            inputs = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+            return ref_model(**inputs).logits
+    finally:
+        REF_HEADS.clear()
+
+
 def random_heads(model, seed=0):
     g = attention_geometry(model)
     cfg = AdapterConfig(method="mimic", num_layers=g.num_layers, num_heads=g.num_heads, head_dim=g.head_dim,
@@ -126,15 +142,7 @@ def test_zero_shift_is_exact_and_random_matches_reference(routed, synthetic_imag
         handle.detach()
         assert torch.equal(model(**batch).logits, stock), "detach must restore the base model exactly"
 
-        register_reference()
-        ref_model = copy.deepcopy(model).double()
-        route_attention(ref_model, fam.family.attn_implementation(REF_NAME))
-        REF_HEADS.clear()
-        for layer, h in zip(ref_model.get_decoder().layers, heads, strict=True):
-            REF_HEADS[id(layer.self_attn)] = (h.shift, h.f_weight, h.f_bias)
-        ref_batch = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
-        ref = ref_model(**ref_batch).logits
-        REF_HEADS.clear()
+    ref = reference_logits(fam, heads, batch)
     assert (ours - stock)[real].abs().max() > 1e-3, "random MimIC parameters must change the logits"
     torch.testing.assert_close(ours[real].double(), ref[real], rtol=0, atol=1e-4)
 
@@ -163,16 +171,7 @@ def test_generate_with_kv_cache_matches_reference(routed, synthetic_image):
     if "mm_token_type_ids" in full:
         tt = full["mm_token_type_ids"]
         full["mm_token_type_ids"] = torch.cat([tt, tt.new_zeros(tt.shape[0], n_new)], 1)
-    register_reference()
-    ref_model = copy.deepcopy(model).double()
-    route_attention(ref_model, fam.family.attn_implementation(REF_NAME))
-    REF_HEADS.clear()
-    for layer, h in zip(ref_model.get_decoder().layers, heads, strict=True):
-        REF_HEADS[id(layer.self_attn)] = (h.shift, h.f_weight, h.f_bias)
-    with torch.no_grad():
-        ref_in = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in full.items()}
-        ref = ref_model(**ref_in).logits
-    REF_HEADS.clear()
+    ref = reference_logits(fam, heads, full)
     prompt_len = batch["input_ids"].shape[1]
     ref_steps = ref[:, prompt_len - 1 : prompt_len - 1 + n_new]
     torch.testing.assert_close(steps.double(), ref_steps, rtol=0, atol=1e-4)
