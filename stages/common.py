@@ -39,18 +39,22 @@ class ModelSourceInfo:
     fingerprint: str
 
 
-def dist_info() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) — one process per device under ``accelerate launch``."""
+def _state():
     from accelerate import PartialState
 
-    state = PartialState()
+    # without cpu=True accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU, and every
+    # process would silently run alone as rank 0 (gloo is then the backend)
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def dist_info() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) — one process per device under ``accelerate launch``/torchrun."""
+    state = _state()
     return state.process_index, state.num_processes, state.device
 
 
 def barrier() -> None:
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
+    _state().wait_for_everyone()
 
 
 def resolve_device(device: str) -> torch.device:

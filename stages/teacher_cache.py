@@ -329,6 +329,7 @@ def run(config: TeacherCacheConfig, loaded: Loaded | None = None, show_progress:
     barrier()
     if rank == 0:
         open_store(path).validate()
-        if show_progress:
-            print(f"wrote {path} ({len(plan)} queries, {shots}-shot, {geometry.num_layers} layers) in {elapsed:.1f}s")
+        if show_progress or world > 1:
+            print(f"wrote {path} ({len(plan)} queries, {shots}-shot, {geometry.num_layers} layers) in {elapsed:.1f}s "
+                  f"with {world} process{'es' if world > 1 else ''}")
     return path

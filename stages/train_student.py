@@ -145,7 +145,7 @@ def save_outputs(trainer: Trainer) -> Path:
 
 def run(config: TrainConfig, loaded: Loaded | None = None, show_progress: bool = True) -> Path:
     """Train (or resume) a student; returns the run directory."""
-    rank, _, _ = dist_info()
+    rank, world, _ = dist_info()
     trainer = setup(config, loaded)
     try:
         checkpoint = Checkpoint(trainer.run_dir / "checkpoint", config_to_dict(config))
@@ -158,7 +158,7 @@ def run(config: TrainConfig, loaded: Loaded | None = None, show_progress: bool =
             (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             if show_progress:
                 print(f"wrote {trainer.run_dir}: {summary['steps']} steps, final loss {summary['final_loss']:.4g}, "
-                      f"{summary['samples_per_s']:.2f} samples/s")
+                      f"{summary['samples_per_s']:.2f} samples/s with {world} process{'es' if world > 1 else ''}")
     finally:
         trainer.student.detach()  # a model passed in leaves as it came
     return trainer.run_dir

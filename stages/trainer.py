@@ -44,7 +44,10 @@ class Trainer:
     def epoch_groups(self, epoch: int) -> list[list[list[int]]]:
         """This rank's micro-batches of one epoch, grouped per optimiser step (seeded shuffle)."""
         g = torch.Generator().manual_seed(self.config.seed + epoch)
-        order = torch.randperm(len(self.data), generator=g).tolist()[self.rank :: self.world]
+        order = torch.randperm(len(self.data), generator=g).tolist()
+        # every rank must take the same number of steps (all-reduce): pad as DistributedSampler does
+        order += order[: (-len(order)) % self.world]
+        order = order[self.rank :: self.world]
         bs, acc = self.config.batch_size, self.config.grad_accum
         micro = [order[i : i + bs] for i in range(0, len(order), bs)]
         return [micro[i : i + acc] for i in range(0, len(micro), acc)]
@@ -114,6 +117,15 @@ class Trainer:
             torch.distributed.all_reduce(p.grad)
             p.grad /= self.world
 
+    def mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """The logged loss parts of a step, averaged over ranks (what one process would log)."""
+        if self.world == 1:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.loaded.device)
+        torch.distributed.all_reduce(t)
+        return {k: float(v) / self.world for k, v in zip(keys, t.tolist(), strict=True)}
+
     def train(self, checkpoint: Checkpoint, show_progress: bool = True) -> None:
         opt, sched = self.optimiser()
         params = [p for _, p in self.student.trainable()]
@@ -178,6 +190,7 @@ class Trainer:
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v / n_micro
         self.all_reduce_grads(params)
+        totals = self.mean_over_ranks(totals)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         opt.step()
         lr = sched.get_last_lr()[0]

@@ -161,4 +161,5 @@ def test_two_gloo_processes_write_the_same_store(tmp_path, tiny_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     res = subprocess.run(torchrun, env=env, capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "with 2 processes" in res.stdout, "the two processes must really share the work"
     assert_same_store(one, two)

@@ -192,3 +192,52 @@ def test_reloaded_student_reproduces_trained_logits(tmp_path, llama):
         trained = llama.model(input_ids=ids).logits
     student.detach()
     assert not torch.allclose(base, trained)
+
+
+def test_two_gloo_processes_match_one_process(tmp_path, llama):
+    """DDP by gradient all-reduce: 2 ranks x (batch 1, accum 2) == 1 rank x (batch 1, accum 4)."""
+    model_dir = tmp_path / "model"
+    llama.model.save_pretrained(model_dir)
+    llama.processor.save_pretrained(model_dir)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    py = [sys.executable, "-m", "pipeline"]
+    store = tmp_path / "s.zarr"
+    subprocess.run([*py, "teacher-cache", "--task", "antonyms", "--model", str(model_dir), "--shots", "2",
+                    "--n-queries", "8", "--out", str(store), "--device", "cpu"], env=env, check=True, cwd=REPO,
+                   capture_output=True)
+    common = ["train-student", "--cache", str(store), "--epochs", "2", "--batch-size", "1", "--device", "cpu",
+              "--name", "r"]
+    subprocess.run([*py, *common, "--grad-accum", "4", "--runs-dir", str(tmp_path / "one")], env=env, check=True,
+                   cwd=REPO, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(30500 + os.getpid() % 1000), "-m", "pipeline", *common, "--grad-accum", "2",
+                "--runs-dir", str(tmp_path / "two")]
+    res = subprocess.run(torchrun, env=env, cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "with 2 processes" in res.stdout, "the two processes must really share the work"
+    logs = [[json.loads(x) for x in (tmp_path / d / "r" / "train_log.jsonl").read_text().splitlines()]
+            for d in ("one", "two")]
+    assert len(logs[0]) == len(logs[1]) == 4
+    for one, two in zip(*logs, strict=True):
+        assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
+        assert one["grad_norm"] == pytest.approx(two["grad_norm"], rel=1e-4)
+    a = load_file(str(tmp_path / "one" / "r" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "two" / "r" / "adapter.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_ranks_take_the_same_number_of_steps(tmp_path, llama):
+    """9 samples on 2 ranks: padded like DistributedSampler, so no rank waits in all-reduce forever."""
+    store = make_store(tmp_path, llama, n=9)
+    trainer = setup(train_cfg(tmp_path, store, batch_size=1, grad_accum=2), llama)
+    trainer.world = 2
+    per_rank = []
+    for rank in range(2):
+        trainer.rank = rank
+        per_rank.append(trainer.epoch_groups(0))
+    assert [len(g) for g in per_rank[0]] == [len(g) for g in per_rank[1]]
+    seen = [i for groups in per_rank for g in groups for mb in g for i in mb]
+    assert sorted(set(seen)) == list(range(9)) and len(seen) == 10
+    assert len(per_rank[0]) == 3  # ceil(ceil(9 / 2) / batch 1 / accum 2)
+    trainer.student.detach()
