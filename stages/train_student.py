@@ -11,7 +11,7 @@ the comparison point for the offline design); everything else is shared.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from stages.trainer import Trainer
 from stages.training import Checkpoint, StudentData
 
 METHODS = ("mimic", "live", "lora")
+DEFAULT_LR = {"mimic": 5e-3, "live": 5e-3, "lora": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,8 @@ class TrainConfig:
     ce_tokens: str = opt("answer", "Cross-entropy on the answer tokens, or on all tokens (official code).", ("answer", "all"))
     epochs: int | None = opt(None, "Epochs; default from configs/models (Idefics2 5, Idefics1 10).")
     max_steps: int | None = opt(None, "Stop after this many optimiser steps (smoke tests, benchmarks).")
-    lr: float = opt(5e-3, "AdamW learning rate.")
+    lr: float | None = opt(None, "AdamW learning rate; default by method: 5e-3 for mimic and live (the official "
+                                 "code), 1e-3 for lora (5e-3 diverged on SmolLM2, see docs/results.md).")
     weight_decay: float = opt(1e-3, "AdamW weight decay (none on biases).")
     warmup_ratio: float = opt(0.1, "Fraction of steps of linear warm-up before the cosine decay.")
     grad_clip: float = opt(1.0, "Gradient norm clip.")
@@ -119,6 +121,8 @@ def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer:
         if attrs.get("prompt_template") != task.spec.prompt:
             raise UserError(f"the store's prompt template {attrs.get('prompt_template')!r} differs from the "
                             f"task's {task.spec.prompt!r}; re-run teacher-cache")
+    if config.lr is None:
+        config = replace(config, lr=DEFAULT_LR[config.method])
     align = default_align(config)
     if align == "kl" and attrs and not attrs.get("topk"):
         raise UserError("the kl alignment needs teacher logits: re-run teacher-cache with --topk 20")
