@@ -163,3 +163,13 @@ def test_two_gloo_processes_write_the_same_store(tmp_path, tiny_dir):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "with 2 processes" in res.stdout, "the two processes must really share the work"
     assert_same_store(one, two)
+
+
+def test_foreign_directory_is_refused_not_wiped(tmp_path):
+    fam = tiny("llama")
+    loaded = wrap_model(fam.model, fam.processor, "tiny-llama")
+    (tmp_path / "s.zarr").mkdir()
+    (tmp_path / "s.zarr" / "precious.txt").write_text("user data")
+    with pytest.raises(UserError, match="not a usable teacher store.*--overwrite"):
+        cache(tmp_path, loaded, task="antonyms")
+    assert (tmp_path / "s.zarr" / "precious.txt").read_text() == "user data"
