@@ -152,7 +152,9 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, llama, monkeypatch):
     assert state["step"] == 2
 
 
-def test_sigkill_during_training_resumes_to_the_same_adapter(tmp_path, llama):
+def store_from_the_cli(tmp_path, llama, n=8):
+    """The tiny Llama saved to disk and an 8-query store written by `pipeline teacher-cache`, so
+    subprocesses load both like a user's: returns (command prefix, environment, store path)."""
     model_dir = tmp_path / "model"
     llama.model.save_pretrained(model_dir)
     llama.processor.save_pretrained(model_dir)
@@ -160,8 +162,13 @@ def test_sigkill_during_training_resumes_to_the_same_adapter(tmp_path, llama):
     py = [sys.executable, "-m", "pipeline"]
     store = tmp_path / "s.zarr"
     subprocess.run([*py, "teacher-cache", "--task", "antonyms", "--model", str(model_dir), "--shots", "2",
-                    "--n-queries", "8", "--out", str(store), "--device", "cpu"], env=env, check=True, cwd=REPO,
+                    "--n-queries", str(n), "--out", str(store), "--device", "cpu"], env=env, check=True, cwd=REPO,
                    capture_output=True)
+    return py, env, store
+
+
+def test_sigkill_during_training_resumes_to_the_same_adapter(tmp_path, llama):
+    py, env, store = store_from_the_cli(tmp_path, llama)
     args = ["train-student", "--cache", str(store), "--epochs", "6", "--checkpoint-every", "2", "--device", "cpu"]
     subprocess.run([*py, *args, "--runs-dir", str(tmp_path / "a")], env=env, check=True, cwd=REPO, capture_output=True)
     cmd = [*py, *args, "--runs-dir", str(tmp_path / "b")]
@@ -196,15 +203,7 @@ def test_reloaded_student_reproduces_trained_logits(tmp_path, llama):
 
 def test_two_gloo_processes_match_one_process(tmp_path, llama):
     """DDP by gradient all-reduce: 2 ranks x (batch 1, accum 2) == 1 rank x (batch 1, accum 4)."""
-    model_dir = tmp_path / "model"
-    llama.model.save_pretrained(model_dir)
-    llama.processor.save_pretrained(model_dir)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    py = [sys.executable, "-m", "pipeline"]
-    store = tmp_path / "s.zarr"
-    subprocess.run([*py, "teacher-cache", "--task", "antonyms", "--model", str(model_dir), "--shots", "2",
-                    "--n-queries", "8", "--out", str(store), "--device", "cpu"], env=env, check=True, cwd=REPO,
-                   capture_output=True)
+    py, env, store = store_from_the_cli(tmp_path, llama)
     common = ["train-student", "--cache", str(store), "--epochs", "2", "--batch-size", "1", "--device", "cpu",
               "--name", "r"]
     subprocess.run([*py, *common, "--grad-accum", "4", "--runs-dir", str(tmp_path / "one")], env=env, check=True,
