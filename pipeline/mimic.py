@@ -12,8 +12,10 @@ f(q) = <w, q> + b approximates log Z1, so that
     out(q) = SA(q, K, V) + mu(q) v,        mu(q) = sigmoid(f(q) - log Z2(q))        (Eq. 6-7)
 
 log Z2 is the masked log-normaliser of the head's *own* attention (causal, padding and sliding
-window masks applied, GQA key heads shared), computed here exactly in chunks of queries so no
-(T x T) matrix of the whole sequence is held at once. Rows with no visible key get mu = 0.
+window masks applied, GQA key heads shared), computed exactly without holding the (T x T) matrix of
+the whole sequence: here in chunks of queries (every device); on CUDA ``pipeline.mimic_cuda`` uses a
+compiled flex_attention kernel for long sequences (and, if enabled, one compiled function for the
+whole shift of short ones). Rows with no visible key get mu = 0.
 
 No transformers, no files: this module only knows tensors.
 """
@@ -32,6 +34,9 @@ layer (mu still uses each head's own log Z2). query_independent: mu = sigmoid(g)
 scalar g per head. shift_only: mu = 1 (a plain per-head shift)."""
 
 DEFAULT_CHUNK = 256
+LOG_Z2_BACKENDS = ("auto", "chunked", "flex")
+"""auto: the flex kernel on CUDA for long sequences (``pipeline.mimic_cuda.use_flex``), else chunked.
+chunked: exact chunked logsumexp (any device). flex: the compiled flex_attention kernel (CUDA only)."""
 
 
 def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
@@ -70,6 +75,7 @@ def masked_log_z2(
     scaling: float,
     chunk_size: int = DEFAULT_CHUNK,
     use_checkpoint: bool | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log Z2(q) = logsumexp_j (q . k_j * scaling) over the keys q may attend to.
 
@@ -79,8 +85,18 @@ def masked_log_z2(
     the keys, as with a KV cache) and every key when Tq == 1.
     Returns (log_z2 (B, H, Tq) float32, valid (B, H, Tq) bool: the row sees at least one key).
     Differentiable in query and key; chunks of ``chunk_size`` queries are recomputed in backward
-    (checkpointed) when gradients are needed, so memory is O(chunk * Tkv) per head.
+    (checkpointed) when gradients are needed, so memory is O(chunk * Tkv) per head. ``backend``: see
+    ``LOG_Z2_BACKENDS`` (the flex kernel on CUDA for long sequences, chunked otherwise).
     """
+    if backend not in LOG_Z2_BACKENDS:
+        raise ValueError(f"unknown log Z2 backend {backend!r}; choose one of {', '.join(LOG_Z2_BACKENDS)}")
+    if backend == "flex" and not query.is_cuda:
+        raise ValueError("the flex log Z2 backend needs CUDA tensors; use backend='chunked' (or 'auto') on CPU")
+    if backend != "chunked" and query.is_cuda:
+        from pipeline import mimic_cuda
+
+        if backend == "flex" or mimic_cuda.use_flex(query, key, attention_mask):
+            return mimic_cuda.flex_log_z2(query, key, attention_mask, scaling)
     bsz, n_heads, q_len, dim = query.shape
     n_kv, kv_len = key.shape[1], key.shape[2]
     if n_heads % n_kv:
@@ -179,6 +195,17 @@ class MimicHeads(nn.Module):
                 f"MimIC heads built for {self.num_heads} heads of size {self.head_dim}, "
                 f"got a query of shape {tuple(query.shape)}"
             )
+        if query.is_cuda and self.variant in ("mimic", "head_shared"):
+            from pipeline import mimic_cuda
+
+            mask = None if attention_mask is None else attention_mask[..., : key.shape[2]]
+            if mimic_cuda.use_fused(query, key, mask):
+                weight, bias = self.f_weight, self.f_bias
+                if self.variant == "head_shared":
+                    weight, bias = weight.expand(self.num_heads, -1), bias.expand(self.num_heads)
+                out = mimic_cuda.fused_shift(query, key, mask, weight, bias, self.shift, scaling)
+                if out is not None:
+                    return out
         mu = self.mu(query, key, attention_mask, scaling)
         return (mu[..., None] * self.shift.float()[None, :, None, :]).transpose(1, 2)
 

@@ -66,7 +66,8 @@ class TeacherCacheConfig:
     dtype: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32.")
     revision: str | None = opt(None, "Model revision (hub branch, tag or commit).")
     trust_remote_code: bool = opt(False, "Allow the model repository's own code to run.")
-    num_workers: int = opt(0, "Processes preparing prompts and images while the GPU works.")
+    num_workers: int | None = opt(None, "Processes preparing prompts and images while the GPU works; "
+                                       "default 4 on CUDA, 0 (in the main process) on CPU.")
     overwrite: bool = opt(False, "Replace an existing store made with a different configuration.")
 
 
@@ -79,19 +80,38 @@ class Planned:
     span_ids: list[int]
 
 
-def plan_queries(task: Any, loaded: Loaded, shots: int, n_queries: int, seed: int) -> list[Planned]:
-    """Sample demonstrations and tokenise the student side of every query (for T_max and checks)."""
-    queries, support = task.split("train"), task.split("support")
+class PlanData(torch.utils.data.Dataset):
+    """One ``Planned`` per training query (a student prompt is built: images and tokenisation)."""
+
+    def __init__(self, task: Any, loaded: Loaded, shots: int, n: int, seed: int):
+        self.task, self.loaded, self.shots, self.n, self.seed = task, loaded, shots, n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Planned:
+        task, loaded = self.task, self.loaded
+        query = task.split("train")[i]
+        demos = sample_demonstrations(task.split("support"), query, self.shots, self.seed) if self.shots else []
+        student = build_prompt(loaded.family, loaded.processor, task.spec, query, [], [], task.demo_answer(query))
+        return Planned(i, list(demos), student.encoded.input_ids[student.span_start :])
+
+
+def plan_queries(task: Any, loaded: Loaded, shots: int, n_queries: int, seed: int,
+                 num_workers: int = 0) -> list[Planned]:
+    """Sample demonstrations and tokenise the student side of every query (for T_max and checks),
+    in ``num_workers`` processes when > 0."""
+    queries = task.split("train")
+    task.split("support")  # loaded before workers fork
     n = min(n_queries, len(queries))
     if n == 0:
         raise UserError(f"task {task.name} has no training queries")
-    plan = []
-    for i in range(n):
-        query = queries[i]
-        demos = sample_demonstrations(support, query, shots, seed) if shots else []
-        student = build_prompt(loaded.family, loaded.processor, task.spec, query, [], [], task.demo_answer(query))
-        plan.append(Planned(i, list(demos), student.encoded.input_ids[student.span_start :]))
-    return plan
+    data = PlanData(task, loaded, shots, n, seed)
+    if num_workers <= 0:
+        return [data[i] for i in range(n)]
+    loader = torch.utils.data.DataLoader(data, batch_size=None, collate_fn=_keep, num_workers=num_workers,
+                                         prefetch_factor=8)
+    return list(loader)
 
 
 def store_attrs(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: int, plan: list[Planned]) -> dict:
@@ -175,7 +195,7 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 
 def to_host(t: torch.Tensor) -> torch.Tensor:
     """Device -> host through page-locked memory, which torch's caching host allocator reuses: a
-    fresh pageable buffer per batch (and a copy per sample) cost ~0.3 s per Idefics2 batch of 8 on
+    fresh pageable buffer per batch (and a copy per sample) cost ~0.16 s per Idefics2 batch of 8 on
     the benchmark VM (docs/benchmarks.md)."""
     if t.device.type != "cuda":
         return t.cpu()
@@ -195,15 +215,24 @@ class TeacherRunner:
         self.keep_logits = "logits_to_keep" in accepts and not config.topk
         self.capture = StateCapture(loaded.model, config.layer_target)
 
+    def collate(self, prompts: list[Any]) -> dict:
+        return self.loaded.family.collate([p.encoded for p in prompts], self.loaded.processor, "right")
+
+    def collate_sorted(self, prompts: list[Any]) -> tuple[int, list[tuple[list[int], dict]]]:
+        """(batch size, [(prompt indices, CPU batch)]): ``run_sorted``'s batches, collated ahead of time."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].encoded))
+        size = self.batch_size
+        chunks = [order[i : i + size] for i in range(0, len(order), size)]
+        return size, [(c, self.collate([prompts[j] for j in c])) for c in chunks]
+
     @torch.inference_mode()
-    def forward(self, prompts: list[Any], to_cpu: bool = True) -> list[tuple[torch.Tensor, Any, Any]]:
+    def forward(self, prompts: list[Any], to_cpu: bool = True, batch: dict | None = None) -> list[tuple[torch.Tensor, Any, Any]]:
         """States (T_span, L, D) bf16 (on CPU unless ``to_cpu`` is False) and optional top-k
-        (values, indices) per prompt."""
+        (values, indices) per prompt. ``batch``: the prompts already collated."""
         lengths = [len(p.encoded) for p in prompts]
         starts = [p.span_start for p in prompts]
         width = max(n - s for n, s in zip(lengths, starts, strict=True))
-        batch = self.loaded.family.collate([p.encoded for p in prompts], self.loaded.processor, "right")
-        batch = to_device(batch, self.loaded.device, self.dtype)
+        batch = to_device(self.collate(prompts) if batch is None else batch, self.loaded.device, self.dtype)
         pos, _ = span_positions(lengths, starts, width, self.loaded.device)
         extra = {"logits_to_keep": 1} if self.keep_logits else {}
         with self.capture:
@@ -223,8 +252,19 @@ class TeacherRunner:
             results.append((states[b, : n - s] if to_cpu else states[b, : n - s].clone(), *k))
         return results
 
-    def run_sorted(self, prompts: list[Any]) -> list[tuple[torch.Tensor, Any, Any]]:
-        """Batches of similar length; halve the batch on CUDA out-of-memory (``--batch-size 0``)."""
+    def run_sorted(self, prompts: list[Any], collated: tuple | None = None) -> list[tuple[torch.Tensor, Any, Any]]:
+        """Batches of similar length; halve the batch on CUDA out-of-memory (``--batch-size 0``).
+        ``collated``: ``collate_sorted(prompts)``, used while the batch size is the one it was made for."""
+        if collated is not None and collated[0] == self.batch_size:
+            try:
+                done = {j: r for chunk, batch in collated[1]
+                        for j, r in zip(chunk, self.forward([prompts[j] for j in chunk], batch=batch), strict=True)}
+                return [done[j] for j in range(len(prompts))]
+            except torch.cuda.OutOfMemoryError:
+                if self.config.batch_size or self.batch_size == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self.batch_size //= 2
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].encoded))
         results: dict[int, Any] = {}
         i = 0
@@ -301,6 +341,26 @@ def shard_prompts(task: Any, loaded: Loaded, plan: list[Planned], store: Any, pe
         yield shard, [plan[i] for i in rows], [next(prompts) for _ in rows]
 
 
+def collate_ahead(runner: TeacherRunner, shards: Any):
+    """Yield (shard, items, prompts, collated) with each shard's batches collated on a thread while
+    the device runs the previous shard (collating an Idefics2 8-shot batch of 8 takes ~0.5 s of CPU)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool, previous = None, None
+    try:
+        for shard, items, prompts in shards:
+            pool = pool or ThreadPoolExecutor(1, thread_name_prefix="teacher-collate")  # after workers fork
+            future = pool.submit(runner.collate_sorted, prompts)
+            if previous is not None:
+                yield *previous[:3], previous[3].result()
+            previous = (shard, items, prompts, future)
+        if previous is not None:
+            yield *previous[:3], previous[3].result()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 def check_alignment_ids(teacher_ids: list[int], student_ids: list[int], query_id: Any) -> None:
     raise UserError(
         f"query {query_id}: the teacher's query+answer tokens differ from the student's "
@@ -317,7 +377,8 @@ def run(config: TeacherCacheConfig, loaded: Loaded | None = None, show_progress:
     task = load_task(config.task, **({"data_root": config.data_root} if config.data_root else {}))
     if loaded is None:
         loaded = load_for_stage(config.model, config.device, config.dtype, config.revision, config.trust_remote_code)
-    plan = plan_queries(task, loaded, shots, config.n_queries, config.seed)
+    workers = config.num_workers if config.num_workers is not None else (4 if loaded.device.type == "cuda" else 0)
+    plan = plan_queries(task, loaded, shots, config.n_queries, config.seed, workers)
     geometry = loaded.geometry
     layout = StoreLayout(
         n_samples=len(plan), t_max=max(len(p.span_ids) for p in plan), n_layers=geometry.num_layers,
@@ -331,8 +392,9 @@ def run(config: TeacherCacheConfig, loaded: Loaded | None = None, show_progress:
     total = sum(len(store.shard_samples(s)) for s in pending)
     progress = Progress(total, f"teacher-cache {task.name} ({shots}-shot)", enabled=show_progress and rank == 0)
     with ShardWriter(store) as writer:
-        for shard, items, prompts in shard_prompts(task, loaded, plan, store, pending, limit, config.num_workers):
-            outputs = runner.run_sorted(prompts)
+        shards = shard_prompts(task, loaded, plan, store, pending, limit, workers)
+        for shard, items, prompts, collated in collate_ahead(runner, shards):
+            outputs = runner.run_sorted(prompts, collated)
             records = [
                 SampleRecord(hs=hs, token_ids=p.span_ids, icd_ids=p.demo_indices, query_id=p.query_index,
                              topk_values=tv, topk_indices=ti)

@@ -152,7 +152,10 @@ class Trainer:
                     continue
                 batches = iter(self.loader([m for g in todo for m in g]))
                 for group in todo:
-                    row = self.step([next(batches) for _ in group], epoch, opt, sched, params)
+                    waited = time.perf_counter()
+                    micro_batches = [next(batches) for _ in group]  # the device waits for these
+                    self.stats["data_s"] += time.perf_counter() - waited
+                    row = self.step(micro_batches, epoch, opt, sched, params)
                     step += 1
                     row.update(step=step, epoch=epoch, samples_per_s=self.stats["samples"] / (time.perf_counter() - start))
                     if not math.isfinite(row["loss"]):

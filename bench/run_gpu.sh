@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU calls behind docs/benchmarks.md, run from the repository root on the device machine:
+#   bash bench/run_gpu.sh check     # machine, imports, tiny smoke tests of every bench on the GPU
+#   bash bench/run_gpu.sh log_z2    # bench/log_z2.py
+#   bash bench/run_gpu.sh attention # bench/attention.py
+#   bash bench/run_gpu.sh profile   # bench/profile_mimic.py (host vs device time of MimIC)
+#   bash bench/run_gpu.sh idefics2  # bench/suite.py, Idefics2-8B shape, 8-shot
+#   bash bench/run_gpu.sh idefics1  # bench/suite.py, Idefics-9B shape, 32-shot
+# Wheels for zarr & co. travel in .whl/ (see docs/benchmarks.md); logs go to $OUT (default results/).
+set -o pipefail
+OUT=${OUT:-results}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+cd bench || exit 1
+case "$1" in
+  check)
+    nvidia-smi | tee "$OUT/nvidia-smi.txt"
+    nproc; df -h /dev/shm /tmp; free -g
+    python3 -c "import torch, transformers, zarr, numcodecs, google_crc32c, crc32c, triton; print(torch.__version__, transformers.__version__, zarr.__version__, numcodecs.__version__, triton.__version__, torch.cuda.get_device_name())" || exit 1
+    python3 suite.py --model idefics2-8b --tiny --n 8 --batch 2 --steps 3 --workers 2 --queries 2 --out /tmp/tiny2 2>&1 | tee "$OUT/tiny2.log" | grep -E "FAILED|Error|^\[" | head -60
+    python3 suite.py --model idefics-9b --tiny --shots 8 --icl-shots 8 --n 8 --batch 2 --steps 3 --workers 2 --queries 2 --out /tmp/tiny1 2>&1 | tee "$OUT/tiny1.log" | grep -E "FAILED|Error" | head -40
+    ;;
+  log_z2)
+    python3 log_z2.py --out "$OUT/log_z2.json" 2>&1 | tee "$OUT/log_z2.log" | grep -E "FAIL|Error|checks|^\|"
+    ;;
+  profile)
+    python3 profile_mimic.py --model "${MODEL:-idefics2-8b}" --out "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log" | grep -E "FAIL|Error|^\|"
+    ;;
+  attention)
+    python3 attention.py --out "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | grep -E "FAIL|Error|^\|"
+    ;;
+  idefics2)
+    python3 suite.py --model idefics2-8b --shots 8 --icl-shots 8 32 --n "${N:-96}" --batch 8 --steps "${STEPS:-12}" \
+      --workers "${WORKERS:-8}" --sections "${SECTIONS:-stage1,stage2,overhead,infer,store}" --out "$OUT/idefics2" \
+      --work /tmp/bench-idefics2 2>&1 | tee "$OUT/idefics2.log" | grep -E "FAILED|Error|^\[|^\|"
+    ;;
+  idefics1)
+    python3 suite.py --model idefics-9b --shots 32 --icl-shots 8 32 --n "${N:-96}" --batch 8 --steps "${STEPS:-12}" \
+      --workers "${WORKERS:-8}" --sections "${SECTIONS:-stage1,stage2,overhead,infer,store}" --out "$OUT/idefics1" \
+      --work /tmp/bench-idefics1 2>&1 | tee "$OUT/idefics1.log" | grep -E "FAILED|Error|^\[|^\|"
+    ;;
+  *) echo "usage: bash bench/run_gpu.sh check|log_z2|attention|idefics2|idefics1"; exit 2 ;;
+esac

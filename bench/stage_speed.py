@@ -1,0 +1,272 @@
+"""Stage 1 (teacher-cache, store written) vs a plain transformers forward of the same batches, and
+stage 2 offline (from the store) vs --online (teacher every step). Used by bench/suite.py.
+
+Stage 1: ``stages.teacher_cache.run`` on an in-process model, wall-clock end to end (planning, prompt
+building in ``num_workers`` processes, forwards, capture, device-to-host copy, compression and
+writes of the store, final validation); its forwards are timed by wrapping ``TeacherRunner.run_sorted``
+and the prompts it saw are kept. The stock forward then runs the same batches (same order, same
+batch size, collated beforehand; host-to-device copy included) with attention routed to stock sdpa:
+once with every logit (a plain ``model(**batch)``) and once with ``logits_to_keep=1``.
+Stage 2: ``stages.train_student.run`` twice (offline, online) with the same model, batch and steps;
+per-step wall times come from wrapping ``Trainer.step`` and the waits for the DataLoader from wrapping
+``Trainer.loader`` (the Trainer's own ``data_s`` is never incremented).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from harness import Report, counted_flops, forward_flops, set_attention, sync
+
+
+class Timers(dict):
+    def add(self, key: str, seconds: float) -> None:
+        self[key] = self.get(key, 0.0) + seconds
+
+
+def _wrap(owner: Any, name: str, timers: Timers, key: str, keep: list | None = None, arg: int = 1):
+    original = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = original(*args, **kwargs)
+        sync()
+        timers.add(key, time.perf_counter() - t0)
+        if keep is not None:
+            keep.append(args[arg])
+        return out
+
+    setattr(owner, name, wrapped)
+    return lambda: setattr(owner, name, original)
+
+
+def _timed_generator(module: Any, name: str, timers: Timers, key: str):
+    original = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        it = original(*args, **kwargs)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            finally:
+                timers.add(key, time.perf_counter() - t0)
+            yield item
+
+    setattr(module, name, wrapped)
+    return lambda: setattr(module, name, original)
+
+
+def _model_timer(model: Any, timers: Timers):
+    """Synchronised wall time of every model forward (hooks on the top module)."""
+    start = {}
+
+    def pre(_m, _args, _kwargs):
+        sync()
+        start["t"] = time.perf_counter()
+
+    def post(_m, _args, _kwargs, _out):
+        sync()
+        timers.add("model_forward_s", time.perf_counter() - start["t"])
+
+    handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
+               model.register_forward_hook(post, with_kwargs=True)]
+    return lambda: [h.remove() for h in handles]
+
+
+def teacher_cache_run(loaded, alias: str, shots: int, n: int, batch: int, workers: int, out: Path) -> dict:
+    """Stage 1 end to end, with a breakdown: planning, waiting for prompts (DataLoader), the whole
+    run_sorted (collate, host-to-device, forward, capture, device-to-host), the model forward alone,
+    collate, waiting to submit a shard to the writer, and the writer thread's write_shard."""
+    import pipeline.store as store_mod
+    import stages.teacher_cache as tc
+
+    timers, prompts = Timers(), []
+    undo = [_wrap(tc.TeacherRunner, "run_sorted", timers, "forward_s", prompts),
+            _wrap(tc, "plan_queries", timers, "plan_s"),
+            _wrap(tc, "to_device", timers, "to_device_s"),
+            _wrap(store_mod.ShardWriter, "submit", timers, "submit_wait_s"),
+            _wrap(store_mod.TeacherStore, "write_shard", timers, "writer_thread_write_s"),
+            _timed_generator(tc, "shard_prompts", timers, "prompt_wait_s"),
+            _model_timer(loaded.model, timers)]
+    family = loaded.family
+    original_collate = family.collate
+
+    def collate(*args, **kwargs):
+        t0 = time.perf_counter()
+        out_ = original_collate(*args, **kwargs)
+        timers.add("collate_s", time.perf_counter() - t0)
+        return out_
+
+    object.__setattr__(family, "collate", collate)
+    undo.append(lambda: object.__delattr__(family, "collate"))
+    cfg = tc.TeacherCacheConfig(task="shapes_vqa", model=alias, out=str(out), shots=shots, n_queries=n,
+                                batch_size=batch, num_workers=workers, overwrite=True, device=str(loaded.device))
+    try:
+        t0 = time.perf_counter()
+        tc.run(cfg, loaded=loaded, show_progress=False)
+        wall = time.perf_counter() - t0
+    finally:
+        for u in undo:
+            u()
+    return {"wall_s": wall, **timers, "prompts": prompts}
+
+
+def stock_batches(loaded, shard_prompts: list[list[Any]], batch: int) -> list[tuple[dict, int, int]]:
+    """(CPU batch, real text tokens, images) in run_sorted's order and sizes."""
+    out = []
+    for prompts in shard_prompts:
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].encoded))
+        for i in range(0, len(order), batch):
+            chunk = [prompts[j].encoded for j in order[i : i + batch]]
+            coll = loaded.family.collate(chunk, loaded.processor, "right")
+            out.append((coll, sum(len(e) for e in chunk), sum(len(e.images) for e in chunk)))
+    return out
+
+
+def stock_forward(loaded, batches, keep_last: bool) -> float:
+    from stages.teacher_cache import to_device
+
+    dtype = next(loaded.model.parameters()).dtype
+    extra = {"logits_to_keep": 1} if keep_last else {}
+    sync()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for coll, _, _ in batches:
+            loaded.model(**to_device(coll, loaded.device, dtype), use_cache=False, **extra)
+    sync()
+    return time.perf_counter() - t0
+
+
+def stage1(report: Report, loaded, alias: str, shots: int, n: int, batch: int, workers: int, work: Path,
+           peak_tflops: float) -> dict:
+    """Teacher-cache with store vs stock forward; returns the store path and per-sample numbers."""
+    warm = teacher_cache_run(loaded, alias, shots, min(n, 2 * batch), batch, workers, work / "warm.zarr")
+    del warm
+    run = teacher_cache_run(loaded, alias, shots, n, batch, workers, work / "stage1.zarr")
+    batches = stock_batches(loaded, run.pop("prompts"), batch)
+    tokens = sum(b[1] for b in batches)
+    images = sum(b[2] for b in batches)
+    set_attention(loaded.model, "sdpa")
+    try:
+        stock_forward(loaded, batches[:1], False)  # warm-up of the stock routing
+        stock_full = stock_forward(loaded, batches, keep_last=False)
+        stock_keep1 = stock_forward(loaded, batches, keep_last=True)
+        from stages.teacher_cache import to_device
+
+        first = to_device(batches[0][0], loaded.device, next(loaded.model.parameters()).dtype)
+        with torch.inference_mode():
+            counted = counted_flops(lambda: loaded.model(**first, use_cache=False, logits_to_keep=1))
+    finally:
+        set_attention(loaded.model, "mimic")
+    n_batches = len(batches)
+    flops_keep1 = forward_flops(loaded.model, tokens, images, n)
+    flops_full = forward_flops(loaded.model, tokens, images, tokens)
+    rule_first = forward_flops(loaded.model, batches[0][1], batches[0][2], len(batches[0][0]["input_ids"]))
+    report.extra["stage1"] = {"n": n, "batch": batch, "batches": n_batches, "text_tokens": tokens, "images": images,
+                              "tokens_per_sample": tokens / n, "timers": {k: v for k, v in run.items()},
+                              "flops_rule_keep1": flops_keep1, "counted_flops_first_batch": counted,
+                              "rule_flops_first_batch": rule_first["total"]}
+    report.add("stock forward (all logits) samples/s", n / stock_full, "samples/s")
+    report.add("stock forward (logits_to_keep=1) samples/s", n / stock_keep1, "samples/s",
+               ref="stock forward (all logits) samples/s")
+    report.add("teacher-cache + store samples/s (end to end)", n / run["wall_s"], "samples/s",
+               ref="stock forward (all logits) samples/s")
+    loop = run["wall_s"] - run.get("plan_s", 0.0)
+    report.add("teacher-cache + store samples/s (without planning)", n / loop, "samples/s",
+               ref="stock forward (all logits) samples/s")
+    report.add("teacher-cache forwards only samples/s", n / run["forward_s"], "samples/s",
+               ref="stock forward (logits_to_keep=1) samples/s")
+    report.add("stock forward (all logits) tokens/s", tokens / stock_full, "tokens/s")
+    report.add("teacher-cache + store tokens/s (end to end)", tokens / run["wall_s"], "tokens/s",
+               ref="stock forward (all logits) tokens/s")
+    report.add("matmul bf16 8192^3", peak_tflops, "TFLOP/s")
+    report.add("MFU stock forward (all logits)", flops_full["total"] / stock_full / 1e12, "TFLOP/s",
+               ref="matmul bf16 8192^3")
+    report.add("MFU teacher-cache end to end", flops_keep1["total"] / run["wall_s"] / 1e12, "TFLOP/s",
+               ref="matmul bf16 8192^3")
+    report.add("FLOP rule / FlopCounter (first batch)", rule_first["total"] / max(counted, 1.0), "ratio")
+    return {"store": work / "stage1.zarr", "samples_per_s": n / run["wall_s"], "n": n,
+            "tokens_per_sample": tokens / n}
+
+
+# ---- stage 2 -------------------------------------------------------------------------------------
+class _TimedIter:
+    def __init__(self, it, timers: Timers):
+        self.it, self.timers = it, timers
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        try:
+            return next(self.it)
+        finally:
+            self.timers.add("data_wait_s", time.perf_counter() - t0)
+
+
+def train_run(loaded, config, steps_out: list) -> tuple[dict, Timers]:
+    import stages.trainer as tr
+    from stages.train_student import run
+    from stages.training import StudentData
+
+    timers = Timers()
+    original_loader, original_step = tr.Trainer.loader, tr.Trainer.step
+
+    def loader(self, micro):
+        return _TimedIter(iter(original_loader(self, micro)), timers)
+
+    def step(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = original_step(self, *args, **kwargs)
+        steps_out.append(time.perf_counter() - t0)  # ends with float(grad_norm): synchronised
+        return out
+
+    tr.Trainer.loader, tr.Trainer.step = loader, step
+    undo = _wrap(StudentData, "teacher_prompts", timers, "teacher_prompts_s")
+    try:
+        run_dir = run(config, loaded=loaded, show_progress=False)
+    finally:
+        tr.Trainer.loader, tr.Trainer.step = original_loader, original_step
+        undo()
+    return json.loads((Path(run_dir) / "summary.json").read_text()), timers
+
+
+def stage2(report: Report, loaded, alias: str, shots: int, store: Path, n: int, batch: int, steps: int,
+           workers: int, work: Path) -> dict:
+    from stages.train_student import TrainConfig
+
+    common = dict(model=alias, batch_size=batch, grad_accum=1, num_workers=workers, runs_dir=str(work / "runs"),
+                  overwrite=True, checkpoint_every=10**6, device=str(loaded.device))
+    results = {}
+    for mode in ("offline", "online"):
+        mode_args = ({"cache": str(store)} if mode == "offline"
+                     else {"online": True, "task": "shapes_vqa", "shots": shots, "n_queries": n, "layer_target": "mlp"})
+        train_run(loaded, TrainConfig(**common, **mode_args, max_steps=2, name=f"warm-{mode}"), [])
+        steps_s: list[float] = []
+        summary, timers = train_run(loaded, TrainConfig(**common, **mode_args, max_steps=steps, name=mode), steps_s)
+        steady = statistics.median(steps_s[2:] if len(steps_s) > 4 else steps_s)
+        results[mode] = {"summary": summary, "timers": dict(timers), "step_s": steps_s, "steady_step_s": steady}
+    report.extra["stage2"] = results
+    off, on = results["offline"], results["online"]
+    report.add("online samples/s (end to end)", on["summary"]["samples_per_s"], "samples/s")
+    report.add("offline samples/s (end to end)", off["summary"]["samples_per_s"], "samples/s",
+               ref="online samples/s (end to end)")
+    report.add("online samples/s (steady, median step)", batch / on["steady_step_s"], "samples/s")
+    report.add("offline samples/s (steady, median step)", batch / off["steady_step_s"], "samples/s",
+               ref="online samples/s (steady, median step)")
+    for mode, r in results.items():
+        elapsed = r["summary"]["elapsed_s"]
+        report.add(f"{mode} share of time waiting for data", r["timers"].get("data_wait_s", 0.0) / elapsed, "fraction")
+        report.add(f"{mode} share of time in steps (compute)", sum(r["step_s"]) / elapsed, "fraction")
+    report.add("online share of time building teacher prompts (CPU)",
+               on["timers"].get("teacher_prompts_s", 0.0) / on["summary"]["elapsed_s"], "fraction")
+    return {"offline_samples_per_s": batch / off["steady_step_s"]}
