@@ -137,11 +137,3 @@ def config_to_dict(config: Any) -> dict[str, Any]:
         return v
 
     return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
-
-
-def help_of(cls: type, name: str) -> str:
-    """The help text of a config field (used by the CLI so the dataclass is the single source)."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f.metadata.get("help", "")
-    raise KeyError(name)

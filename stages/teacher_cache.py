@@ -22,7 +22,8 @@ import torch
 from pipeline import __version__
 from pipeline.capture import LAYER_TARGETS, StateCapture, span_positions
 from pipeline.config import UserError, opt
-from pipeline.prompts import build_prompt
+from pipeline.families import Encoded
+from pipeline.prompts import Prompt, build_prompt, check_alignment
 from pipeline.store import (
     VOLATILE_ATTRS,
     SampleRecord,
@@ -73,11 +74,13 @@ class TeacherCacheConfig:
 
 @dataclass
 class Planned:
-    """One training query: its index in the train split, its demonstrations, its student span ids."""
+    """One training query: its index in the train split, its demonstrations, its student span ids
+    and where the answer starts within them."""
 
     query_index: int
     demo_indices: list[int]
     span_ids: list[int]
+    answer_offset: int
 
 
 class PlanData(torch.utils.data.Dataset):
@@ -94,7 +97,8 @@ class PlanData(torch.utils.data.Dataset):
         query = task.split("train")[i]
         demos = sample_demonstrations(task.split("support"), query, self.shots, self.seed) if self.shots else []
         student = build_prompt(loaded.family, loaded.processor, task.spec, query, [], [], task.demo_answer(query))
-        return Planned(i, list(demos), student.encoded.input_ids[student.span_start :])
+        return Planned(i, list(demos), student.encoded.input_ids[student.span_start :],
+                       student.answer_start - student.span_start)
 
 
 def plan_queries(task: Any, loaded: Loaded, shots: int, n_queries: int, seed: int,
@@ -293,8 +297,10 @@ def teacher_prompts(task: Any, loaded: Loaded, plan: list[Planned], limit: int |
             loaded.family, loaded.processor, task.spec, query, demos,
             [task.demo_answer(d) for d in demos], task.demo_answer(query),
         )
-        if prompt.encoded.input_ids[prompt.span_start :] != p.span_ids:
-            check_alignment_ids(prompt.encoded.input_ids[prompt.span_start :], p.span_ids, query.id)
+        try:  # the student side, as planned: its span ids from position 0
+            check_alignment(prompt, Prompt(Encoded(p.span_ids), 0, p.answer_offset), query.id)
+        except ValueError as err:
+            raise UserError(str(err)) from err
         if limit is not None and len(prompt.encoded) > limit:
             raise UserError(
                 f"query {query.id} (sample {p.query_index}): the {len(p.demo_indices)}-shot teacher prompt has "
@@ -359,14 +365,6 @@ def collate_ahead(runner: TeacherRunner, shards: Any):
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-
-
-def check_alignment_ids(teacher_ids: list[int], student_ids: list[int], query_id: Any) -> None:
-    raise UserError(
-        f"query {query_id}: the teacher's query+answer tokens differ from the student's "
-        f"({len(teacher_ids)} vs {len(student_ids)} tokens); the tokenizer merges across the demonstration "
-        "boundary — change the task's prompt template so each segment starts a new token"
-    )
 
 
 def run(config: TeacherCacheConfig, loaded: Loaded | None = None, show_progress: bool = True) -> Path:
