@@ -7,10 +7,13 @@ are identical; ``check_alignment`` fails loudly when they are not. Both start wi
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .families.base import Encoded, Family, Segment, tokenizer_of
 from .tasks.base import Example, TaskSpec
@@ -50,6 +53,91 @@ def demo_text(spec: TaskSpec, family: Family, example: Example, answer: str) -> 
     return spec.prompt.format(question=example.question) + spec.answer.format(answer=answer) + family.round_separator
 
 
+DEMO_CACHE_BYTES = 512 * 2**20
+"""Default bound of one ``DemoCache``'s tensors: ~300 Idefics2 images (1.7 MB of pixels each)."""
+DEMO_CACHE_ENTRIES = 4096
+"""Default bound of one ``DemoCache``'s entries (text-only rounds hold almost no bytes)."""
+
+
+def copy_encoded(encoded: Encoded) -> Encoded:
+    """An ``Encoded`` that shares no list, dict or tensor storage with ``encoded``."""
+    images = [{k: v.clone() if torch.is_tensor(v) else v for k, v in image.items()} for image in encoded.images]
+    return Encoded(list(encoded.input_ids), images)
+
+
+def encoded_bytes(encoded: Encoded) -> int:
+    """Bytes held by the tensors and ids of an encoding (ids counted as Python ints, ~8 bytes)."""
+    tensors = sum(v.nbytes for image in encoded.images for v in image.values() if torch.is_tensor(v))
+    return tensors + 8 * len(encoded.input_ids)
+
+
+def _image_key(image: Any) -> Any:
+    """What identifies an example's image besides its id: the path, or an in-memory image's size and mode."""
+    if image is None or isinstance(image, (str, Path)):
+        return None if image is None else str(image)
+    return (type(image).__name__, getattr(image, "size", None), getattr(image, "mode", None))
+
+
+class DemoCache:
+    """Encodings of demonstration rounds (image processing + tokenisation) reused across prompts.
+
+    A support example drawn by many queries is processed once (500 support images and 8 shots x 320
+    queries: 2560 encodings of 500 rounds). Least recently used entries leave first once the tensors
+    exceed ``max_bytes`` or the entries ``max_entries``; a round larger than ``max_bytes`` is not kept.
+    Keys: the example id (unique within a task), the round's full text and the image's path. The
+    cache serves one family and processor: called with another, it empties itself first.
+
+    Entries and results share no memory: a hit returns copies (~1% of an Idefics2 image's processing
+    time), so neither concatenation nor an in-place edit of a prompt can change a later prompt, and a
+    prompt sent from a DataLoader worker moves fresh storage (not the cached one) to shared memory.
+    One cache per process: DataLoader workers each fill their own (a pickled cache arrives empty).
+    """
+
+    def __init__(self, max_bytes: int = DEMO_CACHE_BYTES, max_entries: int = DEMO_CACHE_ENTRIES):
+        if max_bytes < 0 or max_entries < 0:
+            raise ValueError(f"DemoCache bounds must be >= 0, got max_bytes={max_bytes}, max_entries={max_entries}")
+        self.max_bytes, self.max_entries = max_bytes, max_entries
+        self.entries: OrderedDict[tuple, tuple[Encoded, int]] = OrderedDict()
+        self.bytes = self.hits = self.misses = 0
+        self._owner: tuple[Family, Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getstate__(self) -> dict:
+        # pickled (a spawned DataLoader worker): arrive empty instead of copying up to max_bytes
+        return {"max_bytes": self.max_bytes, "max_entries": self.max_entries}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_bytes"], state["max_entries"])
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+    def encode(self, family: Family, processor: Any, demo: Example, text: str) -> Encoded:
+        """``family.encode`` of the round ``text`` with ``demo``'s image, from the cache when present."""
+        if self._owner is None or self._owner[0] is not family or self._owner[1] is not processor:
+            self.clear()
+            self._owner = (family, processor)
+        key = (str(demo.id), text, _image_key(demo.image))
+        found = self.entries.get(key)
+        if found is not None:
+            self.entries.move_to_end(key)
+            self.hits += 1
+            return copy_encoded(found[0])
+        self.misses += 1
+        encoded = family.encode(processor, Segment(text, load_image(demo.image)))
+        size = encoded_bytes(encoded)
+        if size <= self.max_bytes and self.max_entries > 0:
+            self.entries[key] = (copy_encoded(encoded), size)  # compact copies: a view may hold a larger buffer
+            self.bytes += size
+            while self.bytes > self.max_bytes or len(self.entries) > self.max_entries:
+                _, (_, dropped) = self.entries.popitem(last=False)
+                self.bytes -= dropped
+        return encoded
+
+
 def build_prompt(
     family: Family,
     processor: Any,
@@ -58,20 +146,23 @@ def build_prompt(
     demos: Sequence[Example],
     demo_answers: Sequence[str],
     answer: str | None,
+    demo_cache: DemoCache | None = None,
 ) -> Prompt:
     """BOS + one segment per demonstration + one query segment (prompt, then answer + separator if given).
 
     The query + answer text is one segment, so teacher and student share its ids exactly.
     ``answer_start`` is found by tokenising the prompt alone and checking it is a prefix of prompt +
-    answer; a tokenizer that merges across that boundary raises ValueError.
+    answer; a tokenizer that merges across that boundary raises ValueError. ``demo_cache``: reuse the
+    demonstrations' encodings across calls (the prompt is the same with or without it).
     """
     if len(demos) != len(demo_answers):
         raise ValueError(f"query {query.id}: got {len(demos)} demonstrations but {len(demo_answers)} answers")
     family.check_processor(processor)
     encoded = family.bos(processor)
     for demo, demo_answer in zip(demos, demo_answers, strict=True):
-        encoded = encoded + family.encode(processor, Segment(demo_text(spec, family, demo, demo_answer),
-                                                             load_image(demo.image)))
+        text = demo_text(spec, family, demo, demo_answer)
+        encoded = encoded + (demo_cache.encode(family, processor, demo, text) if demo_cache is not None
+                             else family.encode(processor, Segment(text, load_image(demo.image))))
     span_start = len(encoded)
     image = load_image(query.image)
     prompt_text = spec.prompt.format(question=query.question)

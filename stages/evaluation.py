@@ -26,7 +26,7 @@ from pipeline.config import UserError, config_to_dict
 from pipeline.families.base import pad_token_id, tokenizer_of
 from pipeline.metrics import JavaNotFoundError, score
 from pipeline.plots import plot_layer_distances
-from pipeline.prompts import Prompt, build_prompt
+from pipeline.prompts import DemoCache, Prompt, build_prompt
 from pipeline.store import open_store
 from pipeline.students import load_student_dir
 from pipeline.tasks.sampling import sample_demonstrations
@@ -61,11 +61,12 @@ class Query:
 def build_queries(task: Any, loaded: Loaded, examples: Sequence[Any], shots: int, seed: int) -> list[Query]:
     """Generation prompts: BOS + ``shots`` demonstrations (stage 1's sampler and seed) + the query."""
     support = task.split("support") if shots else []
+    demo_cache = DemoCache()
     queries = []
     for example in examples:
         demos = [support[j] for j in sample_demonstrations(support, example, shots, seed)] if shots else []
         prompt = build_prompt(loaded.family, loaded.processor, task.spec, example, demos,
-                              [task.demo_answer(d) for d in demos], None)
+                              [task.demo_answer(d) for d in demos], None, demo_cache)
         queries.append(Query(example, prompt, [str(d.id) for d in demos]))
     return queries
 

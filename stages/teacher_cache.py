@@ -23,7 +23,7 @@ from pipeline import __version__
 from pipeline.capture import LAYER_TARGETS, StateCapture, span_positions
 from pipeline.config import UserError, opt
 from pipeline.families import Encoded
-from pipeline.prompts import Prompt, build_prompt, check_alignment
+from pipeline.prompts import DemoCache, Prompt, build_prompt, check_alignment
 from pipeline.store import (
     VOLATILE_ATTRS,
     SampleRecord,
@@ -286,8 +286,10 @@ class TeacherRunner:
         return [results[j] for j in range(len(prompts))]
 
 
-def teacher_prompts(task: Any, loaded: Loaded, plan: list[Planned], limit: int | None) -> list[Any]:
-    """Build and check the teacher prompts of some planned samples."""
+def teacher_prompts(task: Any, loaded: Loaded, plan: list[Planned], limit: int | None,
+                    demo_cache: DemoCache | None = None) -> list[Any]:
+    """Build and check the teacher prompts of some planned samples (demonstrations through
+    ``demo_cache`` when given)."""
     queries, support = task.split("train"), task.split("support")
     prompts = []
     for p in plan:
@@ -295,7 +297,7 @@ def teacher_prompts(task: Any, loaded: Loaded, plan: list[Planned], limit: int |
         demos = [support[j] for j in p.demo_indices]
         prompt = build_prompt(
             loaded.family, loaded.processor, task.spec, query, demos,
-            [task.demo_answer(d) for d in demos], task.demo_answer(query),
+            [task.demo_answer(d) for d in demos], task.demo_answer(query), demo_cache,
         )
         try:  # the student side, as planned: its span ids from position 0
             check_alignment(prompt, Prompt(Encoded(p.span_ids), 0, p.answer_offset), query.id)
@@ -312,16 +314,18 @@ def teacher_prompts(task: Any, loaded: Loaded, plan: list[Planned], limit: int |
 
 class TeacherPromptData(torch.utils.data.Dataset):
     """Teacher prompts of planned samples, built in DataLoader workers while the device runs earlier
-    batches (image processing and tokenisation: ~75 ms of one CPU core per Idefics2 8-shot prompt)."""
+    batches (image processing and tokenisation: ~75 ms of one CPU core per Idefics2 8-shot prompt).
+    Each worker reuses demonstration encodings through its own copy of ``demo_cache`` (empty at fork)."""
 
     def __init__(self, task: Any, loaded: Loaded, plan: list[Planned], limit: int | None):
         self.task, self.loaded, self.plan, self.limit = task, loaded, plan, limit
+        self.demo_cache = DemoCache()
 
     def __len__(self) -> int:
         return len(self.plan)
 
     def __getitem__(self, i: int) -> Any:
-        return teacher_prompts(self.task, self.loaded, [self.plan[i]], self.limit)[0]
+        return teacher_prompts(self.task, self.loaded, [self.plan[i]], self.limit, self.demo_cache)[0]
 
 
 def _keep(item: Any) -> Any:
@@ -333,9 +337,10 @@ def shard_prompts(task: Any, loaded: Loaded, plan: list[Planned], store: Any, pe
     """Yield (shard, planned items, teacher prompts) for each pending shard, in order; with
     ``num_workers`` > 0 the prompts are built that many processes ahead of the consumer."""
     if num_workers <= 0:
+        demo_cache = DemoCache()
         for shard in pending:
             items = [plan[i] for i in store.shard_samples(shard)]
-            yield shard, items, teacher_prompts(task, loaded, items, limit)
+            yield shard, items, teacher_prompts(task, loaded, items, limit, demo_cache)
         return
     order = [i for shard in pending for i in store.shard_samples(shard)]
     loader = torch.utils.data.DataLoader(TeacherPromptData(task, loaded, plan, limit), sampler=order,

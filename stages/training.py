@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import UserError
-from pipeline.prompts import build_prompt
+from pipeline.prompts import DemoCache, build_prompt
 from pipeline.store import open_store
 from pipeline.tasks.sampling import sample_demonstrations
 from stages.common import Loaded
@@ -40,6 +40,7 @@ class StudentData(torch.utils.data.Dataset):
         self.store_path = store_path
         self._store = None
         self.online = config.online
+        self.demo_cache = DemoCache() if config.online else None  # teacher prompts are built in the main process
         if store_path:
             store = open_store(store_path)
             self.query_index = [int(q) for q in store.read_array("query_ids")]
@@ -86,7 +87,8 @@ class StudentData(torch.utils.data.Dataset):
             demo_ids = self.demos[it.index] if epoch == 0 or not self.config.resample_demos else self.sample_demos(it.index, epoch)
             demos = [support[j] for j in demo_ids]
             prompts.append(build_prompt(self.family, self.processor, self.task.spec, query, demos,
-                                        [self.task.demo_answer(d) for d in demos], self.task.demo_answer(query)))
+                                        [self.task.demo_answer(d) for d in demos], self.task.demo_answer(query),
+                                        self.demo_cache))
         return prompts
 
 

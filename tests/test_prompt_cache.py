@@ -1,0 +1,182 @@
+"""Demonstration encodings reused across prompts (``DemoCache``).
+
+A prompt built through the cache must equal the one built without it, token for token and tensor for
+tensor, and share no memory with the cache or with other prompts.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from conftest import tiny
+
+from pipeline.prompts import DemoCache, Prompt, build_prompt, copy_encoded, encoded_bytes
+from pipeline.tasks import load_task
+from pipeline.tasks.base import Example, TaskSpec
+from stages.common import wrap_model
+from stages.teacher_cache import (
+    TeacherPromptData,
+    plan_queries,
+    teacher_prompts,
+)
+
+SPEC = TaskSpec("vqa", "vqa", "vqa_accuracy", prompt="Question:{question} Short answer:")
+SIZES = [(56, 56), (84, 56), (56, 84)]
+# each query's demonstrations (indices into the support examples): 8 rounds of 3 distinct ones
+DRAWS = [[0, 1], [1, 2], [2, 0], [1, 0]]
+
+
+def _support(synthetic_image) -> list[Example]:
+    return [Example(f"s{i}", f"what is shape {i}?", (f"a{i}",), synthetic_image(i, SIZES[i])) for i in range(3)]
+
+
+def _queries(synthetic_image) -> list[Example]:
+    return [Example(f"q{i}", f"how many {i}?", (str(i),), synthetic_image(10 + i)) for i in range(len(DRAWS))]
+
+
+def _prompts(tf, support, queries, answer: bool, cache: DemoCache | None) -> list[Prompt]:
+    out = []
+    for query, draw in zip(queries, DRAWS, strict=True):
+        demos = [support[j] for j in draw]
+        out.append(build_prompt(tf.family, tf.processor, SPEC, query, demos, [d.answers[0] for d in demos],
+                                query.answers[0] if answer else None, cache))
+    return out
+
+
+def _snapshot(prompt: Prompt) -> tuple:
+    """A deep copy of everything a prompt holds."""
+    return list(prompt.input_ids), prompt.span_start, prompt.answer_start, copy_encoded(prompt.encoded).images
+
+
+def _assert_same(prompt: Prompt, reference: Prompt | tuple) -> None:
+    ids, span, answer, images = reference if isinstance(reference, tuple) else _snapshot(reference)
+    assert prompt.input_ids == ids
+    assert (prompt.span_start, prompt.answer_start) == (span, answer)
+    assert len(prompt.encoded.images) == len(images)
+    for got, want in zip(prompt.encoded.images, images, strict=True):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+
+
+def _keep(item):
+    return item
+
+
+def _storages(prompt: Prompt) -> set[int]:
+    return {v.untyped_storage().data_ptr() for image in prompt.encoded.images for v in image.values()}
+
+
+@pytest.mark.parametrize("name", ["idefics", "idefics2", "llava", "llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("answer", [True, False], ids=["forced", "generation"])
+def test_cached_prompts_equal_uncached(name, answer, synthetic_image):
+    tf = tiny(name)
+    support, queries = _support(synthetic_image), _queries(synthetic_image)
+    plain = _prompts(tf, support, queries, answer, None)
+    cache = DemoCache()
+    cached = _prompts(tf, support, queries, answer, cache)
+    rounds = sum(len(d) for d in DRAWS)
+    assert (cache.misses, cache.hits, len(cache)) == (3, rounds - 3, 3)
+    for got, want in zip(cached, plain, strict=True):
+        _assert_same(got, want)
+    # the model inputs too (Idefics1's image_attention_mask, padded crops, tiles)
+    got, want = (tf.family.collate([p.encoded for p in ps], tf.processor, "right") for ps in (cached, plain))
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("name", ["idefics", "idefics2", "llava"])
+def test_a_later_prompt_never_changes_an_earlier_one(name, synthetic_image):
+    tf = tiny(name)
+    support, queries = _support(synthetic_image), _queries(synthetic_image)
+    cache = DemoCache()
+    first = build_prompt(tf.family, tf.processor, SPEC, queries[0], support[:2], ["a0", "a1"], "0", cache)
+    before = _snapshot(first)
+    second = build_prompt(tf.family, tf.processor, SPEC, queries[1], support[:2], ["a0", "a1"], "1", cache)
+    assert cache.hits == 2
+    _assert_same(first, before)
+    assert not _storages(first) & _storages(second)  # no tensor is shared between prompts
+    # editing a prompt in place (ids, dicts, tensors) reaches neither the earlier prompt nor the cache
+    second.encoded.input_ids.append(-1)
+    for image in second.encoded.images:
+        for value in image.values():
+            value.fill_(False) if value.dtype == torch.bool else value.add_(1)
+        image["extra"] = torch.zeros(1)
+    _assert_same(first, before)
+    third = build_prompt(tf.family, tf.processor, SPEC, queries[0], support[:2], ["a0", "a1"], "0", cache)
+    assert cache.hits == 4
+    _assert_same(third, before)
+
+
+def test_keys_bounds_and_owner(synthetic_image):
+    tf = tiny("llava")
+    support = _support(synthetic_image)
+    text = "Question:x Short answer: a\n"
+    one = DemoCache()
+    one.encode(tf.family, tf.processor, support[0], text)
+    size = one.bytes
+    assert size == encoded_bytes(one.entries[next(iter(one.entries))][0]) > 0
+    one.encode(tf.family, tf.processor, support[0], text + "b")  # another answer: another round
+    assert (one.misses, one.hits) == (2, 0)
+
+    lru = DemoCache(max_entries=2)
+    for i in (0, 1, 0, 2):  # s1 is the least recently used when s2 arrives
+        lru.encode(tf.family, tf.processor, support[i], text)
+    assert [k[0] for k in lru.entries] == ["s0", "s2"] and (lru.misses, lru.hits) == (3, 1)
+    lru.encode(tf.family, tf.processor, support[1], text)
+    assert lru.misses == 4 and [k[0] for k in lru.entries] == ["s2", "s1"]
+
+    by_bytes = DemoCache(max_bytes=2 * size)
+    for i in range(3):
+        by_bytes.encode(tf.family, tf.processor, support[i], text)
+    assert len(by_bytes) == 2 and by_bytes.bytes == sum(s for _, s in by_bytes.entries.values()) <= 2 * size
+    too_small = DemoCache(max_bytes=size - 1)
+    too_small.encode(tf.family, tf.processor, support[0], text)
+    assert len(too_small) == 0 and too_small.bytes == 0
+
+    other = tiny("idefics2")  # another family and processor: the cache starts over
+    one.encode(other.family, other.processor, support[0], text)
+    assert len(one) == 1 and one.misses == 3
+    restored = pickle.loads(pickle.dumps(one))
+    assert len(restored) == 0 and restored.max_bytes == one.max_bytes and restored.hits == 0
+    with pytest.raises(ValueError, match="max_bytes=-1"):
+        DemoCache(max_bytes=-1)
+
+
+def test_image_path_is_part_of_the_key(tmp_path, synthetic_image):
+    tf = tiny("llava")
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"{i}.png")
+        synthetic_image(i).save(paths[-1])
+    cache = DemoCache()
+    a = cache.encode(tf.family, tf.processor, Example("s", "q", ("a",), str(paths[0])), "t")
+    b = cache.encode(tf.family, tf.processor, Example("s", "q", ("a",), str(paths[1])), "t")
+    assert cache.misses == 2 and not torch.equal(a.images[0]["pixel_values"], b.images[0]["pixel_values"])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_stage1_teacher_prompts_with_the_cache(num_workers):
+    """The stage's own builders: repeated demonstrations hit, prompts equal the uncached ones (also
+    from DataLoader workers, each with its own cache)."""
+    fam = tiny("idefics2")
+    loaded = wrap_model(fam.model, fam.processor, "tiny-idefics2")
+    task = load_task("shapes_vqa")
+    plan = plan_queries(task, loaded, shots=2, n_queries=6, seed=0)
+    for p, draw in zip(plan, DRAWS + DRAWS, strict=False):
+        p.demo_indices = list(draw)
+    plain = teacher_prompts(task, loaded, plan, None)
+    if num_workers == 0:
+        cache = DemoCache()
+        cached = teacher_prompts(task, loaded, plan, None, cache)
+        assert (cache.misses, cache.hits) == (3, 2 * len(plan) - 3)
+    else:
+        data = TeacherPromptData(task, loaded, plan, None)
+        loader = torch.utils.data.DataLoader(data, batch_size=None, collate_fn=_keep, num_workers=num_workers)
+        cached = list(loader)
+        assert len(data.demo_cache) == 0  # filled in the workers only
+    for got, want in zip(cached, plain, strict=True):
+        _assert_same(got, want)
+
