@@ -190,11 +190,28 @@ def context_limit(model: Any, max_length: int | None) -> int | None:
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Move a collated batch; floating tensors (pixels) take the model's dtype."""
-    return {
-        k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
-        for k, v in batch.items()
-    }
+    """Move a collated batch; floating tensors (pixels) take the model's dtype, cast on ``device``.
+
+    The copy is ``non_blocking``: asynchronous from page-locked memory (``pin_batch``), an ordinary
+    copy from pageable memory; the model then reads the tensors on the same stream, after the copy.
+    """
+    def move(v: torch.Tensor) -> torch.Tensor:
+        v = v.to(device, non_blocking=True)
+        return v.to(dtype) if v.is_floating_point() else v
+
+    return {k: move(v) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def pin_batch(batch: dict, pin: bool) -> dict:
+    """The collated batch with its tensors in page-locked memory when ``pin`` (CUDA), unchanged otherwise.
+
+    Pinned, ``to_device`` copies asynchronously; from pageable memory the host-to-device copy took
+    1.2 s of a 24 s Idefics2 run on the critical path (docs/benchmarks.md B1). Pixels stay float32
+    here: a host-side cast would make a new, pageable tensor; ``to_device`` casts on the device.
+    """
+    if not pin:
+        return batch
+    return {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:
@@ -218,16 +235,18 @@ class TeacherRunner:
         accepts = inspect.signature(loaded.model.forward).parameters
         self.keep_logits = "logits_to_keep" in accepts and not config.topk
         self.capture = StateCapture(loaded.model, config.layer_target)
+        self.pin = loaded.device.type == "cuda"
 
     def collate(self, prompts: list[Any]) -> dict:
         return self.loaded.family.collate([p.encoded for p in prompts], self.loaded.processor, "right")
 
     def collate_sorted(self, prompts: list[Any]) -> tuple[int, list[tuple[list[int], dict]]]:
-        """(batch size, [(prompt indices, CPU batch)]): ``run_sorted``'s batches, collated ahead of time."""
+        """(batch size, [(prompt indices, CPU batch)]): ``run_sorted``'s batches, collated ahead of time
+        (and page-locked on CUDA, so their host-to-device copies are asynchronous)."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].encoded))
         size = self.batch_size
         chunks = [order[i : i + size] for i in range(0, len(order), size)]
-        return size, [(c, self.collate([prompts[j] for j in c])) for c in chunks]
+        return size, [(c, pin_batch(self.collate([prompts[j] for j in c]), self.pin)) for c in chunks]
 
     @torch.inference_mode()
     def forward(self, prompts: list[Any], to_cpu: bool = True, batch: dict | None = None) -> list[tuple[torch.Tensor, Any, Any]]:

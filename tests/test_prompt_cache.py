@@ -1,4 +1,4 @@
-"""Demonstration encodings reused across prompts (``DemoCache``).
+"""Demonstration encodings reused across prompts (``DemoCache``) and page-locked teacher batches.
 
 A prompt built through the cache must equal the one built without it, token for token and tensor for
 tensor, and share no memory with the cache or with other prompts.
@@ -17,9 +17,13 @@ from pipeline.tasks import load_task
 from pipeline.tasks.base import Example, TaskSpec
 from stages.common import wrap_model
 from stages.teacher_cache import (
+    TeacherCacheConfig,
     TeacherPromptData,
+    TeacherRunner,
+    pin_batch,
     plan_queries,
     teacher_prompts,
+    to_device,
 )
 
 SPEC = TaskSpec("vqa", "vqa", "vqa_accuracy", prompt="Question:{question} Short answer:")
@@ -180,3 +184,32 @@ def test_stage1_teacher_prompts_with_the_cache(num_workers):
     for got, want in zip(cached, plain, strict=True):
         _assert_same(got, want)
 
+
+def test_pinning_is_a_no_op_on_cpu_and_pins_when_asked():
+    fam = tiny("idefics2")
+    loaded = wrap_model(fam.model, fam.processor, "tiny-idefics2")
+    runner = TeacherRunner(loaded, TeacherCacheConfig(batch_size=2))
+    assert runner.pin is False
+    task = load_task("shapes_vqa")
+    plan = plan_queries(task, loaded, shots=1, n_queries=3, seed=0)
+    prompts = teacher_prompts(task, loaded, plan, None)
+    size, chunks = runner.collate_sorted(prompts)
+    assert size == 2 and [len(c) for c, _ in chunks] == [2, 1]
+    for chunk, batch in chunks:
+        want = runner.collate([prompts[j] for j in chunk])
+        assert all(torch.equal(batch[k], want[k]) for k in want)
+        assert pin_batch(batch, False) is batch
+        moved = to_device(batch, torch.device("cpu"), torch.bfloat16)
+        assert moved["pixel_values"].dtype == torch.bfloat16 and moved["input_ids"].dtype == torch.long
+        assert torch.equal(moved["pixel_values"], batch["pixel_values"].to(torch.bfloat16))
+        assert moved["input_ids"] is batch["input_ids"]  # nothing copied for the CPU
+
+    batch = {**chunks[0][1], "note": "kept"}
+    try:
+        pinned = pin_batch(batch, True)
+    except RuntimeError as err:  # no accelerator to page-lock memory for
+        pytest.skip(f"page-locked memory is unavailable here: {err}")
+    assert pinned["note"] == "kept"
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            assert pinned[key].is_pinned() and torch.equal(pinned[key], value) and pinned[key].dtype == value.dtype
