@@ -147,6 +147,7 @@ def build_prompt(
     demo_answers: Sequence[str],
     answer: str | None,
     demo_cache: DemoCache | None = None,
+    answer_offset: int | None = None,
 ) -> Prompt:
     """BOS + one segment per demonstration + one query segment (prompt, then answer + separator if given).
 
@@ -154,6 +155,9 @@ def build_prompt(
     ``answer_start`` is found by tokenising the prompt alone and checking it is a prefix of prompt +
     answer; a tokenizer that merges across that boundary raises ValueError. ``demo_cache``: reuse the
     demonstrations' encodings across calls (the prompt is the same with or without it).
+    ``answer_offset``: the query segment's answer offset found by an earlier build of the same query and
+    answer (stage 1's student prompt); the prompt alone is then not encoded again (its image neither).
+    The caller must compare this prompt's query ids with that build's (``check_alignment``).
     """
     if len(demos) != len(demo_answers):
         raise ValueError(f"query {query.id}: got {len(demos)} demonstrations but {len(demo_answers)} answers")
@@ -166,11 +170,16 @@ def build_prompt(
     span_start = len(encoded)
     image = load_image(query.image)
     prompt_text = spec.prompt.format(question=query.question)
-    prompt_only = family.encode(processor, Segment(prompt_text, image))
     if answer is None:
-        return Prompt(encoded + prompt_only, span_start, None)
+        return Prompt(encoded + family.encode(processor, Segment(prompt_text, image)), span_start, None)
     full = family.encode(processor, Segment(prompt_text + spec.answer.format(answer=answer) + family.round_separator,
                                             image))
+    if answer_offset is not None:
+        if not 0 < answer_offset < len(full):
+            raise ValueError(f"query {query.id}: answer_offset {answer_offset} is outside the query segment's "
+                             f"{len(full)} tokens; pass the offset of an earlier build of this query, or None")
+        return Prompt(encoded + full, span_start, span_start + answer_offset)
+    prompt_only = family.encode(processor, Segment(prompt_text, image))
     n = len(prompt_only)
     if full.input_ids[:n] != prompt_only.input_ids or len(full) == n:
         tok = tokenizer_of(processor)

@@ -317,6 +317,7 @@ def teacher_prompts(task: Any, loaded: Loaded, plan: list[Planned], limit: int |
         prompt = build_prompt(
             loaded.family, loaded.processor, task.spec, query, demos,
             [task.demo_answer(d) for d in demos], task.demo_answer(query), demo_cache,
+            answer_offset=p.answer_offset,  # found (and checked as a prefix) when the plan built the student
         )
         try:  # the student side, as planned: its span ids from position 0
             check_alignment(prompt, Prompt(Encoded(p.span_ids), 0, p.answer_offset), query.id)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import UserError
-from pipeline.prompts import DemoCache, build_prompt
+from pipeline.prompts import DemoCache, build_prompt, check_alignment
 from pipeline.store import open_store
 from pipeline.tasks.sampling import sample_demonstrations
 from stages.common import Loaded
@@ -86,9 +86,15 @@ class StudentData(torch.utils.data.Dataset):
             query = queries[self.query_index[it.index]]
             demo_ids = self.demos[it.index] if epoch == 0 or not self.config.resample_demos else self.sample_demos(it.index, epoch)
             demos = [support[j] for j in demo_ids]
-            prompts.append(build_prompt(self.family, self.processor, self.task.spec, query, demos,
-                                        [self.task.demo_answer(d) for d in demos], self.task.demo_answer(query),
-                                        self.demo_cache))
+            student = it.prompt  # same query and answer: its answer offset spares encoding the prompt alone
+            teacher = build_prompt(self.family, self.processor, self.task.spec, query, demos,
+                                   [self.task.demo_answer(d) for d in demos], self.task.demo_answer(query),
+                                   self.demo_cache, answer_offset=student.answer_start - student.span_start)
+            try:
+                check_alignment(teacher, student, query.id)
+            except ValueError as err:
+                raise UserError(str(err)) from err
+            prompts.append(teacher)
         return prompts
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import tiny
 
+from pipeline.families.base import Family
 from pipeline.prompts import DemoCache, Prompt, build_prompt, copy_encoded, encoded_bytes
 from pipeline.tasks import load_task
 from pipeline.tasks.base import Example, TaskSpec
@@ -163,15 +164,20 @@ def test_image_path_is_part_of_the_key(tmp_path, synthetic_image):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_stage1_teacher_prompts_with_the_cache(num_workers):
-    """The stage's own builders: repeated demonstrations hit, prompts equal the uncached ones (also
-    from DataLoader workers, each with its own cache)."""
+    """The stage's own builders (cache, answer offset from the plan) give the prompts ``build_prompt``
+    gives alone; repeated demonstrations hit (also in DataLoader workers, each with its own cache)."""
     fam = tiny("idefics2")
     loaded = wrap_model(fam.model, fam.processor, "tiny-idefics2")
     task = load_task("shapes_vqa")
     plan = plan_queries(task, loaded, shots=2, n_queries=6, seed=0)
     for p, draw in zip(plan, DRAWS + DRAWS, strict=False):
         p.demo_indices = list(draw)
-    plain = teacher_prompts(task, loaded, plan, None)
+    queries, support = task.split("train"), task.split("support")
+    plain = []
+    for p in plan:
+        query, demos = queries[p.query_index], [support[j] for j in p.demo_indices]
+        plain.append(build_prompt(fam.family, fam.processor, task.spec, query, demos,
+                                  [task.demo_answer(d) for d in demos], task.demo_answer(query)))
     if num_workers == 0:
         cache = DemoCache()
         cached = teacher_prompts(task, loaded, plan, None, cache)
@@ -183,6 +189,25 @@ def test_stage1_teacher_prompts_with_the_cache(num_workers):
         assert len(data.demo_cache) == 0  # filled in the workers only
     for got, want in zip(cached, plain, strict=True):
         _assert_same(got, want)
+
+
+@pytest.mark.parametrize("name", ["idefics2", "llava"])
+def test_a_known_answer_offset_spares_one_query_encoding(name, synthetic_image, monkeypatch):
+    tf = tiny(name)
+    support, queries = _support(synthetic_image), _queries(synthetic_image)
+    student = build_prompt(tf.family, tf.processor, SPEC, queries[0], [], [], "0")
+    calls = []
+    encode = Family.encode
+    monkeypatch.setattr(Family, "encode", lambda self, *a: calls.append(a[1].text) or encode(self, *a))
+    reference = build_prompt(tf.family, tf.processor, SPEC, queries[0], support[:2], ["a0", "a1"], "0")
+    assert len(calls) == 4
+    offset = student.answer_start - student.span_start
+    known = build_prompt(tf.family, tf.processor, SPEC, queries[0], support[:2], ["a0", "a1"], "0",
+                         answer_offset=offset)
+    assert len(calls) == 4 + 3  # two rounds and the query with its answer; not the query alone
+    _assert_same(known, reference)
+    with pytest.raises(ValueError, match="answer_offset 0 is outside"):
+        build_prompt(tf.family, tf.processor, SPEC, queries[0], [], [], "0", answer_offset=0)
 
 
 def test_pinning_is_a_no_op_on_cpu_and_pins_when_asked():
