@@ -53,8 +53,9 @@ def demo_text(spec: TaskSpec, family: Family, example: Example, answer: str) -> 
     return spec.prompt.format(question=example.question) + spec.answer.format(answer=answer) + family.round_separator
 
 
-DEMO_CACHE_BYTES = 512 * 2**20
-"""Default bound of one ``DemoCache``'s tensors: ~300 Idefics2 images (1.7 MB of pixels each)."""
+DEMO_CACHE_BYTES = 2**30
+"""Default bound of one ``DemoCache``'s tensors: ~600 Idefics2 images (1.7 MB of pixels each), a
+few-hundred-image support set; each DataLoader worker holds its own."""
 DEMO_CACHE_ENTRIES = 4096
 """Default bound of one ``DemoCache``'s entries (text-only rounds hold almost no bytes)."""
 
