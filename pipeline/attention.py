@@ -68,8 +68,7 @@ def mimic_attention_forward(
     if not state.switch.enabled:
         return out, weights
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    shift = state.heads(query, key, attention_mask, scale)
-    return (out.float() + shift).to(out.dtype), weights
+    return state.heads.add_shift(out, query, key, attention_mask, scale), weights
 
 
 def register_mimic_attention() -> None:

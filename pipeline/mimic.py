@@ -209,6 +209,81 @@ class MimicHeads(nn.Module):
         mu = self.mu(query, key, attention_mask, scaling)
         return (mu[..., None] * self.shift.float()[None, :, None, :]).transpose(1, 2)
 
+    def add_shift(
+        self,
+        out: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+    ) -> torch.Tensor:
+        """``out + mu(q) v`` for head outputs ``out`` (B, Tq, H, D), in ``out``'s dtype.
+
+        Short sequences of the ``mimic``/``head_shared`` variants with a bool or no mask (decoding,
+        student-length prompts) take ``short_mu``: the same values as ``forward`` in about half the
+        tensor operations, which is what bounds these small calls on a GPU. Everything else goes
+        through ``forward``.
+        """
+        if (
+            self.variant in ("mimic", "head_shared")
+            and query.shape[2] <= DEFAULT_CHUNK
+            and (attention_mask is None or attention_mask.dtype == torch.bool)
+            and not (query.is_cuda and _cuda_prefers_other(query, key, attention_mask))
+        ):
+            if query.shape[1] != self.num_heads or query.shape[-1] != self.head_dim:
+                return self.forward(query, key, attention_mask, scaling)  # raises the shape error
+            mu = short_mu(query, key, attention_mask, scaling, self.f_weight, self.f_bias)
+            return torch.addcmul(out.float(), mu.transpose(1, 2)[..., None], self.shift.float()).to(out.dtype)
+        return (out.float() + self.forward(query, key, attention_mask, scaling)).to(out.dtype)
+
+
+def _cuda_prefers_other(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """On CUDA the flex kernel (long sequences) or the fused compiled shift, when enabled, win."""
+    from pipeline import mimic_cuda
+
+    mask = None if mask is None else mask[..., : key.shape[2]]
+    return mimic_cuda.use_flex(query, key, mask) or mimic_cuda.use_fused(query, key, mask)
+
+
+def short_mu(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    f_weight: torch.Tensor,
+    f_bias: torch.Tensor,
+) -> torch.Tensor:
+    """mu(q) = sigmoid(f(q) - log Z2(q)) in one pass over all (query, key) pairs, in float32.
+
+    The same quantity as ``MimicHeads.mu`` (``masked_log_z2`` without chunks) written with as few
+    tensor operations as possible. query (B, H, Tq, D); key (B, Hkv, Tkv, D); mask bool
+    (B, 1|H, Tq, >=Tkv) or None (causal for Tq > 1); f_weight (H, D) or (D,) shared, f_bias (H,) or
+    (1,). Returns (B, H, Tq); rows with no visible key are 0 (and pass no NaN gradient).
+    """
+    bsz, n_heads, q_len, dim = query.shape
+    n_kv, kv_len = key.shape[1], key.shape[2]
+    if n_heads % n_kv:
+        raise ValueError(f"query heads ({n_heads}) must be a multiple of key heads ({n_kv})")
+    groups = n_heads // n_kv
+    q = query.reshape(bsz, n_kv, groups, q_len, dim).float()
+    scores = torch.matmul(q, key.float()[:, :, None].transpose(-1, -2))  # (B, Hkv, G, Tq, Tkv)
+    weight = f_weight.float().expand(n_heads, dim).reshape(n_kv, groups, dim, 1)
+    log_z1 = torch.matmul(q, weight)[..., 0] + f_bias.float().expand(n_heads).reshape(n_kv, groups, 1)
+    if attention_mask is None:
+        mask = _causal_mask(q_len, kv_len, query.device) if q_len > 1 else None
+    else:
+        mask = attention_mask[..., :kv_len]
+        mask = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(bsz, n_kv, groups, q_len, kv_len)
+    if mask is None:
+        log_z2 = torch.logsumexp(scores * scaling, dim=-1)
+        mu = torch.sigmoid(log_z1 - log_z2)
+    else:
+        hidden = ~mask
+        log_z2 = torch.logsumexp(scores.mul_(scaling).masked_fill_(hidden, float("-inf")), dim=-1)
+        empty = hidden.all(-1)  # broadcasts over heads like the mask
+        mu = torch.sigmoid(log_z1 - log_z2.masked_fill(empty, 0.0)).masked_fill(empty, 0.0)
+    return mu.reshape(bsz, n_heads, q_len)
+
 
 def parameter_count(num_layers: int, num_heads: int, head_dim: int, variant: str = "mimic") -> int:
     """Trainable MimIC parameters of a model, without building it."""
