@@ -63,6 +63,12 @@ def read_shapes(image) -> list[tuple[str, str]]:
 
 def expected_answer(question: str, blobs: list[tuple[str, str]]) -> str:
     words = question.rstrip("?").split()
+    if question in ("What color is the shape?", "What color are the shapes?"):
+        (colour,) = {c for c, _ in blobs}
+        return colour
+    if question in ("What shape is it?", "What shape are they?"):
+        (shape,) = {s for _, s in blobs}
+        return shape
     if question == "How many shapes are there?":
         return str(len(blobs))
     if question.startswith("How many"):
@@ -110,6 +116,44 @@ def test_every_answer_matches_the_pixels():
         for question, answers in scene_questions(scene):
             assert len(answers) == 10
             assert {WORDS.get(a, a) for a in answers} == {expected_answer(question, blobs)}, question
+
+
+def test_group_scenes_answers_match_the_pixels():
+    scenes = make_scenes(60, seed=4, style="group")
+    assert scenes[:10] == make_scenes(10, seed=4, style="group") and len(set(scenes)) == 60
+    assert {len(s.shapes) for s in scenes} == {1, 2, 3, 4}
+    combos = {(s.shapes[0].color, s.shapes[0].kind) for s in make_scenes(300, seed=4, style="group")}
+    assert len(combos) == 12  # every colour x kind
+    for scene in scenes:
+        blobs = read_shapes(render_scene(scene))
+        assert len(set(blobs)) == 1 and len(blobs) == len(scene.shapes)
+        questions = scene_questions(scene, "group")
+        assert len(questions) == 3
+        for question, answers in questions:
+            assert len(answers) == 10
+            # plurals ("circles") are accepted as 3 of the 10 human answers, as VQAv2 annotators vary
+            singular = {WORDS.get(a, a).removesuffix("s") if not a.isdigit() else a for a in answers}
+            assert singular == {expected_answer(question, blobs)}, question
+
+
+def test_group_captions_and_refusals():
+    scene = Scene(tuple(Shape("circle", "red", c, 16 + 32 * (c % 3), 16, 10) for c in (0, 1, 2)))
+    assert scene_captions(scene, "group")[:3] == ("three red circles", "3 red circles", "three circles, all red")
+    assert "three red circles at the top left, top and top right" in scene_captions(scene, "group")
+    one = Scene((Shape("square", "blue", 4, 48, 48, 10),))
+    assert scene_captions(one, "group")[0] == "a blue square"
+    assert scene_questions(one, "group")[1] == ("What color is the shape?", ("blue",) * 10)
+    mixed = Scene((Shape("circle", "red", 0, 16, 16, 10), Shape("square", "blue", 4, 48, 48, 10)))
+    with pytest.raises(ValueError, match="one colour and one kind"):
+        scene_questions(mixed, "group")
+    with pytest.raises(ValueError, match="style"):
+        make_scenes(3, 0, style="striped")
+    with pytest.raises(ConfigError, match="style"):
+        load_task("shapes_vqa", synthetic={"style": "striped"}).split("eval")
+    task = load_task("shapes_group_vqa", support_size=5, train_size=5, eval_size=20)
+    assert {q.question for q in task.split("eval")} >= {"How many shapes are there?"}
+    # the mixed style's scenes are unchanged by the group style's existence
+    assert make_scenes(5, 3407) == load_task("shapes_vqa", eval_size=5).split("eval").scenes
 
 
 def test_captions_name_every_shape():

@@ -1,7 +1,12 @@
 """Rendered shapes: a multimodal VQA and captioning task the project makes itself (no downloads).
 
-A scene is 1-4 shapes (circle, square, triangle), each a different colour (red, green, blue, yellow),
-each in its own cell of a 3x3 grid with a little jitter, on a white square. ``make_scenes(n, seed)``
+A scene is 1-4 shapes (circle, square, triangle), each in its own cell of a 3x3 grid with a little
+jitter, on a white square. Two styles: ``mixed`` (``shapes_vqa``/``shapes_caption``), every shape its
+own kind and a different colour (red, green, blue, yellow), and questions that bind attributes
+("What shape is red?"); ``group`` (``shapes_group_vqa``/``shapes_group_caption``), 1-4 copies of one
+coloured shape ("three red circles"), and questions about its count, colour and kind that need no
+binding (a 135M language model given the scene as text answers them at 8 shots, see
+``pipeline.demo_vlm``). ``make_scenes(n, seed)``
 is deterministic and prefix-stable (the first k of n scenes are ``make_scenes(k, seed)``) and never
 repeats a scene; ``render_scene`` draws without anti-aliasing, so the same scene gives the same
 bytes. Images are rendered at access (kept in memory, never written).
@@ -45,7 +50,9 @@ POSITIONS = (
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 DEFAULT_IMAGE_SIZE = 96
 MIN_IMAGE_SIZE = 48
-SYNTHETIC_KEYS = ("image_size",)
+SYNTHETIC_KEYS = ("image_size", "style")
+STYLES = ("mixed", "group")
+"""mixed: distinct colours, kinds drawn per shape; group: one colour and one kind for every shape."""
 
 
 @dataclass(frozen=True)
@@ -68,14 +75,17 @@ class Scene:
     size: int = DEFAULT_IMAGE_SIZE
 
 
-def _random_scene(rng: random.Random, size: int) -> Scene:
+def _random_scene(rng: random.Random, size: int, style: str = "mixed") -> Scene:
     cell_px = size // GRID
     count = rng.randint(1, 4)
     cells = sorted(rng.sample(range(GRID * GRID), count))
-    colors = rng.sample(list(COLORS), count)
+    if style == "group":
+        colors, kinds = [rng.choice(list(COLORS))] * count, [rng.choice(SHAPES)] * count
+    else:
+        colors, kinds = rng.sample(list(COLORS), count), [None] * count
     shapes = []
-    for cell, color in zip(cells, colors, strict=True):
-        kind = rng.choice(SHAPES)
+    for cell, color, kind in zip(cells, colors, kinds, strict=True):
+        kind = kind or rng.choice(SHAPES)
         radius = rng.randint(cell_px * 9 // 32, cell_px * 12 // 32)
         slack = cell_px // 2 - radius - 1
         x = (cell % GRID) * cell_px + cell_px // 2 + rng.randint(-slack, slack)
@@ -84,17 +94,19 @@ def _random_scene(rng: random.Random, size: int) -> Scene:
     return Scene(tuple(shapes), size)
 
 
-def make_scenes(n: int, seed: int, size: int = DEFAULT_IMAGE_SIZE) -> list[Scene]:
-    """``n`` distinct random scenes, deterministic in (seed, size) and prefix-stable in ``n``."""
+def make_scenes(n: int, seed: int, size: int = DEFAULT_IMAGE_SIZE, style: str = "mixed") -> list[Scene]:
+    """``n`` distinct random scenes, deterministic in (seed, size, style) and prefix-stable in ``n``."""
     if size < MIN_IMAGE_SIZE:
         raise ValueError(f"image size must be at least {MIN_IMAGE_SIZE} pixels, got {size}")
-    rng = random.Random(f"shapes:{seed}")
+    if style not in STYLES:
+        raise ValueError(f"unknown scene style {style!r}; choose one of {', '.join(STYLES)}")
+    rng = random.Random(f"shapes:{seed}" if style == "mixed" else f"shapes-{style}:{seed}")
     scenes: list[Scene] = []
     seen: set[Scene] = set()
     for _ in range(100 * n + 100):
         if len(scenes) == n:
             break
-        scene = _random_scene(rng, size)
+        scene = _random_scene(rng, size, style)
         if scene not in seen:
             seen.add(scene)
             scenes.append(scene)
@@ -127,7 +139,26 @@ def _count_answers(count: int) -> tuple[str, ...]:
     return (str(count),) * 7 + (NUMBER_WORDS[count],) * 3
 
 
-def _questions_by_type(scene: Scene) -> dict[str, list[tuple[str, tuple[str, ...]]]]:
+def is_group(scene: Scene) -> bool:
+    """Every shape has the same colour and kind (one shape counts as a group)."""
+    return len({(s.color, s.kind) for s in scene.shapes}) == 1
+
+
+def _group_questions(scene: Scene) -> dict[str, list[tuple[str, tuple[str, ...]]]]:
+    n, first = len(scene.shapes), scene.shapes[0]
+    kind_answers = (first.kind,) * 10 if n == 1 else (first.kind,) * 7 + (first.kind + "s",) * 3
+    return {
+        "count": [("How many shapes are there?", _count_answers(n))],
+        "color": [("What color is the shape?" if n == 1 else "What color are the shapes?", (first.color,) * 10)],
+        "shape": [("What shape is it?" if n == 1 else "What shape are they?", kind_answers)],
+    }
+
+
+def _questions_by_type(scene: Scene, style: str = "mixed") -> dict[str, list[tuple[str, tuple[str, ...]]]]:
+    if style == "group":
+        if not is_group(scene):
+            raise ValueError("group questions need a scene of one colour and one kind")
+        return _group_questions(scene)
     kinds = [s.kind for s in scene.shapes]
     return {
         "count": [("How many shapes are there?", _count_answers(len(scene.shapes)))],
@@ -144,14 +175,15 @@ def _questions_by_type(scene: Scene) -> dict[str, list[tuple[str, tuple[str, ...
     }
 
 
-def scene_questions(scene: Scene) -> list[tuple[str, tuple[str, ...]]]:
-    """Every unambiguous (question, ten answers) about the scene: counts, shapes by colour, colours."""
-    return [q for qs in _questions_by_type(scene).values() for q in qs]
+def scene_questions(scene: Scene, style: str = "mixed") -> list[tuple[str, tuple[str, ...]]]:
+    """Every unambiguous (question, ten answers) about the scene. mixed: counts, shapes by colour,
+    colours by shape, counts by kind; group: the count, the colour and the kind of the group."""
+    return [q for qs in _questions_by_type(scene, style).values() for q in qs]
 
 
-def scene_question(scene: Scene, seed: int, index: int) -> tuple[str, tuple[str, ...]]:
+def scene_question(scene: Scene, seed: int, index: int, style: str = "mixed") -> tuple[str, tuple[str, ...]]:
     """One question for a scene: a question type chosen uniformly, then one question of that type."""
-    by_type = {t: qs for t, qs in _questions_by_type(scene).items() if qs}
+    by_type = {t: qs for t, qs in _questions_by_type(scene, style).items() if qs}
     rng = random.Random(f"shapes_vqa:{seed}:{index}")
     return rng.choice(by_type[rng.choice(sorted(by_type))])
 
@@ -160,8 +192,20 @@ def _join(phrases: list[str]) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
-def scene_captions(scene: Scene) -> tuple[str, ...]:
-    """Five reference captions; the first (reading order) is the one shown in demonstrations."""
+def scene_captions(scene: Scene, style: str = "mixed") -> tuple[str, ...]:
+    """Five reference captions; the first is the one shown in demonstrations (mixed: reading order;
+    group: "three red circles")."""
+    if style == "group":
+        if not is_group(scene):
+            raise ValueError("group captions need a scene of one colour and one kind")
+        n, s = len(scene.shapes), scene.shapes[0]
+        where = _join([POSITIONS[t.cell] for t in scene.shapes])
+        if n == 1:
+            return (f"a {s.color} {s.kind}", f"one {s.color} {s.kind}", f"a single {s.color} {s.kind}",
+                    f"a {s.color} {s.kind} at the {where}", f"there is a {s.color} {s.kind}")
+        word, plural = NUMBER_WORDS[n], f"{s.color} {s.kind}s"
+        return (f"{word} {plural}", f"{n} {plural}", f"{word} {s.kind}s, all {s.color}",
+                f"{word} {plural} at the {where}", f"there are {word} {plural}")
     things = [f"a {s.color} {s.kind}" for s in scene.shapes]
     n = len(things)
     counted = "a single" + things[0][1:] if n == 1 else f"{NUMBER_WORDS[n]} shapes: {_join(things)}"
@@ -208,7 +252,8 @@ class SceneExamples(Sequence):
 
 
 def synthetic_loaders(cfg: Any) -> dict[str, Callable[[], SceneExamples]]:
-    """Split loaders of ``shapes_vqa`` (``kind: vqa``) or ``shapes_caption`` (``kind: caption``)."""
+    """Split loaders of ``shapes_vqa`` (``kind: vqa``) or ``shapes_caption`` (``kind: caption``), and
+    their ``group`` style versions (``synthetic: {style: group}``)."""
     unknown = sorted(set(cfg.synthetic) - set(SYNTHETIC_KEYS))
     if unknown:
         raise ConfigError(
@@ -219,6 +264,9 @@ def synthetic_loaders(cfg: Any) -> dict[str, Callable[[], SceneExamples]]:
         raise ConfigError(
             f"task {cfg.name}: 'synthetic.image_size': got {size!r}, expected an integer >= {MIN_IMAGE_SIZE}"
         )
+    style = cfg.synthetic.get("style", "mixed")
+    if style not in STYLES:
+        raise ConfigError(f"task {cfg.name}: 'synthetic.style': got {style!r}, expected one of {', '.join(STYLES)}")
     sizes = {"eval": cfg.eval_size or 200, "train": cfg.train_size, "support": cfg.support_size or 500}
 
     def id_of(index: int) -> str:
@@ -227,8 +275,8 @@ def synthetic_loaders(cfg: Any) -> dict[str, Callable[[], SceneExamples]]:
     def make(scene: Scene, index: int) -> Example:
         image = render_scene(scene)
         if cfg.kind == "caption":
-            return Example(id_of(index), "", scene_captions(scene), image)
-        question, answers = scene_question(scene, cfg.seed, index)
+            return Example(id_of(index), "", scene_captions(scene, style), image)
+        question, answers = scene_question(scene, cfg.seed, index, style)
         return Example(id_of(index), question, answers, image)
 
     def loader(split: str) -> Callable[[], SceneExamples]:
@@ -237,7 +285,7 @@ def synthetic_loaders(cfg: Any) -> dict[str, Callable[[], SceneExamples]]:
         )
 
         def load() -> SceneExamples:
-            scenes = make_scenes(start + sizes[split], cfg.seed, size)[start:]
+            scenes = make_scenes(start + sizes[split], cfg.seed, size, style)[start:]
             return SceneExamples(scenes, start, make, id_of)
 
         return load
