@@ -39,7 +39,8 @@ import torch
 from pipeline.tasks.synthetic import GRID, NUMBER_WORDS, Scene, make_scenes, render_scene
 
 TASK_SCENES = (1700, 3407)
-"""(eval + train + support sizes, seed) of the default ``shapes_vqa``: never trained on."""
+"""(eval + train + support sizes, seed) of the default ``shapes_vqa`` and ``shapes_group_vqa``
+(and their caption tasks): never trained on, in either style."""
 EMPTY_WORD = "nothing"
 
 
@@ -51,6 +52,8 @@ class RecipeConfig:
     """Seeds the tower/projector init, the scene stream (``make_scenes(n, 10_000 + seed)``) and batches."""
     scenes: int = 4000
     """Distinct training scenes (rendered at access)."""
+    group_fraction: float = 0.5
+    """Share of the training scenes in the ``group`` style (1-4 copies of one coloured shape)."""
     steps: int = 600
     """Optimiser steps."""
     batch: int = 64
@@ -62,10 +65,16 @@ class RecipeConfig:
 
 
 def training_scenes(cfg: RecipeConfig) -> list[Scene]:
-    """``cfg.scenes`` distinct scenes, none equal to a default ``shapes_vqa`` scene."""
-    held_out = set(make_scenes(*TASK_SCENES))
-    pool = make_scenes(cfg.scenes + len(held_out), 10_000 + cfg.seed)
-    return [s for s in pool if s not in held_out][: cfg.scenes]
+    """``cfg.scenes`` distinct scenes (``group_fraction`` of them groups), none equal to a scene of
+    the default shapes tasks of either style."""
+    held_out = set(make_scenes(*TASK_SCENES)) | set(make_scenes(*TASK_SCENES, style="group"))
+    n_group = round(cfg.scenes * cfg.group_fraction)
+    scenes: list[Scene] = []
+    for style, n in (("mixed", cfg.scenes - n_group), ("group", n_group)):
+        taken = held_out | set(scenes)  # a one-shape scene is of both styles
+        pool = make_scenes(n + len(taken), 10_000 + cfg.seed, style=style)
+        scenes += [s for s in pool if s not in taken][:n]
+    return scenes
 
 
 def align_words(scene: Scene) -> list[str | tuple[str, str]]:

@@ -11,7 +11,14 @@ import torch
 
 from pipeline import demo_vlm
 from pipeline.config import UserError
-from pipeline.demo_vlm_train import align_loss, align_targets, align_words
+from pipeline.demo_vlm_train import (
+    TASK_SCENES,
+    RecipeConfig,
+    align_loss,
+    align_targets,
+    align_words,
+    training_scenes,
+)
 from pipeline.tasks.synthetic import Scene, Shape, make_scenes, render_scene
 
 SCENE = Scene((Shape("circle", "red", 0, 16, 16, 10), Shape("square", "blue", 4, 48, 48, 10)))
@@ -70,6 +77,21 @@ def test_config_is_llava_over_smollm2(lm_dir):
     assert (config.vision_feature_select_strategy, config.vision_feature_layer) == ("full", -1)
     with pytest.raises(ValueError, match="one new token"):
         demo_vlm.build_config(lm_dir, 7)
+
+
+def test_training_scenes_hold_out_every_task_scene():
+    cfg = RecipeConfig(scenes=600, group_fraction=0.5)
+    scenes = training_scenes(cfg)
+    assert len(scenes) == 600 and len(set(scenes)) == 600
+    held_out = set(make_scenes(*TASK_SCENES)) | set(make_scenes(*TASK_SCENES, style="group"))
+    assert not set(scenes) & held_out
+    from pipeline.tasks import load_task
+
+    for name in ("shapes_vqa", "shapes_group_vqa"):  # the tasks' own splits, not a copy of their seeds
+        task = load_task(name)
+        assert not set(scenes) & {s for split in ("eval", "train", "support") for s in task.split(split).scenes}
+    groups = sum(len({(t.color, t.kind) for t in s.shapes}) == 1 and len(s.shapes) > 1 for s in scenes)
+    assert 190 <= groups <= 260  # the group half (300), less its one-shape scenes (about a quarter)
 
 
 def test_align_words_follow_the_grid():
