@@ -114,6 +114,16 @@ def load_for_stage(
     return Loaded(model, processor, family, source, dev)
 
 
+def check_task_fits_model(task: Any, loaded: Loaded) -> None:
+    """Refuse a task with images on a text-only model before any work (UserError naming both)."""
+    if loaded.family.encode_image is None and task.spec.kind != "text":
+        raise UserError(
+            f"task {task.spec.name} ({task.spec.kind}) has images but {loaded.source.alias} is a text-only model "
+            f"({loaded.family.name}); use a multimodal model (e.g. --model smollm2-vlm) or a text task "
+            "(e.g. --task plurals)"
+        )
+
+
 def wrap_model(model: Any, processor: Any, name: str = "in-process", device: str = "cpu") -> Loaded:
     """A ``Loaded`` for a model built in-process (tests, benchmarks); attention routed as by
     ``load_for_stage``."""

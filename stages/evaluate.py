@@ -23,7 +23,7 @@ from pipeline.config import ConfigError, UserError, opt
 from pipeline.metrics import JavaNotFoundError, score
 from pipeline.students import geometry_tuple
 from pipeline.tasks import SPLITS, load_task
-from stages.common import Loaded, load_for_stage, model_defaults
+from stages.common import Loaded, check_task_fits_model, load_for_stage, model_defaults
 from stages.evaluation import RESULT_KIND, TABLE_FILE, Evaluation
 
 MODES = ("zero-shot", "icl", "student")
@@ -222,6 +222,7 @@ def run(config: EvalConfig, loaded: Loaded | None = None, show_progress: bool = 
             raise UserError("no model: pass --model (or evaluate a student run, whose base model is the default)")
         loaded = load_for_stage(model_name, device=config.device, dtype=config.dtype, revision=config.revision,
                                 trust_remote_code=config.trust_remote_code)
+    check_task_fits_model(task, loaded)
     check_runs_fit(runs, loaded, shots)
     evaluation = Evaluation(config, task, loaded, examples, shots, show_progress)
     read_results(evaluation.out_dir, task.name)  # refuse a folder holding another task before generating

@@ -40,6 +40,7 @@ from stages.common import (
     Loaded,
     Progress,
     barrier,
+    check_task_fits_model,
     default_store_path,
     dist_info,
     load_for_stage,
@@ -400,6 +401,7 @@ def run(config: TeacherCacheConfig, loaded: Loaded | None = None, show_progress:
     task = load_task(config.task, **({"data_root": config.data_root} if config.data_root else {}))
     if loaded is None:
         loaded = load_for_stage(config.model, config.device, config.dtype, config.revision, config.trust_remote_code)
+    check_task_fits_model(task, loaded)
     workers = config.num_workers if config.num_workers is not None else (4 if loaded.device.type == "cuda" else 0)
     plan = plan_queries(task, loaded, shots, config.n_queries, config.seed, workers)
     geometry = loaded.geometry

@@ -102,6 +102,9 @@ def test_resume_and_refusals(tmp_path):
     assert open_store(path).attrs["shots"] == 3
     with pytest.raises(UserError, match=r"more than the limit 20; use fewer --shots or a larger --max-length"):
         cache(tmp_path / "long", loaded, task="antonyms", max_length=20)
+    with pytest.raises(UserError, match=r"task shapes_group_vqa \(vqa\) has images but .* is a text-only model"):
+        cache(tmp_path / "images", loaded, task="shapes_group_vqa")
+    assert not (tmp_path / "images").exists()  # refused before anything was written
 
 
 @pytest.fixture(scope="module")
