@@ -15,6 +15,7 @@ per-step wall times come from wrapping ``Trainer.step`` and the waits for the Da
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -145,6 +146,27 @@ def stock_forward(loaded, batches, keep_last: bool) -> float:
     return time.perf_counter() - t0
 
 
+def ablations(report: Report, loaded, alias: str, shots: int, n: int, batch: int, workers: int, work: Path) -> None:
+    """Teacher-cache again without one host-side optimisation each, named in env ``STAGE1_AB``
+    (comma-separated): ``nopin`` (collated batches left pageable), ``nocache`` (no reuse of encoded
+    demonstrations). Reported against the end-to-end run above."""
+    import stages.teacher_cache as tc
+    from pipeline.prompts import DemoCache
+
+    for name in filter(None, os.environ.get("STAGE1_AB", "").split(",")):
+        patch = {"nopin": ("pin_batch", lambda b, pin: b),
+                 "nocache": ("DemoCache", lambda: DemoCache(max_bytes=0))}[name]
+        saved = getattr(tc, patch[0])
+        setattr(tc, patch[0], patch[1])
+        try:
+            run = teacher_cache_run(loaded, alias, shots, n, batch, workers, work / f"stage1-{name}.zarr")
+        finally:
+            setattr(tc, patch[0], saved)
+        report.extra.setdefault("stage1_ablations", {})[name] = {k: v for k, v in run.items() if k != "prompts"}
+        report.add(f"teacher-cache + store samples/s ({name})", n / run["wall_s"], "samples/s",
+                   ref="teacher-cache + store samples/s (end to end)")
+
+
 def stage1(report: Report, loaded, alias: str, shots: int, n: int, batch: int, workers: int, work: Path,
            peak_tflops: float) -> dict:
     """Teacher-cache with store vs stock forward; returns the store path and per-sample numbers."""
@@ -184,6 +206,7 @@ def stage1(report: Report, loaded, alias: str, shots: int, n: int, batch: int, w
                ref="stock forward (all logits) samples/s")
     report.add("teacher-cache forwards only samples/s", n / run["forward_s"], "samples/s",
                ref="stock forward (logits_to_keep=1) samples/s")
+    ablations(report, loaded, alias, shots, n, batch, workers, work)
     report.add("stock forward (all logits) tokens/s", tokens / stock_full, "tokens/s")
     report.add("teacher-cache + store tokens/s (end to end)", tokens / run["wall_s"], "tokens/s",
                ref="stock forward (all logits) tokens/s")

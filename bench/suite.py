@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="stage 2 optimiser steps per timed run")
     ap.add_argument("--workers", type=int, default=8, help="prompt / store reader processes")
     ap.add_argument("--queries", type=int, default=6, help="inference queries per mode")
+    ap.add_argument("--infer-batch", type=int, default=8,
+                    help="also time inference with this many queries per generate call (1: batch 1 only)")
     ap.add_argument("--icl-shots", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--sections", default=",".join(SECTIONS))
     ap.add_argument("--out", default="results/suite")
@@ -99,7 +101,7 @@ def main() -> None:
     def s4():
         from inference import inference
 
-        inference(report, loaded, args.queries, tuple(args.icl_shots))
+        inference(report, loaded, args.queries, tuple(args.icl_shots), args.infer_batch)
 
     def s5():
         from store_io import store_io
