@@ -68,6 +68,27 @@ def _chunk_lse(
     return torch.where(valid, lse, torch.zeros_like(lse)), valid
 
 
+def _grouped(
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Float32 query (B, Hkv, G, Tq, D) grouped by key head (GQA without repeating K), key
+    (B, Hkv, 1, Tkv, D), and the bool/float mask broadcast to (B, 1|Hkv, 1|G, Tq, Tkv): the given mask
+    sliced to Tkv as ``sdpa_attention_forward`` does, or causal when None and Tq > 1, else None."""
+    bsz, n_heads, q_len, dim = query.shape
+    n_kv, kv_len = key.shape[1], key.shape[2]
+    if n_heads % n_kv:
+        raise ValueError(f"query heads ({n_heads}) must be a multiple of key heads ({n_kv})")
+    groups = n_heads // n_kv
+    q = query.reshape(bsz, n_kv, groups, q_len, dim).float()
+    k = key.float()[:, :, None]
+    if attention_mask is None:
+        mask = _causal_mask(q_len, kv_len, query.device)[None, None, None] if q_len > 1 else None
+    else:
+        m = attention_mask[..., :kv_len]
+        mask = m[:, :, None] if m.shape[1] == 1 else m.reshape(m.shape[0], n_kv, groups, m.shape[2], kv_len)
+    return q, k, mask
+
+
 def masked_log_z2(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -97,22 +118,8 @@ def masked_log_z2(
 
         if backend == "flex" or mimic_cuda.use_flex(query, key, attention_mask):
             return mimic_cuda.flex_log_z2(query, key, attention_mask, scaling)
-    bsz, n_heads, q_len, dim = query.shape
-    n_kv, kv_len = key.shape[1], key.shape[2]
-    if n_heads % n_kv:
-        raise ValueError(f"query heads ({n_heads}) must be a multiple of key heads ({n_kv})")
-    groups = n_heads // n_kv
-    q = query.float().reshape(bsz, n_kv, groups, q_len, dim)
-    k = key.float()[:, :, None]
-    if attention_mask is None:
-        mask = _causal_mask(q_len, kv_len, query.device) if q_len > 1 else None
-        mask = None if mask is None else mask[None, None, None]
-    else:
-        m = attention_mask[..., :kv_len]  # as sdpa_attention_forward slices it
-        if m.shape[1] == 1:
-            mask = m[:, :, None]
-        else:
-            mask = m.reshape(m.shape[0], n_kv, groups, m.shape[2], kv_len)
+    bsz, n_heads, q_len, _ = query.shape
+    q, k, mask = _grouped(query, key, attention_mask)
     if use_checkpoint is None:
         use_checkpoint = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
     lses, valids = [], []
@@ -261,19 +268,11 @@ def short_mu(
     (1,). Returns (B, H, Tq); rows with no visible key are 0 (and pass no NaN gradient).
     """
     bsz, n_heads, q_len, dim = query.shape
-    n_kv, kv_len = key.shape[1], key.shape[2]
-    if n_heads % n_kv:
-        raise ValueError(f"query heads ({n_heads}) must be a multiple of key heads ({n_kv})")
-    groups = n_heads // n_kv
-    q = query.reshape(bsz, n_kv, groups, q_len, dim).float()
-    scores = torch.matmul(q, key.float()[:, :, None].transpose(-1, -2))  # (B, Hkv, G, Tq, Tkv)
+    q, k, mask = _grouped(query, key, attention_mask)
+    n_kv, groups = q.shape[1], q.shape[2]
+    scores = torch.matmul(q, k.transpose(-1, -2))  # (B, Hkv, G, Tq, Tkv)
     weight = f_weight.float().expand(n_heads, dim).reshape(n_kv, groups, dim, 1)
     log_z1 = torch.matmul(q, weight)[..., 0] + f_bias.float().expand(n_heads).reshape(n_kv, groups, 1)
-    if attention_mask is None:
-        mask = _causal_mask(q_len, kv_len, query.device) if q_len > 1 else None
-    else:
-        mask = attention_mask[..., :kv_len]
-        mask = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(bsz, n_kv, groups, q_len, kv_len)
     if mask is None:
         log_z2 = torch.logsumexp(scores * scaling, dim=-1)
         mu = torch.sigmoid(log_z1 - log_z2)
