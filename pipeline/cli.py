@@ -8,6 +8,7 @@ field help is the `--help` text and YAML keys and flags share names. Precedence:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import inspect
 import sys
 import typing
@@ -17,7 +18,7 @@ from typing import Any, Optional
 
 import typer
 
-from pipeline.config import ConfigError, UserError, load_config, read_yaml
+from pipeline.config import ConfigError, UserError, bounds_text, load_config, read_yaml
 
 app = typer.Typer(
     name="pipeline",
@@ -51,9 +52,12 @@ def _options(cls: type) -> list[inspect.Parameter]:
         decls = [f"{flag}/--no-{flag[2:]}"] if hint is bool else [flag]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         choices = f.metadata.get("choices")
-        help_text = f.metadata.get("help", "") + (f" [default: {default}]" if default not in (None, "") else "")
+        # parentheses, not brackets: Rich reads "[default: 1000]" as markup and drops it
+        help_text = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, "", ()) else "")
         if choices:
-            help_text += f" [choices: {', '.join(str(c) for c in choices if c is not None)}]"
+            help_text += f" (choices: {', '.join(str(c) for c in choices if c is not None)})"
+        if f.metadata.get("bounds"):
+            help_text += f" (must be {bounds_text(f.metadata['bounds'])})"
         params.append(inspect.Parameter(
             f.name, inspect.Parameter.KEYWORD_ONLY, annotation=_cli_type(hint),
             default=typer.Option(None, *decls, help=help_text, show_default=False),
@@ -83,6 +87,15 @@ class user_errors:
             return False
         if issubclass(exc_type, (UserError, ConfigError)):
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+        if issubclass(exc_type, (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)):
+            # a path the user gave that cannot be written or is of the wrong kind; the OS message names it
+            typer.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}; choose a writable directory path "
+                       "(check --out / --runs-dir / --results-dir / --cache-dir)", err=True)
+            raise typer.Exit(2)
+        if issubclass(exc_type, OSError) and getattr(exc, "errno", None) == errno.ENOSPC:
+            typer.echo(f"error: out of disk space ({exc.filename or exc}); free space and re-run the same command "
+                       "to resume", err=True)
             raise typer.Exit(2)
         if issubclass(exc_type, KeyboardInterrupt):
             typer.echo("interrupted; re-run the same command to resume", err=True)

@@ -30,22 +30,50 @@ class UserError(RuntimeError):
     """An error caused by input the user controls; the CLI prints it on one line, no traceback."""
 
 
-def opt(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
-    """A config field with its help text (and optional choices), e.g. ``lr: float = opt(5e-3, "...")``."""
-    meta = {"help": help}
+def opt(default: Any, help: str, choices: tuple[Any, ...] | None = None, at_least: float | None = None,
+        above: float | None = None, at_most: float | None = None) -> Any:
+    """A config field with its help text, optional choices and numeric bounds, e.g.
+    ``lr: float = opt(5e-3, "...", above=0)``. Bounds apply to numbers and to each number of a list;
+    ``None`` (an optional field left unset) is never checked against them."""
+    meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = choices
+    bounds = {k: v for k, v in (("at_least", at_least), ("above", above), ("at_most", at_most)) if v is not None}
+    if bounds:
+        meta["bounds"] = bounds
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
+def bounds_text(bounds: dict[str, float]) -> str:
+    """``{"at_least": 1}`` -> ``">= 1"``: how a field's bounds read in help and errors."""
+    signs = {"at_least": ">=", "above": ">", "at_most": "<="}
+    return " and ".join(f"{signs[k]} {v:g}" for k, v in bounds.items())
+
+
+def _out_of_bounds(value: Any, bounds: dict[str, float]) -> bool:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return any(("at_least" in bounds and v < bounds["at_least"]) or ("above" in bounds and v <= bounds["above"])
+               or ("at_most" in bounds and v > bounds["at_most"]) or v != v for v in nums)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or a non-mapping is a ``ConfigError``."""
+    """Read a YAML mapping; a missing or unreadable file, bad YAML or a non-mapping is a ``ConfigError``
+    naming the file (and the line, for a syntax error)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path}{where}: invalid YAML ({problem}); fix the file") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read ({err}); give a readable UTF-8 YAML file") from err
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
     return data
@@ -69,6 +97,11 @@ def _check_type(value: Any, hint: Any) -> tuple[bool, Any]:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if hint is float:
+        if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string, the YAML 1.1 rule
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return ok, float(value) if ok else value
     if hint is str:
@@ -117,6 +150,10 @@ def load_config(cls: type[T], yaml_data: dict[str, Any] | None = None, **overrid
         choices = fields[key].metadata.get("choices")
         if choices is not None and coerced not in choices:
             errors.append(f"'{key}': got {coerced!r}, expected one of {', '.join(map(str, choices))}")
+            continue
+        bounds = fields[key].metadata.get("bounds")
+        if bounds and _out_of_bounds(coerced, bounds):
+            errors.append(f"'{key}': got {coerced!r}, expected {bounds_text(bounds)}")
             continue
         merged[key] = coerced
     if errors:

@@ -33,17 +33,17 @@ class DemoConfig:
                                "vision tower; smollm2-135m for the text-only model).")
     task: str = opt(DEFAULT_DEMO_TASK, "Task: shapes_group_vqa, shapes_vqa, a built-in text task (e.g. "
                                        f"{DEFAULT_TEXT_TASK}, for a text-only model) or a task YAML.")
-    shots: int = opt(8, "Demonstrations of the teacher and of the ICL baseline.")
-    n_queries: int = opt(200, "Training queries cached by the teacher.")
-    epochs: int = opt(3, "Training epochs of the student.")
-    eval_queries: int = opt(100, "Held-out queries evaluated per mode.")
-    batch_size: int = opt(8, "Batch size of the teacher forwards and of generation.")
+    shots: int = opt(8, "Demonstrations of the teacher and of the ICL baseline.", at_least=1)
+    n_queries: int = opt(200, "Training queries cached by the teacher.", at_least=1)
+    epochs: int = opt(3, "Training epochs of the student.", at_least=1)
+    eval_queries: int = opt(100, "Held-out queries evaluated per mode.", at_least=1)
+    batch_size: int = opt(8, "Batch size of the teacher forwards and of generation.", at_least=1)
     cache_dir: str = opt("cache", "Where the teacher store is written.")
     runs_dir: str = opt("runs", "Where the student run is written.")
     results_dir: str = opt("results", "Where results and the table are written.")
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto.")
     threads: int = opt(2, "CPU threads of torch. On a 2-core machine 2 halves the demo VLM's time (8-shot "
-                          "prompts of ~200 tokens); 1 was faster for the text task's ~40-token prompts.")
+                          "prompts of ~200 tokens); 1 was faster for the text task's ~40-token prompts.", at_least=1)
 
 
 def run(config: DemoConfig) -> dict:
