@@ -23,6 +23,7 @@ from pipeline import __version__
 from pipeline.capture import LAYER_TARGETS, StateCapture, span_positions
 from pipeline.config import UserError, opt
 from pipeline.families import Encoded
+from pipeline.locks import held_on_rank0, store_lock
 from pipeline.prompts import DemoCache, Prompt, build_prompt, check_alignment
 from pipeline.store import (
     VOLATILE_ATTRS,
@@ -55,21 +56,21 @@ class TeacherCacheConfig:
     task: str = opt("vqav2", "Task name (vqav2, okvqa, coco_caption, shapes_vqa, a built-in text task) or a task YAML path.")
     model: str = opt("idefics2-8b", "Model alias (configs/models), hub id or local directory.")
     out: str | None = opt(None, "Store path; default cache/<task>.zarr.")
-    shots: int | None = opt(None, "Demonstrations per query; default from configs/models (Idefics1 32, Idefics2 8).")
-    n_queries: int = opt(1000, "Training queries to cache (first N of the task's train split).")
-    seed: int = opt(3407, "Seed of the demonstration sampler.")
+    shots: int | None = opt(None, "Demonstrations per query; default from configs/models (Idefics1 32, Idefics2 8).", at_least=0)
+    n_queries: int = opt(1000, "Training queries to cache (first N of the task's train split).", at_least=1)
+    seed: int = opt(3407, "Seed of the demonstration sampler.", at_least=0)
     layer_target: str = opt("mlp", "Which state is aligned: mlp output, decoder layer output, attention output.", LAYER_TARGETS)
-    batch_size: int = opt(0, "Teacher forwards per batch; 0 = auto (start high, halve on out-of-memory).")
-    topk: int = opt(0, "Also store the teacher's top-k answer log-probs per token (for KL students); 0 = off.")
-    shard_size: int | None = opt(None, "Samples per shard file; default by size (16 large, 64 small).")
-    max_length: int | None = opt(None, "Longest teacher prompt allowed; default the model's context length.")
+    batch_size: int = opt(0, "Teacher forwards per batch; 0 = auto (start high, halve on out-of-memory).", at_least=0)
+    topk: int = opt(0, "Also store the teacher's top-k answer log-probs per token (for KL students); 0 = off; at most the vocabulary size.", at_least=0)
+    shard_size: int | None = opt(None, "Samples per shard file; default by size (16 large, 64 small); fixed when the store is created.", at_least=1)
+    max_length: int | None = opt(None, "Longest teacher prompt allowed; default the model's context length (more is refused).", at_least=1)
     data_root: str | None = opt(None, "Root of the official data files (or env MIMIC_DATA).")
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto (the accelerate rank's device).")
     dtype: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32.")
     revision: str | None = opt(None, "Model revision (hub branch, tag or commit).")
     trust_remote_code: bool = opt(False, "Allow the model repository's own code to run.")
     num_workers: int | None = opt(None, "Processes preparing prompts and images while the GPU works; "
-                                       "default 4 on CUDA, 0 (in the main process) on CPU.")
+                                       "default 4 on CUDA, 0 (in the main process) on CPU.", at_least=0)
     overwrite: bool = opt(False, "Replace an existing store made with a different configuration.")
 
 
@@ -183,11 +184,24 @@ def open_or_create(path: Path, layout: StoreLayout, attrs: dict, overwrite: bool
     return store
 
 
+def _text_config(model: Any) -> Any:
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
 def context_limit(model: Any, max_length: int | None) -> int | None:
-    if max_length is not None:
-        return max_length
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(cfg, "max_position_embeddings", None)
+    """The longest teacher prompt allowed: ``--max-length``, at most the model's positions."""
+    positions = getattr(_text_config(model), "max_position_embeddings", None)
+    if max_length is not None and positions is not None and max_length > positions:
+        raise UserError(f"--max-length {max_length} is more than the model's {positions} positions; prompts that "
+                        f"long would run past what the model was trained on: use --max-length <= {positions}")
+    return max_length if max_length is not None else positions
+
+
+def check_topk(model: Any, topk: int) -> None:
+    """``--topk`` keeps that many answer log-probs per token: at most the vocabulary."""
+    vocab = getattr(_text_config(model), "vocab_size", None) or model.get_output_embeddings().weight.shape[0]
+    if topk > vocab:
+        raise UserError(f"--topk {topk} is more than the model's vocabulary of {vocab} tokens; use e.g. --topk 20")
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -409,11 +423,22 @@ def run(config: TeacherCacheConfig, loaded: Loaded | None = None, show_progress:
         n_samples=len(plan), t_max=max(len(p.span_ids) for p in plan), n_layers=geometry.num_layers,
         hidden=geometry.hidden_size, shots=shots, shard_size=config.shard_size, topk=config.topk or None,
     )
+    limit = context_limit(loaded.model, config.max_length)
+    check_topk(loaded.model, config.topk)
     path = Path(config.out) if config.out else default_store_path(config.task)
-    store = open_or_create(path, layout, store_attrs(config, task, loaded, shots, plan), config.overwrite, rank)
+    with held_on_rank0(store_lock(path), rank, world):
+        return _write(config, task, loaded, shots, plan, layout, path, limit, workers, show_progress)
+
+
+def _write(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: int, plan: list[Planned],
+           layout: StoreLayout, path: Path, limit: int | None, workers: int, show_progress: bool) -> Path:
+    """Create or resume the store at ``path`` (locked by the caller) and write the pending shards."""
+    rank, world, _ = dist_info()
+    geometry = loaded.geometry
+    attrs = store_attrs(config, task, loaded, shots, plan) | {"shard_size": layout.shard_size}
+    store = open_or_create(path, layout, attrs, config.overwrite, rank)
     pending = store.pending_shards(rank, world)
     runner = TeacherRunner(loaded, config)
-    limit = context_limit(loaded.model, config.max_length)
     total = sum(len(store.shard_samples(s)) for s in pending)
     progress = Progress(total, f"teacher-cache {task.name} ({shots}-shot)", enabled=show_progress and rank == 0)
     with ShardWriter(store) as writer:

@@ -1,0 +1,126 @@
+"""One writer at a time per store, run directory and results folder.
+
+A lock is an exclusive ``fcntl.flock`` on a small file; the kernel releases it when its process
+ends, however it ends (SIGKILL included), so a lock left by a dead process is simply taken over by
+the next one — there is no stale-lock heuristic to get wrong. The file holds the holder's pid, host
+and command line, only to name the holder in the refusal. Lock files are never deleted: deleting a
+lock file while another process waits on it would let two processes hold "the" lock.
+
+Under ``accelerate launch`` every rank writes the same store or run, so rank 0 takes the lock and
+tells the other ranks whether it got it (``held_on_rank0``); all ranks then refuse alike.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+
+from pipeline.config import UserError
+
+LOCK_SUFFIX = ".lock"
+
+
+class LockedError(UserError):
+    """Another process holds the lock of a directory this command would write."""
+
+
+class DirLock:
+    """An exclusive, non-blocking lock for ``what`` (a store, run or results directory).
+
+    ``lock_file``: where the lock lives (``<store>.lock`` beside a store, which ``--overwrite`` may
+    delete as a whole; a file inside run and results directories, which are never deleted whole).
+    """
+
+    def __init__(self, what: Path, lock_file: Path) -> None:
+        self.what, self.lock_file = Path(what), Path(lock_file)
+        self._fd: int | None = None
+
+    def acquire(self) -> DirLock:
+        """Take the lock or raise ``LockedError`` naming the holder; idempotent while held."""
+        if self._fd is not None:
+            return self
+        self.lock_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise LockedError(
+                f"{self.what} is in use by another process ({holder}); wait for it to finish, or write "
+                "elsewhere (another --out / --name / --results-dir)"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)[:300]}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> DirLock:
+        return self.acquire()
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 400, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text or "holder unknown"
+
+
+def store_lock(store: Path) -> DirLock:
+    """The lock of a teacher store: ``<store>.lock`` beside it."""
+    store = Path(store)
+    return DirLock(store, store.with_name(store.name + LOCK_SUFFIX))
+
+
+def dir_lock(directory: Path) -> DirLock:
+    """The lock of a run or results directory: ``<directory>/.lock``."""
+    directory = Path(directory)
+    return DirLock(directory, directory / LOCK_SUFFIX)
+
+
+@contextmanager
+def held_on_rank0(lock: DirLock, rank: int, world: int) -> Iterator[None]:
+    """Hold ``lock`` on rank 0 for the block; with several ranks rank 0's outcome is broadcast, so
+    that every rank raises ``LockedError`` alike instead of some waiting forever at a barrier."""
+    error = None
+    if rank == 0:
+        try:
+            lock.acquire()
+        except LockedError as err:
+            error = str(err)
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise LockedError(error)
+    try:
+        yield
+    finally:
+        if rank == 0:
+            lock.release()
