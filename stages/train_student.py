@@ -10,6 +10,7 @@ the comparison point for the offline design); everything else is shared.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,9 +27,10 @@ from pipeline.plots import plot_losses
 from pipeline.store import open_store
 from pipeline.students import new_student
 from pipeline.tasks import load_task
-from stages.common import Loaded, dist_info, load_for_stage, model_defaults
+from pipeline.locks import dir_lock, held_on_rank0
+from stages.common import Loaded, barrier, dist_info, load_for_stage, model_defaults
 from stages.trainer import Trainer
-from stages.training import Checkpoint, StudentData
+from stages.training import CHECKPOINT_DIR, Checkpoint, StudentData
 
 METHODS = ("mimic", "live", "lora")
 DEFAULT_LR = {"mimic": 5e-3, "live": 5e-3, "lora": 1e-3}
@@ -42,30 +44,30 @@ class TrainConfig:
     method: str = opt("mimic", "Student: mimic, live (one vector per layer), lora (PEFT).", METHODS)
     variant: str = opt("mimic", "MimIC variant: mimic, head_shared, query_independent, shift_only.", VARIANTS)
     align: str | None = opt(None, "Alignment loss: mse (official), l2sum (paper), kl (top-k logits), none. Default by method.", (*ALIGN_LOSSES, None))
-    lambda_gt: float = opt(0.5, "Weight of the cross-entropy term L_gt.")
+    lambda_gt: float = opt(0.5, "Weight of the cross-entropy term L_gt.", at_least=0)
     ce_tokens: str = opt("answer", "Cross-entropy on the answer tokens, or on all tokens (official code).", ("answer", "all"))
-    epochs: int | None = opt(None, "Epochs; default from configs/models (Idefics2 5, Idefics1 10).")
-    max_steps: int | None = opt(None, "Stop after this many optimiser steps (smoke tests, benchmarks).")
+    epochs: int | None = opt(None, "Epochs; default from configs/models (Idefics2 5, Idefics1 10).", at_least=1)
+    max_steps: int | None = opt(None, "Stop after this many optimiser steps (smoke tests, benchmarks).", at_least=1)
     lr: float | None = opt(None, "AdamW learning rate; default by method: 5e-3 for mimic and live (the official "
-                                 "code), 1e-3 for lora (5e-3 diverged on SmolLM2, see docs/results.md).")
-    weight_decay: float = opt(1e-3, "AdamW weight decay (none on biases).")
-    warmup_ratio: float = opt(0.1, "Fraction of steps of linear warm-up before the cosine decay.")
-    grad_clip: float = opt(1.0, "Gradient norm clip.")
-    batch_size: int = opt(2, "Samples per micro-batch per device.")
-    grad_accum: int = opt(2, "Micro-batches per optimiser step.")
-    seed: int = opt(3407, "Seed of initialisation and data order.")
+                                 "code), 1e-3 for lora (5e-3 diverged on SmolLM2, see docs/results.md).", above=0)
+    weight_decay: float = opt(1e-3, "AdamW weight decay (none on biases).", at_least=0)
+    warmup_ratio: float = opt(0.1, "Fraction of steps of linear warm-up before the cosine decay.", at_least=0, at_most=1)
+    grad_clip: float = opt(1.0, "Gradient norm clip.", above=0)
+    batch_size: int = opt(2, "Samples per micro-batch per device.", at_least=1)
+    grad_accum: int = opt(2, "Micro-batches per optimiser step.", at_least=1)
+    seed: int = opt(3407, "Seed of initialisation and data order.", at_least=0)
     name: str | None = opt(None, "Run name (runs/<name>); default <store>-<method>[-<variant>].")
     runs_dir: str = opt("runs", "Where runs are written.")
-    checkpoint_every: int = opt(50, "Optimiser steps between checkpoints (resume after a kill).")
+    checkpoint_every: int = opt(50, "Optimiser steps between checkpoints (resume after a kill).", at_least=1)
     online: bool = opt(False, "Run the teacher every step instead of reading the store.")
     resample_demos: bool = opt(True, "--online: draw new demonstrations each epoch (as the official code).")
     task: str | None = opt(None, "--online without a store: the task.")
     model: str | None = opt(None, "Model; default the store's model.")
-    shots: int | None = opt(None, "--online without a store: demonstrations per query.")
-    n_queries: int = opt(1000, "--online without a store: training queries.")
+    shots: int | None = opt(None, "--online without a store: demonstrations per query (required there).", at_least=1)
+    n_queries: int = opt(1000, "--online without a store: training queries.", at_least=1)
     layer_target: str = opt("mlp", "--online without a store: the aligned state.", LAYER_TARGETS)
     data_root: str | None = opt(None, "Root of the official data files (or env MIMIC_DATA).")
-    num_workers: int = opt(0, "DataLoader worker processes reading the store.")
+    num_workers: int = opt(0, "DataLoader worker processes reading the store.", at_least=0)
     device: str = opt("auto", "cpu, cuda, cuda:N or auto.")
     dtype: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32.")
     force: bool = opt(False, "Train even if the model does not match the store's fingerprint.")
@@ -105,6 +107,9 @@ def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer:
     """Everything the loop needs; resumes from ``runs/<name>/checkpoint`` when present."""
     if config.cache is None and not (config.online and config.task):
         raise UserError("give --cache STORE (or --online with --task)")
+    if config.cache is None and config.shots is None:
+        raise UserError("--online without a store needs --shots N (the teacher's demonstrations per query); "
+                        "a 0-shot teacher would teach nothing")
     attrs: dict[str, Any] = {}
     if config.cache:
         store = open_store(config.cache)
@@ -121,9 +126,11 @@ def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer:
         if attrs.get("prompt_template") != task.spec.prompt:
             raise UserError(f"the store's prompt template {attrs.get('prompt_template')!r} differs from the "
                             f"task's {task.spec.prompt!r}; re-run teacher-cache")
-    if config.lr is None:
-        config = replace(config, lr=DEFAULT_LR[config.method])
     align = default_align(config)
+    epochs = config.epochs or int(model_defaults(model_name).get("epochs", 5))
+    # the run records (config.yaml) and compares (checkpoint) the values used, not "default"
+    config = replace(config, lr=config.lr if config.lr is not None else DEFAULT_LR[config.method], align=align,
+                     epochs=epochs, model=model_name)
     if align == "kl" and attrs and not attrs.get("topk"):
         raise UserError("the kl alignment needs teacher logits: re-run teacher-cache with --topk 20")
     name = run_name(config, attrs)
@@ -135,8 +142,16 @@ def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer:
         store_fingerprint={k: v for k, v in attrs.items() if k not in ("created", "query_example_ids")},
     )
     data = StudentData(config, task, loaded, attrs, store_path=config.cache)
-    epochs = config.epochs or int(model_defaults(model_name).get("epochs", 5))
     return Trainer(config, loaded, student, data, run_dir, epochs, align)
+
+
+def store_identity(attrs: dict) -> dict | None:
+    """What identifies the store a run trains on: a rebuilt store (``--overwrite``) has a new ``created``
+    even with the same settings, and the run's checkpoint must not be resumed against it."""
+    if not attrs:
+        return None
+    digest = hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"created": attrs.get("created"), "attrs_sha256": digest}
 
 
 def save_outputs(trainer: Trainer) -> Path:
@@ -152,17 +167,31 @@ def run(config: TrainConfig, loaded: Loaded | None = None, show_progress: bool =
     rank, world, _ = dist_info()
     trainer = setup(config, loaded)
     try:
-        checkpoint = Checkpoint(trainer.run_dir / "checkpoint", config_to_dict(config))
-        if rank == 0:
-            checkpoint.check_config(config.overwrite)
-        trainer.train(checkpoint, show_progress=show_progress and rank == 0)
-        if rank == 0:
-            save_outputs(trainer)
-            summary = trainer.summary()
-            (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            if show_progress:
-                print(f"wrote {trainer.run_dir}: {summary['steps']} steps, final loss {summary['final_loss']:.4g}, "
-                      f"{summary['samples_per_s']:.2f} samples/s with {world} process{'es' if world > 1 else ''}")
+        with held_on_rank0(dir_lock(trainer.run_dir), rank, world):
+            store = trainer.data.store_attrs
+            checkpoint = Checkpoint(trainer.run_dir / CHECKPOINT_DIR,
+                                    {**config_to_dict(trainer.config), "store": store_identity(store)})
+            if rank == 0:
+                checkpoint.check_config(config.overwrite)
+            barrier()  # no rank reads the checkpoint while rank 0 may still be removing it
+            trainer.train(checkpoint, show_progress=show_progress and rank == 0)
+            if rank == 0:
+                finish(trainer, show_progress, world)
     finally:
         trainer.student.detach()  # a model passed in leaves as it came
     return trainer.run_dir
+
+
+def finish(trainer: Trainer, show_progress: bool, world: int) -> None:
+    """Write the adapter, config, loss curve and summary; say what was done."""
+    save_outputs(trainer)
+    summary = trainer.summary()
+    (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if not show_progress:
+        return
+    if trainer.stats["resumed_at"] >= trainer.total_steps:
+        print(f"{trainer.run_dir} is already trained ({summary['steps']} steps, final loss "
+              f"{summary['final_loss']:.4g}); nothing to do (pass --overwrite to train it again)")
+        return
+    print(f"wrote {trainer.run_dir}: {summary['steps']} steps, final loss {summary['final_loss']:.4g}, "
+          f"{summary['samples_per_s']:.2f} samples/s with {world} process{'es' if world > 1 else ''}")

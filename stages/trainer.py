@@ -141,6 +141,8 @@ class Trainer:
         log_path = self.run_dir / LOG_FILE
         keep = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step] if log_path.exists() else []
         log_path.write_text("".join(ln + "\n" for ln in keep))
+        # a resumed run reports the loss it reached, even when nothing is left to train
+        self.stats.update(resumed_at=step, steps=step, final_loss=json.loads(keep[-1])["loss"] if keep else float("nan"))
         progress = Progress(self.total_steps - step, f"train-student {self.run_dir.name}", show_progress, unit="step")
         start = time.perf_counter()
         with log_path.open("a") as log:
@@ -159,8 +161,10 @@ class Trainer:
                     step += 1
                     row.update(step=step, epoch=epoch, samples_per_s=self.stats["samples"] / (time.perf_counter() - start))
                     if not math.isfinite(row["loss"]):
-                        raise UserError(f"loss became {row['loss']} at step {step}; the last good checkpoint is kept in "
-                                        f"{checkpoint.dir} — lower --lr or check the store")
+                        kept = (f"the last good checkpoint is kept in {checkpoint.dir}" if checkpoint.exists else
+                                f"no checkpoint was written yet (every {self.config.checkpoint_every} steps)")
+                        raise UserError(f"loss became {row['loss']} at step {step}; {kept} — lower --lr or check "
+                                        "the store (`pipeline teacher-cache` re-run with --overwrite)")
                     if self.rank == 0:
                         log.write(json.dumps(row) + "\n")
                         log.flush()
@@ -203,5 +207,6 @@ class Trainer:
     def summary(self) -> dict:
         s = self.stats
         elapsed = s.get("elapsed_s", 0.0) or 1e-9
-        return {"steps": s["steps"], "final_loss": s["final_loss"], "samples_per_s": s["samples"] / elapsed,
+        return {"steps": s["steps"], "final_loss": s["final_loss"],
+                "samples_per_s": s["samples"] / elapsed if s["samples"] else None,
                 "data_s": s["data_s"], "compute_s": s["compute_s"], "elapsed_s": elapsed, "align": self.align}
