@@ -1,4 +1,5 @@
-"""Teacher store: the on-disk format of stage 1 (DESIGN.md §4); the only module that imports zarr.
+"""Teacher store: the on-disk format of stage 1; the only module that imports zarr (its integrity check,
+`TeacherStore.verify`, lives in pipeline/store_verify.py and reaches storage through this module).
 
 A zarr v3 group, one row per query (N rows, S rows per shard, right-padded to T_max tokens):
 
@@ -13,10 +14,13 @@ A zarr v3 group, one row per query (N rows, S rows per shard, right-padded to T_
     topk_indices int32   (N, T_max, K)     optional; pad -1
 
 Every chunk is blosc(zstd, clevel 1, shuffle) then crc32c: lossless, and a flipped byte fails loudly.
+Writers store every chunk of a written shard, even one equal to the fill value, so that a chunk that is
+not on disk is always a lost one (zarr would otherwise read it back as the fill value, silently).
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import math
@@ -26,14 +30,21 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.abc.store import SuffixByteRequest
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+from zarr.codecs.sharding import ShardingCodecIndexLocation
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 from pipeline.config import UserError
+
+if TYPE_CHECKING:
+    from pipeline.store_verify import VerifyReport
 
 SCHEMA_VERSION = 1
 ENCODING = "bf16-bits-in-uint16"
@@ -47,6 +58,7 @@ LARGE_SAMPLE_BYTES = 4 * 2**20
 SHARD_LARGE, SHARD_SMALL = 16, 64  # samples per shard above / below LARGE_SAMPLE_BYTES
 _RESUME = "re-run the same teacher-cache command to resume"
 _RECREATE = "re-create it with `pipeline teacher-cache ... --overwrite`"
+_DECODE_ERRORS = (ValueError, RuntimeError, OSError)  # crc32c mismatch, blosc failure, unreadable file
 
 
 class StoreError(UserError):
@@ -124,6 +136,41 @@ def _compressors(typesize: int | None = None) -> list:
     return [blosc, Crc32cCodec()]
 
 
+def _array_specs(layout: StoreLayout) -> dict[str, tuple]:
+    """name -> (shape, dtype, fill_value, chunks, shards) of every array `create_store` makes."""
+    n, t, s, k = layout.n_samples, layout.t_max, layout.shard_size, layout.topk
+    ld = (layout.n_layers, layout.hidden)
+    specs = {HS: ((n, t, *ld), "uint16", 0, (1, t, *ld), (s, t, *ld))}
+    small = {DONE: ((n,), "bool", False), LENGTHS: ((n,), "int32", 0), TOKEN_IDS: ((n, t), "int32", -1),
+             ICD_IDS: ((n, layout.shots), "int32", -1), QUERY_IDS: ((n,), "int32", -1)}
+    if k is not None:
+        small |= {TOPK_VALUES: ((n, t, k), "float32", 0.0), TOPK_INDICES: ((n, t, k), "int32", -1)}
+    return specs | {name: (shape, dtype, fill, (s, *shape[1:]), None)
+                    for name, (shape, dtype, fill) in small.items()}
+
+
+def _fmt_samples(rows: Sequence[int]) -> str:
+    """'sample 3', 'samples 4..7' or 'samples 1, 5, 9'."""
+    rows = sorted(int(r) for r in rows)
+    if len(rows) == 1:
+        return f"sample {rows[0]}"
+    if rows[-1] - rows[0] == len(rows) - 1:
+        return f"samples {rows[0]}..{rows[-1]}"
+    more = f", ... ({len(rows)} in all)" if len(rows) > 6 else ""
+    return f"samples {', '.join(map(str, rows[:6]))}{more}"
+
+
+async def _sizes(store: Any) -> dict[str, int]:
+    keys = [k async for k in store.list_prefix("")]
+    return dict(zip(keys, await asyncio.gather(*(store.getsize(k) for k in keys)), strict=True))
+
+
+async def _suffixes(store: Any, keys: Sequence[str], nbytes: int) -> list[bytes | None]:
+    proto = default_buffer_prototype()
+    bufs = await asyncio.gather(*(store.get(k, proto, SuffixByteRequest(nbytes)) for k in keys))
+    return [None if b is None else b.to_bytes() for b in bufs]
+
+
 def _jsonable(attrs: dict) -> dict:
     return json.loads(json.dumps(attrs, default=str))
 
@@ -145,18 +192,11 @@ def create_store(path: str | Path, layout: StoreLayout, attrs: dict) -> TeacherS
         group = zarr.open_group(path, mode="w-", attributes=meta)
     except FileExistsError as e:
         raise StoreError(f"{path} already exists; pass --overwrite to replace it or choose another path") from e
-    n, t, s, k = layout.n_samples, layout.t_max, layout.shard_size, layout.topk
-    group.create_array(HS, shape=(n, t, layout.n_layers, layout.hidden), dtype="uint16", fill_value=0,
-                       chunks=(1, t, layout.n_layers, layout.hidden),
-                       shards=(s, t, layout.n_layers, layout.hidden), compressors=_compressors(2))
-    small = {DONE: ((n,), "bool", False), LENGTHS: ((n,), "int32", 0), TOKEN_IDS: ((n, t), "int32", -1),
-             ICD_IDS: ((n, layout.shots), "int32", -1), QUERY_IDS: ((n,), "int32", -1)}
-    if k is not None:
-        small |= {TOPK_VALUES: ((n, t, k), "float32", 0.0), TOPK_INDICES: ((n, t, k), "int32", -1)}
     splits = {QUERY_IDS: attrs.get(QUERY_SPLIT_ATTR), ICD_IDS: attrs.get(SUPPORT_SPLIT_ATTR)}
-    for name, (shape, dtype, fill) in small.items():
-        group.create_array(name, shape=shape, dtype=dtype, fill_value=fill, chunks=(s, *shape[1:]),
-                           compressors=_compressors(), attributes=_jsonable({"split": splits.get(name)}))
+    for name, (shape, dtype, fill, chunks, shards) in _array_specs(layout).items():
+        extra = {"shards": shards, "compressors": _compressors(2)} if name == HS else \
+            {"compressors": _compressors(), "attributes": _jsonable({"split": splits.get(name)})}
+        group.create_array(name, shape=shape, dtype=dtype, fill_value=fill, chunks=chunks, **extra)
     return TeacherStore(path, "r+")
 
 
@@ -179,6 +219,11 @@ def remove_store(path: str | Path) -> None:
     if not is_store:
         raise StoreError(f"refusing to delete {path}: it is not a teacher store (no zarr.json with "
                          "schema_version); remove it by hand if you mean it")
+    ours = {"zarr.json", *REQUIRED_ARRAYS, TOPK_VALUES, TOPK_INDICES}
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in ours)
+    if foreign:  # never delete what teacher-cache did not write
+        raise StoreError(f"refusing to replace {path}: it holds files teacher-cache did not write "
+                         f"({', '.join(foreign[:5])}); move them out, or write elsewhere with --out")
     shutil.rmtree(path)
 
 
@@ -207,15 +252,27 @@ class TeacherStore:
             raise StoreError(f"{self.path} is not a zarr group ({type(e).__name__}); point --cache at a "
                              "store written by `pipeline teacher-cache`") from e
         _check_schema(self.path, dict(self._group.attrs))
-        names = set(self._group.array_keys())
-        missing = [n for n in REQUIRED_ARRAYS if n not in names]
+        members = sorted(p.name for p in self.path.iterdir() if (p / "zarr.json").is_file())
+        self._arrays = {}
+        for name in members:  # one by one, to name the array whose metadata is damaged
+            try:
+                node = self._group[name]
+            except (zarr.errors.BaseZarrError, OSError, ValueError) as e:
+                raise StoreError(f"{self.path}: {name}/zarr.json cannot be read ({type(e).__name__}: {e}); the "
+                                 f"store is corrupt: {_RECREATE}") from e
+            if isinstance(node, zarr.Array):  # see the module docstring: r+ writes chunks equal to the fill value
+                self._arrays[name] = node.with_config({"write_empty_chunks": True}) if mode == "r+" else node
+        missing = [n for n in REQUIRED_ARRAYS if n not in self._arrays]
         if missing:
             raise StoreError(f"{self.path} lacks arrays {missing}; it is corrupt: {_RECREATE}")
-        self._arrays = {n: self._group[n] for n in names}
         hs = self._arrays[HS]
-        n, t, n_layers, hidden = hs.shape
-        topk = self._arrays[TOPK_VALUES].shape[2] if TOPK_VALUES in names else None
-        self.layout = StoreLayout(n, t, n_layers, hidden, self._arrays[ICD_IDS].shape[1], hs.shards[0], topk)
+        topk = self._arrays[TOPK_VALUES].shape[-1] if TOPK_VALUES in self._arrays else None
+        try:  # unsharded or mis-shaped arrays are named by verify's metadata check
+            shots, per_shard = self._arrays[ICD_IDS].shape[-1], (hs.shards or hs.chunks)[0]
+            self.layout = StoreLayout(*hs.shape, shots, per_shard, topk)
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"{self.path}: hs/zarr.json has shape {hs.shape}, expected (N, T_max, L, D) ({e}); "
+                             f"the store is corrupt: {_RECREATE}") from e
         self._cache: dict[str, np.ndarray] = {}
 
     def __getstate__(self) -> dict:
@@ -252,7 +309,7 @@ class TeacherStore:
         """Shards owned by `rank` of `world` writers (r, r+W, ...) whose done flags are not all set."""
         if not (world >= 1 and 0 <= rank < world):
             raise ValueError(f"rank {rank} of world {world}: expected 0 <= rank < world")
-        done = self._arrays[DONE][:]
+        done = self.read_array(DONE)
         return [s for s in range(rank, self.n_shards, world)
                 if not done[self.shard_samples(s).start:self.shard_samples(s).stop].all()]
 
@@ -319,7 +376,11 @@ class TeacherStore:
             return self._cache[name]
         if name not in self._arrays:
             raise KeyError(f"no array {name!r} in {self.path}; valid: {sorted(self._arrays)}")
-        value = self._arrays[name][:]
+        value, bad = self._read_files(name)
+        if bad:
+            key, rows, err = bad[0]
+            raise StoreError(f"{self.path} is corrupt: {name} chunk {key} ({_fmt_samples(rows)}) failed its "
+                             f"checksum or decode ({err}); {_RECREATE}")
         if self.mode == "r":
             self._cache[name] = value
         return value
@@ -329,41 +390,147 @@ class TeacherStore:
         n = self.layout.n_samples
         if not 0 <= i < n:
             raise IndexError(f"sample {i} out of range for a store of {n} samples")
-        try:
-            done = self.read_array(DONE)
-            if not done[i]:
-                raise StoreError(f"sample {i} of {self.path} is not written ({int(done.sum())} of {n} "
-                                 f"samples done); {_RESUME}")
-            t = int(self.read_array(LENGTHS)[i])
-            hs = bits_to_bf16(self._arrays[HS][i, :t])  # a plain slice: fancy indexing is ~100x slower
-            icd = self.read_array(ICD_IDS)[i]
-            rec = SampleRecord(hs, torch.from_numpy(self.read_array(TOKEN_IDS)[i, :t].astype(np.int64)),
-                               [int(x) for x in icd if x >= 0], int(self.read_array(QUERY_IDS)[i]))
-            if self.layout.topk is not None:
-                rec.topk_values = torch.from_numpy(self._arrays[TOPK_VALUES][i, :t])
-                rec.topk_indices = torch.from_numpy(self._arrays[TOPK_INDICES][i, :t].astype(np.int64))
-        except (ValueError, RuntimeError) as e:
-            if isinstance(e, StoreError):
-                raise
-            raise StoreError(f"sample {i} of {self.path} failed its checksum or decode ({e}); the store "
-                             f"is corrupt: {_RECREATE}") from e
+        done = self.read_array(DONE)
+        if not done[i]:
+            raise StoreError(f"sample {i} of {self.path} is not written ({int(done.sum())} of {n} "
+                             f"samples done); {_RESUME}")
+        t = int(self.read_array(LENGTHS)[i])
+        hs = bits_to_bf16(self._read_sample(HS, i, t))
+        icd = self.read_array(ICD_IDS)[i]
+        rec = SampleRecord(hs, torch.from_numpy(self.read_array(TOKEN_IDS)[i, :t].astype(np.int64)),
+                           [int(x) for x in icd if x >= 0], int(self.read_array(QUERY_IDS)[i]))
+        if self.layout.topk is not None:
+            rec.topk_values = torch.from_numpy(self._read_sample(TOPK_VALUES, i, t))
+            rec.topk_indices = torch.from_numpy(self._read_sample(TOPK_INDICES, i, t).astype(np.int64))
         return rec
 
+    def _read_sample(self, name: str, i: int, t: int) -> np.ndarray:
+        try:
+            return self._arrays[name][i, :t]  # a plain slice: fancy indexing is ~100x slower
+        except _DECODE_ERRORS as e:
+            kind = "shard" if name == HS else "chunk"
+            raise StoreError(f"sample {i} of {self.path}: {name} {kind} {self._file_key(name, i)} failed its "
+                             f"checksum or decode ({e}); the store is corrupt: {_RECREATE}") from e
+
     def validate(self, expected: dict | None = None) -> None:
-        """Check schema, that every sample is done and (if given) that `expected` attrs match."""
-        _check_schema(self.path, self.attrs)
-        done = self._arrays[DONE][:]
-        if not done.all():
-            raise StoreError(f"{self.path} is incomplete: {int(done.sum())} of {len(done)} samples done; "
-                             f"{_RESUME}")
+        """Check schema, integrity (the cheap checks of `verify(full=False)`: metadata, every chunk file of
+        every done sample on disk, the small arrays read and consistent), that every sample is done and
+        (if given) that `expected` attrs match. Raises StoreError naming what is wrong and the fix."""
+        self.verify(full=False)
         if expected is None:
             return
-        stored, want, gone = self.fingerprint, _fingerprint(_jsonable(expected)), "<missing>"
-        diff = [f"{k}: stored {stored.get(k, gone)!r} vs expected {want.get(k, gone)!r}"
-                for k in sorted(set(stored) | set(want)) if stored.get(k, gone) != want.get(k, gone)]
+        diff = self.differences(expected)
         if diff:
             raise StoreError(f"{self.path} was made by a different teacher setup ({'; '.join(diff)}); "
                              f"{_RECREATE} or point --cache at the matching store")
+
+    def differences(self, expected: dict) -> list[str]:
+        """``"key: stored X vs expected Y"`` for each fingerprint attribute that differs from ``expected``
+        (long values shortened); empty when the store was made by that setup."""
+        stored, want, gone = self.fingerprint, _fingerprint(_jsonable(expected)), "<missing>"
+
+        def short(v: Any) -> str:
+            text = repr(v)
+            return text if len(text) <= 60 else text[:57] + "..."
+
+        return [f"{k}: stored {short(stored.get(k, gone))} vs expected {short(want.get(k, gone))}"
+                for k in sorted(set(stored) | set(want)) if stored.get(k, gone) != want.get(k, gone)]
+
+    def verify(self, full: bool = True, progress: bool = False, *, allow_incomplete: bool = False,
+               workers: int | None = None) -> VerifyReport:
+        """Prove the store intact before anything trusts it; raise a one-line StoreError naming the store,
+        the array, the chunk or shard file, the samples affected and the fix, listing every problem found.
+
+        Always (cheap, for every open): metadata re-read from disk (schema, shapes, codecs); every chunk and
+        shard file that a done sample needs is on disk; each hs shard's index (checksum, an entry for every
+        done sample, within the file); every small array read and checksummed; lengths in 1..T_max,
+        token_ids / topk_indices >= 0 before each length and -1 after, topk_values 0 after, query_ids >= 0,
+        icd_ids ids then -1 padding. full=True also decodes every hs sample (checksums) and checks its
+        padding, one sample at a time per dask worker thread (`workers`, default min(8, CPUs)), so memory
+        stays at a few samples however large the store. progress: a dask progress bar for that read.
+        An incomplete store raises (resume it) unless allow_incomplete, which checks the done samples only.
+        Returns a VerifyReport (samples, files, shards, bytes read, seconds; str() is one line).
+        """
+        from pipeline.store_verify import verify_store  # it imports this module
+
+        return verify_store(self, full=full, progress=progress, allow_incomplete=allow_incomplete, workers=workers)
+
+    # --- storage primitives for pipeline/store_verify.py (kept here: the only module that imports zarr) ---
+
+    def _objects(self, name: str) -> list[tuple[tuple[slice, ...], str, range]]:
+        """(region, key, samples) of every object the array stores (shards for hs), keys relative to the
+        store root as zarr names them (`hs/c/0/0/0/0`), in order; none for an array with a zero-length axis."""
+        a = self._arrays[name]
+        per_file = a.shards or a.chunks
+        grid = [0 if n == 0 else math.ceil(n / c) for n, c in zip(a.shape, per_file, strict=True)]
+        return [(tuple(slice(c * w, (c + 1) * w) for c, w in zip(coords, per_file, strict=True)),
+                 f"{a.path}/{a.metadata.encode_chunk_key(coords)}",
+                 range(coords[0] * per_file[0], min((coords[0] + 1) * per_file[0], a.shape[0])))
+                for coords in np.ndindex(*grid)]
+
+    def _files(self, name: str) -> list[tuple[str, range]]:
+        """(key, samples) of every object the array stores; see `_objects`."""
+        return [(key, rows) for _, key, rows in self._objects(name)]
+
+    def _file_key(self, name: str, i: int) -> str:
+        """Key of the object holding sample i (every array is one object wide past axis 0)."""
+        a = self._arrays[name]
+        return f"{a.path}/{a.metadata.encode_chunk_key((i // (a.shards or a.chunks)[0],) + (0,) * (a.ndim - 1))}"
+
+    def _read_files(self, name: str) -> tuple[np.ndarray, list[tuple[str, range, Exception]]]:
+        """The whole array, and (key, samples, error) of each object that failed to decode; their samples
+        hold the fill value. One read when all is well, object by object only to find the culprits."""
+        a = self._arrays[name]
+        try:
+            return a[:], []
+        except _DECODE_ERRORS:
+            pass
+        out, bad = np.full(a.shape, a.fill_value, dtype=a.dtype), []
+        for region, key, rows in self._objects(name):
+            try:
+                out[region] = a[region]
+            except _DECODE_ERRORS as e:
+                bad.append((key, rows, e))
+        return out, bad
+
+    def _read_rows(self, name: str, rows: range) -> np.ndarray:
+        return self._arrays[name][rows.start:rows.stop]
+
+    def _stored_sizes(self) -> dict[str, int]:
+        """Size in bytes of every object in the store, by key, as zarr's store lists them."""
+        return sync(_sizes(self._group.store))
+
+    def _read_suffixes(self, keys: Sequence[str], nbytes: int) -> list[bytes | None]:
+        """The last `nbytes` of each object (a shard's index), None for an object not there."""
+        return sync(_suffixes(self._group.store, keys, nbytes))
+
+    def _hs_index_nbytes(self) -> int:
+        """Bytes of an hs shard's index: (offset, nbytes) uint64 per inner chunk, then crc32c (the zarr v3
+        sharding spec's layout for the index codecs `_metadata_problems` requires)."""
+        a = self._arrays[HS]
+        return 16 * math.prod(s // c for s, c in zip(a.shards, a.chunks, strict=True)) + 4
+
+    def _metadata_problems(self) -> list[str]:
+        """How the arrays' metadata differs from what `create_store` makes for this layout."""
+        problems = []
+        for name, want in _array_specs(self.layout).items():
+            a = self._arrays.get(name)
+            if a is None:
+                problems.append(f"array {name} is missing")
+                continue
+            got = (a.shape, str(a.dtype), a.fill_value, a.chunks, a.shards)
+            fields = ("shape", "dtype", "fill_value", "chunks", "shards")
+            problems += [f"{name}/zarr.json has {field} {g}, expected {w}"
+                         for field, g, w in zip(fields, got, want, strict=True) if g != w]
+            if not a.compressors or not isinstance(a.compressors[-1], Crc32cCodec):
+                problems.append(f"{name}/zarr.json has no crc32c checksum codec")
+        if TOPK_INDICES in self._arrays and self.layout.topk is None:
+            problems.append("array topk_values is missing")
+        sharding = self._arrays[HS].metadata.codecs[0]
+        if not (isinstance(sharding, ShardingCodec) and sharding.index_location == ShardingCodecIndexLocation.end
+                and sharding.index_codecs == (BytesCodec(endian="little"), Crc32cCodec())):
+            problems.append("hs/zarr.json does not shard with a crc32c-checked index at the end of each file")
+        return problems
 
     def cleanup_partials(self) -> list[Path]:
         """Delete orphan `*.partial` files a SIGKILLed writer left; call only while no writer runs."""
