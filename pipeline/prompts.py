@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .config import UserError
 from .families.base import Encoded, Family, Segment, tokenizer_of
 from .tasks.base import Example, TaskSpec
 
@@ -42,10 +43,17 @@ def load_image(image: Any) -> Any:
     """An example's image as a PIL RGB image: a path is opened, a PIL image is kept, None stays None."""
     if image is None or not isinstance(image, (str, Path)):
         return image
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(image) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except FileNotFoundError as err:
+        raise UserError(f"image {image} does not exist; check the task's image paths (relative to its data "
+                        "file) or --data-root") from err
+    except (UnidentifiedImageError, OSError) as err:  # a text file named .png, a truncated download
+        raise UserError(f"image {image} cannot be read as an image ({type(err).__name__}); replace or remove "
+                        "that file") from err
 
 
 def demo_text(spec: TaskSpec, family: Family, example: Example, answer: str) -> str:

@@ -17,7 +17,8 @@ from pipeline.families import attention_geometry, family_for
 
 @dataclass
 class Loaded:
-    """A model ready for a stage. ``source`` carries name, revision and fingerprint (DESIGN §4 attrs)."""
+    """A model ready for a stage. ``source`` carries the name, revision and fingerprint that stores and
+    adapters record (a store's ``model*`` attributes)."""
 
     model: Any
     processor: Any
@@ -32,11 +33,16 @@ class Loaded:
 
 @dataclass(frozen=True)
 class ModelSourceInfo:
-    """Identity of a model that was built in-process (tests, benchmarks) rather than loaded by name."""
+    """Identity of a model that was built in-process (tests, benchmarks) rather than loaded by name;
+    the same fields the stages read from ``pipeline.models.ModelSource``."""
 
     alias: str
     revision: str | None
     fingerprint: str
+
+    @property
+    def recorded(self) -> str:
+        return self.alias
 
 
 def _state():

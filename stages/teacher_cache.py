@@ -26,7 +26,6 @@ from pipeline.families import Encoded
 from pipeline.locks import held_on_rank0, store_lock
 from pipeline.prompts import DemoCache, Prompt, build_prompt, check_alignment
 from pipeline.store import (
-    VOLATILE_ATTRS,
     SampleRecord,
     ShardWriter,
     StoreError,
@@ -129,7 +128,7 @@ def store_attrs(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: in
     # .ids() reads one column instead of building every example (443k rows for VQAv2)
     support_ids = [str(i) for i in support.ids()] if hasattr(support, "ids") else [str(e.id) for e in support]
     return {
-        "model": loaded.source.alias,
+        "model": loaded.source.recorded,  # absolute for a local directory
         "model_revision": loaded.source.revision,
         "model_fingerprint": loaded.source.fingerprint,
         "family": loaded.family.name,
@@ -164,10 +163,14 @@ def open_or_create(path: Path, layout: StoreLayout, attrs: dict, overwrite: bool
     same = False
     if path.exists():
         try:
-            same = open_store(path).fingerprint == {k: v for k, v in attrs.items() if k not in VOLATILE_ATTRS}
-            problem = "a store made with a different configuration exists"
+            existing = open_store(path)
+            diff = existing.differences(attrs)
+            same = not diff
+            problem = f"a store made with a different configuration ({'; '.join(diff)}) exists"
+            if same:  # resuming: what is already written must be intact (cheap checks, not every byte)
+                existing.verify(full=False, allow_incomplete=True)
         except StoreError as err:
-            problem = f"{path} is not a usable teacher store ({err})"
+            same, problem = False, f"{path} is not a usable teacher store ({err})"
         if not same and not overwrite:
             raise UserError(f"{problem} at {path}; pass --overwrite to replace it or --out to write elsewhere")
     barrier()  # every rank has looked before rank 0 touches anything

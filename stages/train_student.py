@@ -21,13 +21,13 @@ import yaml
 
 from pipeline.capture import LAYER_TARGETS
 from pipeline.config import UserError, config_to_dict, opt
+from pipeline.locks import dir_lock, held_on_rank0
 from pipeline.losses import ALIGN_LOSSES
 from pipeline.mimic import VARIANTS
 from pipeline.plots import plot_losses
 from pipeline.store import open_store
 from pipeline.students import new_student
 from pipeline.tasks import load_task
-from pipeline.locks import dir_lock, held_on_rank0
 from stages.common import Loaded, barrier, dist_info, load_for_stage, model_defaults
 from stages.trainer import Trainer
 from stages.training import CHECKPOINT_DIR, Checkpoint, StudentData
@@ -113,7 +113,9 @@ def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer:
     attrs: dict[str, Any] = {}
     if config.cache:
         store = open_store(config.cache)
-        store.validate()
+        # every chunk read and its checksum checked before step 1: a damaged store must never become
+        # silently wrong teacher states (a lost shard reads back as zeros)
+        store.verify(full=True)
         attrs = store.attrs
     model_name = config.model or attrs.get("model") or "smollm2-135m"
     task_name = attrs.get("task_source") or attrs.get("task") or config.task
@@ -137,7 +139,7 @@ def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer:
     run_dir = Path(config.runs_dir) / name
     torch.manual_seed(config.seed)
     student = new_student(
-        config.method, config.variant, loaded.model, loaded.geometry, base_model=loaded.source.alias,
+        config.method, config.variant, loaded.model, loaded.geometry, base_model=loaded.source.recorded,
         base_revision=loaded.source.revision, base_fingerprint=loaded.source.fingerprint,
         store_fingerprint={k: v for k, v in attrs.items() if k not in ("created", "query_example_ids")},
     )

@@ -19,7 +19,7 @@ from stages.common import Loaded
 
 LOG_FILE = "train_log.jsonl"
 # keys that may change between a run and its resumption
-RESUMABLE_KEYS = ("max_steps", "num_workers", "checkpoint_every", "overwrite", "force", "device")
+RESUMABLE_KEYS = ("max_steps", "num_workers", "checkpoint_every", "overwrite", "force", "device", "runs_dir", "name")
 
 
 @dataclass
