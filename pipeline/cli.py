@@ -76,6 +76,9 @@ def _command(cls: type, runner: Callable[[Any], Any]) -> Callable[..., None]:
     return command
 
 
+_PATH_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST)
+
+
 class user_errors:
     """Print a user-caused error on one line (no traceback) and exit 2; Ctrl-C exits 130."""
 
@@ -88,7 +91,7 @@ class user_errors:
         if issubclass(exc_type, (UserError, ConfigError)):
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2)
-        if issubclass(exc_type, (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)):
+        if issubclass(exc_type, OSError) and getattr(exc, "errno", None) in _PATH_ERRNOS:
             # a path the user gave that cannot be written or is of the wrong kind; the OS message names it
             typer.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}; choose a writable directory path "
                        "(check --out / --runs-dir / --results-dir / --cache-dir)", err=True)
