@@ -2,7 +2,7 @@
 
     python bench/icl_text_tasks.py --tasks antonyms plurals --shots 0 4 8 --n 50 --seed 0
 
-Prompts are built here directly from token ids (DESIGN §4): ``[BOS] demo_1 ... demo_k query`` with
+Prompts are built here directly from token ids (docs/architecture.md §4): ``[BOS] demo_1 ... demo_k query`` with
 each demonstration ``"{input} -> {answer}\\n"`` and the query ``"{input} ->"``, every segment
 tokenised on its own. Demonstrations are drawn per query from the support split with a seed
 (nested: the 4-shot demos are the first 4 of the 8-shot ones). Generation is greedy (``--beams 1``)

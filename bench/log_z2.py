@@ -1,4 +1,4 @@
-"""log Z2 on CUDA: the compiled flex_attention path against the exact chunked path (DESIGN §3).
+"""log Z2 on CUDA: the compiled flex_attention path against the exact chunked path (docs/architecture.md §3).
 
     python bench/log_z2.py --out results/log_z2.json            # GPU: checks, then timings
     python bench/log_z2.py --quick                               # CPU smoke test (chunked only)

@@ -1,7 +1,7 @@
 """``smollm2-vlm``: a small LLaVA whose language model is the real SmolLM2-135M-Instruct (frozen).
 
 A ``LlavaForConditionalGeneration`` (so it runs through exactly the code path of real LLaVA models)
-made of the converted SmolLM2 (``pipeline.models``, DESIGN §8), a 3-layer CLIP vision tower and the
+made of the converted SmolLM2 (``pipeline.models``, docs/architecture.md §8), a 3-layer CLIP vision tower and the
 LLaVA projector, both trained on the project's rendered shapes (``pipeline.demo_vlm_train``). An image
 is 96 px with 32 px patches: one patch per cell of the scenes' 3x3 grid plus CLS = 10 ``<image>``
 tokens. The tokenizer is SmolLM2's plus ``<image>`` (one extra embedding row, never read as input

@@ -1,4 +1,4 @@
-"""Evaluation metrics: VQA accuracy, CIDEr-D and exact match, as pure functions (DESIGN §6).
+"""Evaluation metrics: VQA accuracy, CIDEr-D and exact match, as pure functions (docs/architecture.md §6).
 
 VQA accuracy ports the official GT-Vision-Lab evaluation (``PythonEvaluationTools/vqaEvaluation/
 vqaEval.py``, master branch, the version OpenFlamingo and LAVIS copy): its contraction map, number

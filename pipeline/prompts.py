@@ -1,7 +1,7 @@
 """Interleaved ICL prompts: ``[BOS] demo_1 ... demo_k query [answer separator]`` as one ``Encoded``.
 
 Every demonstration and the query are tokenised as separate segments and their ids concatenated
-(DESIGN §4), so the query (+ answer) ids of a k-shot teacher prompt and of a zero-shot student prompt
+(docs/architecture.md §4), so the query (+ answer) ids of a k-shot teacher prompt and of a zero-shot student prompt
 are identical; ``check_alignment`` fails loudly when they are not. Both start with the family's BOS.
 """
 

@@ -120,7 +120,7 @@ def plan_queries(task: Any, loaded: Loaded, shots: int, n_queries: int, seed: in
 
 
 def store_attrs(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: int, plan: list[Planned]) -> dict:
-    """The fingerprint of what produced the store (DESIGN §4); stage 2 checks it."""
+    """The fingerprint of what produced the store (docs/architecture.md §4); stage 2 checks it."""
     geometry = loaded.geometry
     queries = task.split("train")
     query_ids = [str(queries[p.query_index].id) for p in plan]

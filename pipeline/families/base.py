@@ -137,7 +137,7 @@ class Family:
             )
 
     def bos(self, processor: Any) -> Encoded:
-        """The one start token both teacher and student sequences begin with (DESIGN §4).
+        """The one start token both teacher and student sequences begin with (docs/architecture.md §4).
 
         The tokenizer's ``bos_token`` if it has one, else the first of ``start_tokens`` it knows.
         """

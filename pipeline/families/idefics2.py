@@ -1,7 +1,7 @@
 """Idefics2: Mistral decoder, SigLIP tower, perceiver resampler (64 ``<image>`` tokens per crop).
 
 Rounds end with ``<end_of_utterance>\\n`` (the official MimIC code writes ``<end_of_outterance>``, a
-typo that tokenises into pieces; DESIGN §7). Images travel as crops: ``pixel_values``
+typo that tokenises into pieces; docs/architecture.md §7). Images travel as crops: ``pixel_values``
 (B, N_crops, C, H, W) and ``pixel_attention_mask`` (B, N_crops, H, W), zero-padded; the model drops
 all-zero crops, so samples with fewer images are padded with zero crops.
 """

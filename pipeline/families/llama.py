@@ -1,6 +1,6 @@
 """Llama-like text-only causal LMs (Llama, SmolLM2, Mistral, Qwen2/3, Phi-3): no images.
 
-When the tokenizer has no ``bos_token`` the start token is ``<|im_start|>`` (SmolLM2's, id 1; DESIGN §4;
+When the tokenizer has no ``bos_token`` the start token is ``<|im_start|>`` (SmolLM2's, id 1; docs/architecture.md §4;
 also present in Qwen chat tokenizers), else ``<|endoftext|>`` (Qwen2's config ``bos_token_id``).
 """
 
