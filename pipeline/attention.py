@@ -1,8 +1,15 @@
 """MimIC inside HuggingFace models through transformers' attention interface.
 
 We register one attention function and its mask function under ``ATTN_NAME``. The function runs
-the stock sdpa attention (the same kernel as the base model, so with v = 0 the outputs are equal
-bit for bit) and, for the decoder self-attention modules that carry MimIC heads, adds mu(q) v.
+the stock sdpa attention (the same kernel as the base model) and, for the decoder self-attention
+modules that carry MimIC heads, adds mu(q) v.
+
+With v = 0 the logits are bit-identical to the stock sdpa model's *with the same requires_grad flags
+on the base parameters*. Attaching freezes the base (requires_grad False), and that alone can change
+the last bits: PyTorch's CPU ``F.linear`` on a non-contiguous input (LLaVA-OneVision's projector)
+picks another kernel when its weight requires grad, even under ``no_grad``. So compare a student
+with v = 0 against the frozen base model; ``detach()`` restores every flag as it was before the
+attach, and with it the base model's exact outputs.
 Heads are attached by module identity to ``model.get_decoder().layers[i].self_attn`` — vision
 towers, the perceiver and Idefics1's gated cross-attention call the same function but carry no
 heads, so they pass through untouched. Parameters live outside the base model (a plain attribute
@@ -11,7 +18,7 @@ in the module's ``__dict__``, not a registered submodule), so the base state dic
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -68,7 +75,10 @@ def mimic_attention_forward(
     if not state.switch.enabled:
         return out, weights
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return state.heads.add_shift(out, query, key, attention_mask, scale), weights
+    # read as sdpa_attention_forward reads it, so that log Z2 sees the keys the output saw
+    is_causal = kwargs.get("is_causal")
+    is_causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    return state.heads.add_shift(out, query, key, attention_mask, scale, is_causal=is_causal), weights
 
 
 def register_mimic_attention() -> None:
@@ -117,10 +127,26 @@ class StudentHandle:
             self._switch.enabled = previous
 
     def detach(self) -> None:
-        """Remove every trace of the student; the model is the base model again."""
+        """Remove every trace of the student; the model is the base model again, requires_grad flags
+        included."""
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
+
+
+def freeze_base(model: nn.Module) -> Callable[[], None]:
+    """Set requires_grad False on every parameter of ``model``; returns the function that puts each
+    flag back as it was (the flags change kernel choices, see the module docstring, and belong to the
+    caller)."""
+    previous = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in previous:
+        p.requires_grad_(False)
+
+    def restore() -> None:
+        for p, flag in previous:
+            p.requires_grad_(flag)
+
+    return restore
 
 
 def _check_routed(attn: nn.Module, index: int) -> None:
@@ -152,7 +178,8 @@ def _call_check_hook(model: nn.Module, states: list[_HeadState]) -> object:
 
 
 def attach_mimic(model: nn.Module, heads: Sequence[MimicHeads]) -> StudentHandle:
-    """Attach one ``MimicHeads`` per decoder layer by module identity; freeze the base model.
+    """Attach one ``MimicHeads`` per decoder layer by module identity; freeze the base model (until
+    ``detach()``, which restores each parameter's requires_grad).
 
     ``heads`` must have one entry per decoder layer, sized for that layer's heads.
     """
@@ -160,14 +187,14 @@ def attach_mimic(model: nn.Module, heads: Sequence[MimicHeads]) -> StudentHandle
     layers = decoder_layers(model)
     if len(heads) != len(layers):
         raise ValueError(f"got MimIC heads for {len(heads)} layers, the model has {len(layers)} decoder layers")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    switch, states, undo = _Switch(), [], []
-    for i, (layer, layer_heads) in enumerate(zip(layers, heads, strict=True)):
-        attn = layer.self_attn
-        _check_routed(attn, i)
-        if _STATE_KEY in attn.__dict__:
+    # every check before the first change, so a refused attach leaves the model untouched
+    for i, layer in enumerate(layers):
+        _check_routed(layer.self_attn, i)
+        if _STATE_KEY in layer.self_attn.__dict__:
             raise RuntimeError(f"decoder layer {i} already carries a student; detach it first")
+    switch, states, undo = _Switch(), [], [freeze_base(model)]
+    for layer, layer_heads in zip(layers, heads, strict=True):
+        attn = layer.self_attn
         layer_heads.to(next(model.parameters()).device)
         state = _HeadState(layer_heads, switch)
         attn.__dict__[_STATE_KEY] = state
@@ -183,10 +210,8 @@ def attach_live(model: nn.Module, live: LiveVectors) -> StudentHandle:
     layers = decoder_layers(model)
     if live.vectors.shape[0] != len(layers):
         raise ValueError(f"LIVE vectors for {live.vectors.shape[0]} layers, the model has {len(layers)}")
-    for p in model.parameters():
-        p.requires_grad_(False)
     live.to(next(model.parameters()).device)
-    switch, undo = _Switch(), []
+    switch, undo = _Switch(), [freeze_base(model)]
     for i, layer in enumerate(layers):
 
         def hook(_module, _args, output, i=i):

@@ -17,6 +17,11 @@ the whole sequence: here in chunks of queries (every device); on CUDA ``pipeline
 compiled flex_attention kernel for long sequences (and, if enabled, one compiled function for the
 whole shift of short ones). Rows with no visible key get mu = 0.
 
+log Z2 runs over exactly the keys the stock sdpa attention (``sdpa_attention_forward``) lets the
+query see, so that f(q) - log Z2 is compared with the same normaliser the head's output used; with
+no mask that is ``implicit_mask`` (sdpa's top-left causal rule), which also holds for a static KV
+cache whose empty slots follow the prompt.
+
 No transformers, no files: this module only knows tensors.
 """
 
@@ -39,10 +44,19 @@ LOG_Z2_BACKENDS = ("auto", "chunked", "flex")
 chunked: exact chunked logsumexp (any device). flex: the compiled flex_attention kernel (CUDA only)."""
 
 
-def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """(Tq, Tkv) bool, True = attend; queries are the last ``q_len`` positions of the keys."""
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-    return torch.arange(kv_len, device=device)[None, :] <= q_pos
+def implicit_mask(q_len: int, kv_len: int, device: torch.device, is_causal: bool = True) -> torch.Tensor | None:
+    """The keys ``sdpa_attention_forward`` lets each query see when it is given no mask: None for every
+    key (one query, or a non-causal module), else bool (1, 1, Tq, Tkv), True = attend, query i seeing
+    keys 0..i.
+
+    Top-left, not bottom-right: transformers passes no mask with Tq > 1 only when Tkv == Tq or on a
+    static-cache prefill (Tkv = the cache size, the slots past Tq empty); sdpa then keeps the first Tq
+    keys under torch's top-left ``is_causal``. A bottom-right rule would count empty and future slots.
+    Shared by ``pipeline.mimic_cuda`` so every backend selects the same keys.
+    """
+    if q_len == 1 or not is_causal:
+        return None
+    return (torch.arange(kv_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None])[None, None]
 
 
 def _chunk_lse(
@@ -69,11 +83,11 @@ def _chunk_lse(
 
 
 def _grouped(
-    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, is_causal: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Float32 query (B, Hkv, G, Tq, D) grouped by key head (GQA without repeating K), key
     (B, Hkv, 1, Tkv, D), and the bool/float mask broadcast to (B, 1|Hkv, 1|G, Tq, Tkv): the given mask
-    sliced to Tkv as ``sdpa_attention_forward`` does, or causal when None and Tq > 1, else None."""
+    sliced to Tkv, or for None ``implicit_mask`` (None = every key)."""
     bsz, n_heads, q_len, dim = query.shape
     n_kv, kv_len = key.shape[1], key.shape[2]
     if n_heads % n_kv:
@@ -82,7 +96,8 @@ def _grouped(
     q = query.reshape(bsz, n_kv, groups, q_len, dim).float()
     k = key.float()[:, :, None]
     if attention_mask is None:
-        mask = _causal_mask(q_len, kv_len, query.device)[None, None, None] if q_len > 1 else None
+        implicit = implicit_mask(q_len, kv_len, query.device, is_causal)
+        mask = None if implicit is None else implicit[:, :, None]
     else:
         m = attention_mask[..., :kv_len]
         mask = m[:, :, None] if m.shape[1] == 1 else m.reshape(m.shape[0], n_kv, groups, m.shape[2], kv_len)
@@ -97,13 +112,14 @@ def masked_log_z2(
     chunk_size: int = DEFAULT_CHUNK,
     use_checkpoint: bool | None = None,
     backend: str = "auto",
+    is_causal: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log Z2(q) = logsumexp_j (q . k_j * scaling) over the keys q may attend to.
 
     query: (B, H, Tq, D) post-RoPE; key: (B, Hkv, Tkv, D), H a multiple of Hkv (GQA: query head h
     uses key head h // (H / Hkv), as ``repeat_kv`` does). attention_mask: bool (B, 1|H, Tq, Tkv),
-    True = attend; or an additive float mask; or None = causal when Tq > 1 (queries at the end of
-    the keys, as with a KV cache) and every key when Tq == 1.
+    True = attend; or an additive float mask; or None = the keys sdpa attends to without a mask
+    (``implicit_mask``: query i sees keys 0..i when Tq > 1 and ``is_causal``, else every key).
     Returns (log_z2 (B, H, Tq) float32, valid (B, H, Tq) bool: the row sees at least one key).
     Differentiable in query and key; chunks of ``chunk_size`` queries are recomputed in backward
     (checkpointed) when gradients are needed, so memory is O(chunk * Tkv) per head. ``backend``: see
@@ -117,9 +133,9 @@ def masked_log_z2(
         from pipeline import mimic_cuda
 
         if backend == "flex" or mimic_cuda.use_flex(query, key, attention_mask):
-            return mimic_cuda.flex_log_z2(query, key, attention_mask, scaling)
+            return mimic_cuda.flex_log_z2(query, key, attention_mask, scaling, is_causal)
     bsz, n_heads, q_len, _ = query.shape
-    q, k, mask = _grouped(query, key, attention_mask)
+    q, k, mask = _grouped(query, key, attention_mask, is_causal)
     if use_checkpoint is None:
         use_checkpoint = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
     lses, valids = [], []
@@ -179,6 +195,7 @@ class MimicHeads(nn.Module):
         attention_mask: torch.Tensor | None,
         scaling: float,
         chunk_size: int = DEFAULT_CHUNK,
+        is_causal: bool = True,
     ) -> torch.Tensor:
         """mu(q) = sigmoid(f(q) - log Z2(q)), zero on rows with no visible key. Returns (B, H, Tq) float32."""
         bsz, n_heads, q_len, _ = query.shape
@@ -186,7 +203,7 @@ class MimicHeads(nn.Module):
             return query.new_ones(bsz, n_heads, q_len, dtype=torch.float32)
         if self.variant == "query_independent":
             return torch.sigmoid(self.gate.float())[None, :, None].expand(bsz, n_heads, q_len)
-        log_z2, valid = masked_log_z2(query, key, attention_mask, scaling, chunk_size)
+        log_z2, valid = masked_log_z2(query, key, attention_mask, scaling, chunk_size, is_causal=is_causal)
         return torch.sigmoid(self.log_z1(query) - log_z2) * valid
 
     def forward(
@@ -195,8 +212,10 @@ class MimicHeads(nn.Module):
         key: torch.Tensor,
         attention_mask: torch.Tensor | None,
         scaling: float,
+        is_causal: bool = True,
     ) -> torch.Tensor:
-        """The term mu(q) v added to the head outputs. Returns (B, Tq, H, D) in float32."""
+        """The term mu(q) v added to the head outputs. Returns (B, Tq, H, D) in float32. ``is_causal``:
+        the module's causality, as ``sdpa_attention_forward`` reads it (matters only without a mask)."""
         if query.shape[1] != self.num_heads or query.shape[-1] != self.head_dim:
             raise ValueError(
                 f"MimIC heads built for {self.num_heads} heads of size {self.head_dim}, "
@@ -210,10 +229,10 @@ class MimicHeads(nn.Module):
                 weight, bias = self.f_weight, self.f_bias
                 if self.variant == "head_shared":
                     weight, bias = weight.expand(self.num_heads, -1), bias.expand(self.num_heads)
-                out = mimic_cuda.fused_shift(query, key, mask, weight, bias, self.shift, scaling)
+                out = mimic_cuda.fused_shift(query, key, mask, weight, bias, self.shift, scaling, is_causal)
                 if out is not None:
                     return out
-        mu = self.mu(query, key, attention_mask, scaling)
+        mu = self.mu(query, key, attention_mask, scaling, is_causal=is_causal)
         return (mu[..., None] * self.shift.float()[None, :, None, :]).transpose(1, 2)
 
     def add_shift(
@@ -223,6 +242,7 @@ class MimicHeads(nn.Module):
         key: torch.Tensor,
         attention_mask: torch.Tensor | None,
         scaling: float,
+        is_causal: bool = True,
     ) -> torch.Tensor:
         """``out + mu(q) v`` for head outputs ``out`` (B, Tq, H, D), in ``out``'s dtype.
 
@@ -238,10 +258,10 @@ class MimicHeads(nn.Module):
             and not (query.is_cuda and _cuda_prefers_other(query, key, attention_mask))
         ):
             if query.shape[1] != self.num_heads or query.shape[-1] != self.head_dim:
-                return self.forward(query, key, attention_mask, scaling)  # raises the shape error
-            mu = short_mu(query, key, attention_mask, scaling, self.f_weight, self.f_bias)
+                return self.forward(query, key, attention_mask, scaling, is_causal)  # raises the shape error
+            mu = short_mu(query, key, attention_mask, scaling, self.f_weight, self.f_bias, is_causal)
             return torch.addcmul(out.float(), mu.transpose(1, 2)[..., None], self.shift.float()).to(out.dtype)
-        return (out.float() + self.forward(query, key, attention_mask, scaling)).to(out.dtype)
+        return (out.float() + self.forward(query, key, attention_mask, scaling, is_causal)).to(out.dtype)
 
 
 def _cuda_prefers_other(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -259,16 +279,17 @@ def short_mu(
     scaling: float,
     f_weight: torch.Tensor,
     f_bias: torch.Tensor,
+    is_causal: bool = True,
 ) -> torch.Tensor:
     """mu(q) = sigmoid(f(q) - log Z2(q)) in one pass over all (query, key) pairs, in float32.
 
     The same quantity as ``MimicHeads.mu`` (``masked_log_z2`` without chunks) written with as few
     tensor operations as possible. query (B, H, Tq, D); key (B, Hkv, Tkv, D); mask bool
-    (B, 1|H, Tq, >=Tkv) or None (causal for Tq > 1); f_weight (H, D) or (D,) shared, f_bias (H,) or
+    (B, 1|H, Tq, >=Tkv) or None (``implicit_mask``); f_weight (H, D) or (D,) shared, f_bias (H,) or
     (1,). Returns (B, H, Tq); rows with no visible key are 0 (and pass no NaN gradient).
     """
     bsz, n_heads, q_len, dim = query.shape
-    q, k, mask = _grouped(query, key, attention_mask)
+    q, k, mask = _grouped(query, key, attention_mask, is_causal)
     n_kv, groups = q.shape[1], q.shape[2]
     scores = torch.matmul(q, k.transpose(-1, -2))  # (B, Hkv, G, Tq, Tkv)
     weight = f_weight.float().expand(n_heads, dim).reshape(n_kv, groups, dim, 1)

@@ -18,6 +18,8 @@ import warnings
 
 import torch
 
+from pipeline.mimic import implicit_mask
+
 FLEX_MIN_SCORES = 256 * 256
 """``auto`` uses the flex kernel from this many (query, key) pairs per head on (log Z2 forward+backward
 at T=256: 0.77x the chunked time, at T=512: 0.21x); below it the chunked path is as fast per layer
@@ -35,12 +37,6 @@ eager, forward+backward +51% both; docs/benchmarks.md), and it compiles for ~1 m
 _COMPILED: dict[str, object] = {}
 _FLEX_SHAPES: set = set()
 _LAST_BLOCK_MASK: list = []  # [(key, mask tensor or None, BlockMask)]: every layer of a forward shares one mask
-
-
-def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """(Tq, Tkv) bool, True = attend; queries are the last ``q_len`` positions of the keys."""
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-    return torch.arange(kv_len, device=device)[None, :] <= q_pos
 
 
 def _compiled_flex():
@@ -69,25 +65,26 @@ def _pad_to(x: torch.Tensor, dim: int, size: int, value: float | bool = 0) -> to
     return torch.nn.functional.pad(x, pad, value=value)
 
 
-def _visible_keys(mask: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """bool (B|1, 1|H, Tq, Tkv): the mask, or for None the causal mask with the queries at the end
-    of the keys (every key when Tq == 1)."""
+def _visible_keys(mask: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device,
+                  is_causal: bool = True) -> torch.Tensor:
+    """bool (B|1, 1|H, Tq, Tkv): the mask, or for None the CPU path's rule (``pipeline.mimic.implicit_mask``)
+    made dense, since the kernels below need a tensor even where every key is visible."""
     if mask is not None:
         return mask
-    if q_len == 1:
-        return torch.ones(1, 1, 1, kv_len, dtype=torch.bool, device=device)
-    return _causal_mask(q_len, kv_len, device)[None, None]
+    implicit = implicit_mask(q_len, kv_len, device, is_causal)
+    # full Tq rows: the flex block mask pads this along Tq, which a broadcast row would not survive
+    return torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device) if implicit is None else implicit
 
 
 def _flex_block_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, q_pad: int, kv_pad: int,
-                     device: torch.device):
-    """A flex BlockMask for a bool mask (B|1, 1|H, Tq, Tkv) True = attend (None: causal), padded
+                     device: torch.device, is_causal: bool = True):
+    """A flex BlockMask for a bool mask (B|1, 1|H, Tq, Tkv) True = attend (None: ``_visible_keys``), padded
     with False to (q_pad, kv_pad). Built from the dense mask by block reductions (a few kernels)
     rather than ``create_block_mask``, which evaluates the mask function over the whole grid
     eagerly (~8 ms per call on an H100)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    visible = _visible_keys(mask, q_len, kv_len, device)
+    visible = _visible_keys(mask, q_len, kv_len, device, is_causal)
     dense = _pad_to(_pad_to(visible, 3, kv_pad, False), 2, q_pad, False).contiguous()
     per_batch, per_head = dense.shape[0] > 1, dense.shape[1] > 1
 
@@ -109,7 +106,8 @@ def _flex_block_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, q_pad: 
 
 
 def flex_log_z2(
-    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+    is_causal: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``masked_log_z2`` by one compiled flex_attention call (CUDA); same arguments and returns.
 
@@ -126,11 +124,11 @@ def flex_log_z2(
         raise ValueError(f"flex_log_z2 takes a bool mask or None, got {mask.dtype}; use the chunked path")
     q_pad = -(-q_len // FLEX_BLOCK) * FLEX_BLOCK
     kv_pad = -(-kv_len // FLEX_BLOCK) * FLEX_BLOCK
-    cache_key = (bsz, q_len, kv_len, query.device, None if mask is None else tuple(mask.shape))
+    cache_key = (bsz, q_len, kv_len, query.device, is_causal, None if mask is None else tuple(mask.shape))
     if _LAST_BLOCK_MASK and _LAST_BLOCK_MASK[0][0] == cache_key and _LAST_BLOCK_MASK[0][1] is attention_mask:
         block_mask = _LAST_BLOCK_MASK[0][2]
     else:
-        block_mask = _flex_block_mask(mask, q_len, kv_len, q_pad, kv_pad, query.device)
+        block_mask = _flex_block_mask(mask, q_len, kv_len, q_pad, kv_pad, query.device, is_causal)
         _LAST_BLOCK_MASK[:] = [(cache_key, attention_mask, block_mask)]
     k = _pad_to(key, 2, kv_pad)
     q = _pad_to(query.to(k.dtype), 2, q_pad)
@@ -161,11 +159,11 @@ def use_flex(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) 
 
 
 def dense_shift(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, f_weight: torch.Tensor,
-                f_bias: torch.Tensor, shift: torch.Tensor, scaling: float) -> torch.Tensor:
+                f_bias: torch.Tensor, shift: torch.Tensor, scaling: float, is_causal: bool = True) -> torch.Tensor:
     """mu(q) v of every head at once from the full score matrix (short sequences; compiled on CUDA).
 
     query (B, H, Tq, D); key (B, Hkv, Tkv, D); mask bool (B|1, 1|H, Tq, Tkv) already cut to Tkv, or
-    None (causal, every key when Tq == 1); f_weight (H, D), f_bias (H,), shift (H, D).
+    None (``_visible_keys``); f_weight (H, D), f_bias (H,), shift (H, D).
     mu = sigmoid(<w, q> + b - logsumexp_visible(q.k * scaling)), 0 on rows with no visible key (Eq. 6-7).
     Returns (B, Tq, H, D) float32.
     """
@@ -175,7 +173,7 @@ def dense_shift(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | Non
     q = query.float()
     scores = torch.matmul(q.reshape(bsz, n_kv, groups * q_len, dim), key.float().transpose(-1, -2)) * scaling
     scores = scores.reshape(bsz, n_kv, groups, q_len, kv_len)
-    visible = _visible_keys(mask, q_len, kv_len, query.device)
+    visible = _visible_keys(mask, q_len, kv_len, query.device, is_causal)
     visible = visible[:, :, None] if visible.shape[1] == 1 else visible.reshape(-1, n_kv, groups, q_len, kv_len)
     lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)
     valid = visible.any(-1).expand(bsz, n_kv, groups, q_len)
@@ -186,14 +184,14 @@ def dense_shift(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | Non
 
 
 def fused_shift(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, f_weight: torch.Tensor,
-                f_bias: torch.Tensor, shift: torch.Tensor, scaling: float) -> torch.Tensor | None:
+                f_bias: torch.Tensor, shift: torch.Tensor, scaling: float, is_causal: bool = True) -> torch.Tensor | None:
     """``dense_shift`` compiled once per process with dynamic shapes (batch and lengths vary); None
     (after a warning, and for the rest of the process) if the compiler fails: use the eager ops."""
     global FUSED_SHIFT
     if "dense_shift" not in _COMPILED:
         _COMPILED["dense_shift"] = torch.compile(dense_shift, dynamic=True)
     try:
-        return _COMPILED["dense_shift"](query, key, mask, f_weight, f_bias, shift, scaling)
+        return _COMPILED["dense_shift"](query, key, mask, f_weight, f_bias, shift, scaling, is_causal)
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as err:  # a compiler failure must not stop a run: the eager ops compute the same

@@ -7,6 +7,7 @@ mu(q) v with mu = sigmoid(<w,q> + b - log Z2)); it shares no code with pipeline.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -89,6 +90,28 @@ def random_heads(model, seed=0):
     return heads
 
 
+def grad_flags(model):
+    return [p.requires_grad for p in model.parameters()]
+
+
+@contextmanager
+def frozen(model):
+    """The base model with requires_grad False on every parameter, as an attached student runs it;
+    the flags are put back afterwards.
+
+    Bit-exactness of v = 0 holds only between runs with the same flags: PyTorch's CPU F.linear on a
+    non-contiguous input (the LLaVA-OneVision projector) takes another kernel when its weight
+    requires grad, even under no_grad, and the logits move by ~1e-7."""
+    flags = grad_flags(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
 def batch_of(fam, synthetic_image, padding_side):
     """Two encodings of different lengths (with images where the family has them)."""
     proc, family = fam.processor, fam.family
@@ -124,26 +147,32 @@ def test_zero_shift_is_exact_and_random_matches_reference(routed, synthetic_imag
     model = fam.model
     batch = batch_of(fam, synthetic_image, padding_side)
     real = batch["attention_mask"].bool()
+    flags = grad_flags(model)
     with torch.no_grad():
         route_attention(model, fam.family.attn_implementation("sdpa"))
-        stock = model(**batch).logits
+        stock = model(**batch).logits  # the flags as the model came: what detach must give back
+        with frozen(model):
+            stock_frozen = model(**batch).logits  # the flags an attached student runs with
         route_attention(model, fam.family.attn_implementation(ATTN_NAME))
         heads = build_student(AdapterConfig(method="mimic", **dict(zip(
             ("num_layers", "num_heads", "head_dim", "hidden_size"),
             (lambda g: (g.num_layers, g.num_heads, g.head_dim, g.hidden_size))(attention_geometry(model)), strict=True))))
         handle = attach_mimic(model, heads)
+        assert not any(grad_flags(model)), "attach freezes the base model"
         zero = model(**batch).logits
-        assert torch.equal(zero, stock), "v = 0 must leave the logits bit-identical (same sdpa kernel)"
+        assert torch.equal(zero, stock_frozen), "v = 0 must equal the stock sdpa model bit for bit (same flags)"
         handle.detach()
+        assert grad_flags(model) == flags, "detach must restore every requires_grad flag"
 
         heads = random_heads(model)
         handle = attach_mimic(model, heads)
         ours = model(**batch).logits
         handle.detach()
+        assert grad_flags(model) == flags
         assert torch.equal(model(**batch).logits, stock), "detach must restore the base model exactly"
 
     ref = reference_logits(fam, heads, batch)
-    assert (ours - stock)[real].abs().max() > 1e-3, "random MimIC parameters must change the logits"
+    assert (ours - stock_frozen)[real].abs().max() > 1e-3, "random MimIC parameters must change the logits"
     torch.testing.assert_close(ours[real].double(), ref[real], rtol=0, atol=1e-4)
 
 
@@ -181,22 +210,30 @@ def test_gradients_reach_only_mimic_parameters(routed, synthetic_image):
     model = routed.model
     batch = batch_of(routed, synthetic_image, "right")
     heads = random_heads(model, seed=2)
-    handle = attach_mimic(model, heads)
-    model.zero_grad(set_to_none=True)
-    model(**batch).logits.float().pow(2).mean().backward()
-    handle.detach()
-    assert all(p.grad is None for p in model.parameters())
+    flags = grad_flags(model)
+    for p in model.parameters():  # a base model that would take gradients if the attach did not freeze it
+        p.requires_grad_(True)
+    try:
+        handle = attach_mimic(model, heads)
+        model.zero_grad(set_to_none=True)
+        model(**batch).logits.float().pow(2).mean().backward()
+        handle.detach()
+        assert all(p.grad is None for p in model.parameters())
+        assert all(p.requires_grad for p in model.parameters()), "detach must unfreeze what it froze"
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.parameters())
     assert not any(n.startswith("0.") or "shift" in n for n in model.state_dict())
-    for p in model.parameters():
-        p.requires_grad_(True)
 
 
 def test_unrouted_model_is_refused(tiny_family):
     register_mimic_attention()
     route_attention(tiny_family.model, tiny_family.family.attn_implementation("sdpa"))
+    flags = grad_flags(tiny_family.model)
     with pytest.raises(RuntimeError, match="attn_implementation='sdpa'"):
         attach_mimic(tiny_family.model, random_heads(tiny_family.model))
+    assert grad_flags(tiny_family.model) == flags, "a refused attach must leave the model untouched"
 
 
 def test_attention_that_bypasses_the_interface_is_detected():
@@ -244,7 +281,8 @@ def test_mimic_attaches_to_the_real_smollm2():
     batch = {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]}
     with torch.no_grad():
         route_attention(loaded.model, "sdpa")
-        stock = loaded.model(**batch).logits
+        with frozen(loaded.model):  # the flags the attached student runs with (see ``frozen``)
+            stock = loaded.model(**batch).logits
         route_attention(loaded.model, ATTN_NAME)
         heads = build_student(AdapterConfig(method="mimic", num_layers=30, num_heads=9, head_dim=64, hidden_size=576))
         handle = attach_mimic(loaded.model, heads)

@@ -72,13 +72,21 @@ def test_log_z2_masks_gqa_chunks(chunk, kv_heads):
     torch.testing.assert_close(lse[valid].double(), ref[valid], rtol=1e-5, atol=1e-5)
 
 
-def test_log_z2_none_mask_is_causal_with_cache_offset():
+def test_log_z2_none_mask_is_sdpas_top_left_causal():
+    """No mask with Tq > 1 and more keys (a static-cache prefill: the slots past the prompt are
+    empty): sdpa keeps the first Tq keys, query i seeing keys 0..i, so log Z2 must too
+    (tests/test_static_cache.py reads that rule off transformers' sdpa itself)."""
     g = torch.Generator().manual_seed(2)
     q, k = torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 2, 10, 8, generator=g)
-    lse, _ = masked_log_z2(q, k, None, 0.5)
-    q_pos = torch.arange(7, 10)[:, None]
-    mask = (torch.arange(10)[None] <= q_pos)[None, None].expand(2, 1, 3, 10)
+    lse, valid = masked_log_z2(q, k, None, 0.5)
+    assert valid.all()
+    mask = torch.zeros(2, 1, 3, 10, dtype=torch.bool)
+    for i in range(3):
+        mask[..., i, : i + 1] = True
     torch.testing.assert_close(lse.double(), naive_lse(q, k, mask, 0.5), rtol=1e-5, atol=1e-5)
+    # a non-causal module without a mask: every key
+    lse_all, _ = masked_log_z2(q, k, None, 0.5, is_causal=False)
+    torch.testing.assert_close(lse_all.double(), naive_lse(q, k, None, 0.5), rtol=1e-5, atol=1e-5)
     # one query (decoding with a cache) sees every key
     lse1, _ = masked_log_z2(q[:, :, -1:], k, None, 0.5)
     torch.testing.assert_close(lse1.double(), naive_lse(q[:, :, -1:], k, None, 0.5), rtol=1e-5, atol=1e-5)

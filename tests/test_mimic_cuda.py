@@ -24,7 +24,8 @@ def padded_causal(bsz, q_len, kv_len, lengths, side):
     return mask
 
 
-CASES = [(3, 300, 300, "right"), (3, 300, 300, "left"), (2, 7, 400, "left"), (1, 257, 257, None), (2, 1, 300, None)]
+CASES = [(3, 300, 300, "right"), (3, 300, 300, "left"), (2, 7, 400, "left"), (1, 257, 257, None), (2, 1, 300, None),
+         (2, 200, 300, None)]  # the last: a static-cache prefill (sdpa's top-left causal rule)
 
 
 @pytest.mark.parametrize(("bsz", "q_len", "kv_len", "side"), CASES)
