@@ -2,19 +2,27 @@
 
 A student is one of: MimIC (``method="mimic"``, any variant of ``pipeline.mimic.VARIANTS``), LIVE
 (``method="live"``) or LoRA (``method="lora"``, through PEFT). The weights file holds only the
-student's tensors — never base-model weights — and is read with safetensors (no pickle). The config
-records the method, the shapes, and which base model (id, revision, fingerprint) and teacher store
-produced it; loading into a model of other shapes fails with a message naming both.
+student's tensors — never base-model weights — and is read with safetensors (never a pickle, which
+can run code when loaded). The config records the method, the shapes, and which base model (id,
+revision, fingerprint) and teacher store produced it; loading into a model of other shapes fails
+with a message naming both.
+
+Every reader of a student (training resume, `pipeline evaluate`) goes through
+``read_adapter_config`` and ``read_adapter_tensors``, which refuse — with one-line ``AdapterError``
+messages naming the file and the problem — a config of wrong types, a truncated or non-safetensors
+weights file, missing or unexpected tensors, shapes that disagree with the config, non-floating
+dtypes, and NaN or infinite values (a diverged training run).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -26,10 +34,62 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FORMAT_VERSION = 1
 METHODS = ("mimic", "live", "lora")
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
+RESTORE = "restore the run's files or re-train it with `pipeline train-student`"
+"""How to fix a damaged student: the end of most messages below."""
 
 
 class AdapterError(UserError):
     """A student file that is missing, malformed, or made for another model."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _config_problem(config: AdapterConfig) -> str | None:
+    """What is wrong with a config's values (types, ranges, LoRA settings), or None."""
+    if not isinstance(config.method, str) or config.method not in METHODS:
+        return f"unknown student method {config.method!r}; valid: {', '.join(METHODS)}"
+    for key in ("num_layers", "num_heads", "head_dim", "hidden_size"):
+        value = getattr(config, key)
+        if not _is_int(value) or value < 1:
+            return f"'{key}' is {value!r}, expected a positive integer"
+    if not isinstance(config.variant, str) or (config.method == "mimic" and config.variant not in VARIANTS):
+        return f"unknown MimIC variant {config.variant!r}; valid: {', '.join(VARIANTS)}"
+    for key in ("base_model", "base_fingerprint"):
+        if not isinstance(getattr(config, key), str):
+            return f"'{key}' is {getattr(config, key)!r}, expected a string"
+    if config.base_revision is not None and not isinstance(config.base_revision, str):
+        return f"'base_revision' is {config.base_revision!r}, expected a string or null"
+    for key in ("store_fingerprint", "lora"):
+        if not isinstance(getattr(config, key), dict):
+            return f"'{key}' is {getattr(config, key)!r}, expected a mapping"
+    if not _is_int(config.format_version):
+        return f"'format_version' is {config.format_version!r}, expected an integer"
+    if config.method == "lora":
+        return _lora_problem(config.lora)
+    return None
+
+
+def _lora_problem(lora: dict[str, Any]) -> str | None:
+    missing = [k for k in LORA_KEYS if k not in lora]
+    if missing:
+        return f"'lora' misses {missing}, expected the keys {list(LORA_KEYS)}"
+    if not _is_int(lora["r"]) or lora["r"] < 1:
+        return f"'lora.r' is {lora['r']!r}, expected a positive integer"
+    if not _is_number(lora["alpha"]) or lora["alpha"] <= 0:
+        return f"'lora.alpha' is {lora['alpha']!r}, expected a positive number"
+    if not _is_number(lora["dropout"]) or not 0 <= lora["dropout"] < 1:
+        return f"'lora.dropout' is {lora['dropout']!r}, expected a number in [0, 1)"
+    targets = lora["target_modules"]
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+        return f"'lora.target_modules' is {targets!r}, expected a non-empty list of module names"
+    return None
 
 
 @dataclass(frozen=True)
@@ -57,14 +117,19 @@ class AdapterConfig:
     format_version: int = ADAPTER_FORMAT_VERSION
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise AdapterError(f"unknown student method '{self.method}'; valid: {', '.join(METHODS)}")
-        if self.method == "mimic" and self.variant not in VARIANTS:
-            raise AdapterError(f"unknown MimIC variant '{self.variant}'; valid: {', '.join(VARIANTS)}")
+        problem = _config_problem(self)
+        if problem:
+            raise AdapterError(problem)
 
     @property
     def shapes(self) -> tuple[int, int, int, int]:
         return (self.num_layers, self.num_heads, self.head_dim, self.hidden_size)
+
+    def describe(self) -> str:
+        """``mimic/head_shared``, ``live`` or ``lora r=16``: the kind of student, for messages."""
+        if self.method == "mimic":
+            return f"mimic/{self.variant}"
+        return f"lora r={self.lora['r']}" if self.method == "lora" else self.method
 
 
 def build_student(config: AdapterConfig) -> nn.Module:
@@ -75,7 +140,7 @@ def build_student(config: AdapterConfig) -> nn.Module:
         )
     if config.method == "live":
         return LiveVectors(config.num_layers, config.hidden_size)
-    raise AdapterError("LoRA students are built by PEFT on the model (pipeline.lora), not here")
+    raise AdapterError("LoRA students are built by PEFT on the model (pipeline.students), not here")
 
 
 def save_adapter(directory: str | Path, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> Path:
@@ -93,29 +158,150 @@ def save_adapter(directory: str | Path, config: AdapterConfig, tensors: dict[str
 
 
 def read_adapter_config(directory: str | Path) -> AdapterConfig:
-    """Read and validate ``adapter_config.json``."""
+    """Read and validate ``adapter_config.json`` (keys, types and ranges; one-line errors)."""
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
         raise AdapterError(f"no {ADAPTER_CONFIG} in {directory}; is it a run directory of `pipeline train-student`?")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise AdapterError(f"{path} is not valid JSON: {err}") from err
-    known = {f.name for f in fields(AdapterConfig)}
-    unknown = sorted(set(data) - known)
+        raise AdapterError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); {RESTORE}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{path} cannot be read ({err}); expected a readable UTF-8 JSON file: {RESTORE}") from err
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path} holds a JSON {type(data).__name__}, expected an object of adapter settings; {RESTORE}")
+    known = [f.name for f in fields(AdapterConfig)]
+    unknown = sorted(set(data) - set(known))
     if unknown:
-        raise AdapterError(f"{path} has unknown keys {unknown}; written by a newer version?")
-    if data.get("format_version", 0) > ADAPTER_FORMAT_VERSION:
-        raise AdapterError(f"{path} has format_version {data['format_version']}; this code reads up to {ADAPTER_FORMAT_VERSION}")
-    return AdapterConfig(**data)
+        raise AdapterError(f"{path} has unknown keys {unknown} (known: {', '.join(known)}); written by a newer "
+                           "version of the pipeline? update it, or remove those keys")
+    required = [f.name for f in fields(AdapterConfig) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise AdapterError(f"{path} misses the keys {missing}; {RESTORE}")
+    version = data.get("format_version", ADAPTER_FORMAT_VERSION)
+    if _is_int(version) and version > ADAPTER_FORMAT_VERSION:
+        raise AdapterError(f"{path} has format_version {version}; this code reads up to {ADAPTER_FORMAT_VERSION}: "
+                           "update the pipeline")
+    try:
+        return AdapterConfig(**data)
+    except AdapterError as err:
+        raise AdapterError(f"{path}: {err}; {RESTORE}") from err
 
 
-def read_adapter_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
-    """Read ``adapter.safetensors`` (safetensors only: never a pickle)."""
+def _foreign_format(path: Path) -> str | None:
+    """'a pickle' / 'a zip (torch.save) archive' when the file starts like one, else None."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04"):
+        return "zip archive (torch.save format, which holds pickles)"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "Python pickle"
+    return None
+
+
+def read_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; a truncated, damaged or pickle file is an ``AdapterError``.
+
+    Only safetensors is ever parsed: a pickle renamed to ``.safetensors`` is recognised and refused,
+    never unpickled.
+    """
+    path = Path(path)
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        foreign = _foreign_format(path)
+        if foreign:
+            raise AdapterError(f"{path} is a {foreign}, not a safetensors file; it was not loaded (pickles can "
+                               f"run code): {RESTORE}") from err
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise AdapterError(f"{path} is not a readable safetensors file ({reason}): it is truncated or damaged; "
+                           f"{RESTORE}") from err
+    except OSError as err:
+        raise AdapterError(f"{path} cannot be read ({err.strerror or err}); expected a readable safetensors "
+                           f"file: check its permissions or {RESTORE}") from err
+
+
+def expected_shapes(config: AdapterConfig, model: nn.Module | None = None) -> dict[str, tuple[int | None, ...]]:
+    """Tensor name -> shape a student of ``config`` holds (``None``: a size only the model knows).
+
+    MimIC / LIVE: the state dict of ``build_student(config)``, built on the meta device (no memory,
+    no random numbers drawn). LoRA: ``<target>.lora_A.weight`` (r, in) and ``<target>.lora_B.weight``
+    (out, r) per target module; in and out come from ``model``'s module when a model is given.
+    """
+    if config.method != "lora":
+        with torch.device("meta"):
+            return {k: tuple(v.shape) for k, v in build_student(config).state_dict().items()}
+    r = config.lora["r"]
+    shapes: dict[str, tuple[int | None, ...]] = {}
+    for target in config.lora["target_modules"]:
+        d_in = d_out = None
+        if model is not None:
+            try:
+                module = model.get_submodule(target)
+            except AttributeError as err:
+                raise AdapterError(f"{ADAPTER_CONFIG}: LoRA target module '{target}' is not in the model; the "
+                                   "student was made for another model: evaluate it on its base model") from err
+            d_in, d_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
+            if d_in is None or d_out is None:
+                raise AdapterError(f"{ADAPTER_CONFIG}: LoRA target module '{target}' is a {type(module).__name__}, "
+                                   "not a Linear layer; the student was made for another model")
+        shapes[f"{target}.lora_A.weight"] = (r, d_in)
+        shapes[f"{target}.lora_B.weight"] = (d_out, r)
+    return shapes
+
+
+def _shape_text(shape: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("any" if s is None else str(s) for s in shape) + "]"
+
+
+def _some(names: list[str]) -> str:
+    return str(names[:4])[:-1] + (f", ... {len(names) - 4} more]" if len(names) > 4 else "]")
+
+
+def check_adapter_tensors(path: str | Path, tensors: dict[str, torch.Tensor], config: AdapterConfig,
+                          model: nn.Module | None = None) -> None:
+    """Refuse tensors that are not the student ``config`` describes: names, shapes, dtype, finiteness."""
+    expected = expected_shapes(config, model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterError(
+            f"{path} does not hold the tensors of the {config.describe()} student its {ADAPTER_CONFIG} describes: "
+            f"missing {_some(missing)}, unexpected {_some(unexpected)}; the two files do not belong together: "
+            f"{RESTORE}")
+    for name, want in expected.items():
+        got = tuple(tensors[name].shape)
+        if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want, strict=True)):
+            raise AdapterError(
+                f"{path}: tensor '{name}' has shape {list(got)}, but {ADAPTER_CONFIG} ({config.describe()}, "
+                f"layers={config.num_layers}, heads={config.num_heads}, head_dim={config.head_dim}, "
+                f"hidden={config.hidden_size}) expects {_shape_text(want)}; {RESTORE}")
+    for name, tensor in sorted(tensors.items()):
+        if not tensor.is_floating_point():
+            raise AdapterError(f"{path}: tensor '{name}' has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+                               f"expected a floating-point dtype (float32, bfloat16, float16); {RESTORE}")
+    for name, tensor in sorted(tensors.items()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise AdapterError(f"{path}: tensor '{name}' has {bad} non-finite values (NaN or inf) of {tensor.numel()}, "
+                               "expected finite numbers; the training diverged or the file is damaged: re-train "
+                               "the run with `pipeline train-student` (e.g. a lower --lr)")
+
+
+def read_adapter_tensors(directory: str | Path, config: AdapterConfig | None = None,
+                         model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Read ``adapter.safetensors`` (safetensors only: never a pickle) and check it against ``config``
+    (default: the directory's ``adapter_config.json``) and, for LoRA sizes, ``model``."""
     path = Path(directory) / ADAPTER_WEIGHTS
     if not path.is_file():
-        raise AdapterError(f"no {ADAPTER_WEIGHTS} in {directory}")
-    return load_file(str(path))
+        raise AdapterError(f"no {ADAPTER_WEIGHTS} in {directory}; is it a run directory of `pipeline train-student`?")
+    tensors = read_tensor_file(path)
+    check_adapter_tensors(path, tensors, config if config is not None else read_adapter_config(directory), model)
+    return tensors
 
 
 def check_fits(config: AdapterConfig, geometry: tuple[int, int, int, int], model_name: str) -> None:
@@ -126,7 +312,7 @@ def check_fits(config: AdapterConfig, geometry: tuple[int, int, int, int], model
         want = ", ".join(f"{n}={v}" for n, v in zip(names, config.shapes, strict=True))
         raise AdapterError(
             f"adapter was made for {config.base_model or 'another model'} ({want}) "
-            f"but the model {model_name} has {got}"
+            f"but the model {model_name} has {got}; evaluate it on the model it was trained on"
         )
 
 
@@ -134,12 +320,7 @@ def load_student(directory: str | Path, geometry: tuple[int, int, int, int], mod
     """Load a MimIC or LIVE student checked against ``geometry`` = (layers, heads, head_dim, hidden)."""
     config = read_adapter_config(directory)
     check_fits(config, geometry, model_name)
+    tensors = read_adapter_tensors(directory, config)
     module = build_student(config)
-    tensors = read_adapter_tensors(directory)
-    missing, unexpected = module.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise AdapterError(
-            f"{Path(directory) / ADAPTER_WEIGHTS} does not match a {config.method}/{config.variant} student: "
-            f"missing {list(missing)[:4]}, unexpected {list(unexpected)[:4]}"
-        )
+    module.load_state_dict(tensors)  # names and shapes were checked above
     return config, module

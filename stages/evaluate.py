@@ -1,14 +1,19 @@
-"""`pipeline evaluate` — zero-shot, k-shot ICL and trained students on the same queries (DESIGN §6).
+"""`pipeline evaluate` — zero-shot, k-shot ICL and trained students on the same queries.
 
-load config -> set up (runs, task, model; every adapter checked before any generation) -> run
-(each mode: batched beam search, resumable per-sample records; students with zero demonstrations,
-plus the per-layer L2 distance to the cached teacher states) -> save (``results/<task>/<name>.json``
-per mode, ``l2_<run>.png``, and ``table.md`` across every result of the task).
+load config -> set up (runs, task, results folder, model; every adapter checked — readable, finite,
+of the shapes its config names, fitting the model — before any generation) -> run (each mode:
+batched beam search, resumable per-sample records; students with zero demonstrations, plus the
+per-layer L2 distance to the cached teacher states) -> save (one JSON per result in
+``results/<task>/``, ``l2_<result>.png``, and ``table.md`` across every result of the task).
+
+A result is kept per name and settings (model, split, n, beams, max_new_tokens, dtype, seed): a run
+with other settings writes beside the earlier results instead of replacing them (see
+``stages.evaluation`` for the file names), and ``table.md`` groups the rows by settings, with the
+settings as each group's heading and speed-ups computed only within a group.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,13 +23,20 @@ from typing import Any
 
 import yaml
 
-from pipeline.adapters import ADAPTER_WEIGHTS, AdapterConfig, AdapterError, check_fits, read_adapter_config
+from pipeline.adapters import (
+    ADAPTER_WEIGHTS,
+    AdapterConfig,
+    check_fits,
+    read_adapter_config,
+    read_adapter_tensors,
+)
 from pipeline.config import ConfigError, UserError, opt
+from pipeline.locks import dir_lock
 from pipeline.metrics import JavaNotFoundError, score
 from pipeline.students import geometry_tuple
 from pipeline.tasks import SPLITS, load_task
 from stages.common import Loaded, check_task_fits_model, load_for_stage, model_defaults
-from stages.evaluation import RESULT_KIND, TABLE_FILE, Evaluation
+from stages.evaluation import Evaluation, ResultsFolder, settings_key, settings_of
 
 MODES = ("zero-shot", "icl", "student")
 
@@ -44,7 +56,7 @@ class EvalConfig:
     batch_size: int = opt(8, "Prompts per generate call (left-padded).")
     num_beams: int = opt(3, "Beams of the beam search (3 as the paper's harness).")
     seed: int = opt(3407, "Seed of the demonstration sampler (the same sampler as teacher-cache).")
-    results_dir: str = opt("results", "Where results/<task>/ is written.")
+    results_dir: str = opt("results", "Where results/<task>/ is written (results of other settings are kept beside earlier ones).")
     l2: bool = opt(True, "Per-layer L2 distance of zero-shot and student states to the cached teacher states (when the run's store exists).")
     l2_queries: int = opt(32, "Cached training queries used by the L2 analysis (the first N of the store).")
     data_root: str | None = opt(None, "Root of the official data files (or env MIMIC_DATA); default the store's.")
@@ -54,14 +66,18 @@ class EvalConfig:
     trust_remote_code: bool = opt(False, "Allow the model repository's own code to run.")
 
 
+class EvalConfigError(ConfigError, UserError):
+    """Options of `pipeline evaluate` that are out of range (all of them named in one line)."""
+
+
 @dataclass
 class RunInfo:
-    """A student run: its directory, adapter config, teacher store and the stage-1 config if found."""
+    """A student run: its directory, adapter config, teacher store and its training config.yaml."""
 
     path: Path
     adapter: AdapterConfig
     store: Path | None
-    stage1: dict
+    train_config: dict
 
     @property
     def name(self) -> str:
@@ -71,14 +87,15 @@ class RunInfo:
 def check_config(config: EvalConfig) -> None:
     errors = [f"'modes': got {m!r}, expected some of {', '.join(MODES)}" for m in config.modes if m not in MODES]
     if not config.modes:
-        errors.append(f"'modes': empty; give some of {', '.join(MODES)}")
+        errors.append(f"'modes': empty, expected some of {', '.join(MODES)}")
     for key, least in (("batch_size", 1), ("num_beams", 1), ("n_queries", 0), ("l2_queries", 1)):
         if getattr(config, key) < least:
             errors.append(f"'{key}': got {getattr(config, key)}, expected >= {least}")
     if config.shots is not None and config.shots < 0:
         errors.append(f"'shots': got {config.shots}, expected >= 0")
     if errors:
-        raise ConfigError("invalid EvalConfig:\n  - " + "\n  - ".join(errors))
+        raise EvalConfigError(f"invalid evaluate options: {'; '.join(errors)}; fix them on the command line or in "
+                              "the --config file")
 
 
 def find_run_dirs(config: EvalConfig) -> list[Path]:
@@ -110,17 +127,42 @@ def default_runs(config: EvalConfig) -> list[RunInfo]:
         return []
 
 
-def read_run(path: Path) -> RunInfo:
-    try:
-        adapter = read_adapter_config(path)
-    except AdapterError as err:
-        raise UserError(str(err)) from err
+def read_train_config(path: Path) -> dict:
+    """The run's ``config.yaml`` (written by `pipeline train-student`), or {} when there is none."""
     cfg_path = path / "config.yaml"
-    train_cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
-    store = Path(train_cfg["cache"]) if train_cfg.get("cache") else None
-    stage1_path = store / "teacher_cache_config.json" if store else None
-    stage1 = json.loads(stage1_path.read_text()) if stage1_path and stage1_path.is_file() else {}
-    return RunInfo(path, adapter, store, stage1)
+    if not cfg_path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(cfg_path.read_text()) or {}
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{cfg_path} cannot be read as YAML ({reason}); expected the mapping `pipeline "
+                        "train-student` writes: restore it or delete it (the task and store then come from "
+                        "the adapter or from --task)") from err
+    if not isinstance(data, dict):
+        raise UserError(f"{cfg_path} holds a {type(data).__name__}, expected a mapping of training options; "
+                        "restore it or delete it (the task and store then come from the adapter or from --task)")
+    return data
+
+
+def read_run(path: Path) -> RunInfo:
+    """A run's adapter config (validated) and where its teacher store is (from its config.yaml)."""
+    adapter = read_adapter_config(path)
+    train_config = read_train_config(path)
+    cache = train_config.get("cache")
+    store = Path(cache) if isinstance(cache, str) and cache else None
+    return RunInfo(path, adapter, store, train_config)
+
+
+def _from_runs(runs: list[RunInfo], *keys: str) -> set:
+    """Values of ``keys`` (first found per run) in each run's store fingerprint, then its config.yaml."""
+    found = set()
+    for run in runs:
+        sources = (run.adapter.store_fingerprint, run.train_config)
+        value = next((s.get(k) for s in sources for k in keys if s.get(k)), None)
+        if value is not None:
+            found.add(value)
+    return found
 
 
 def resolve_settings(config: EvalConfig, runs: list[RunInfo]) -> tuple[str, str | None, int, str | None]:
@@ -128,24 +170,21 @@ def resolve_settings(config: EvalConfig, runs: list[RunInfo]) -> tuple[str, str 
     stores = [r.adapter.store_fingerprint for r in runs]
     task = config.task
     if task is None:
-        named = {r.stage1.get("task") or s.get("task_source") or s.get("task")
-                 for r, s in zip(runs, stores, strict=True)} - {None}
+        named = _from_runs(runs, "task_source", "task")
         if len(named) > 1:
-            raise UserError(f"the runs were trained on different tasks ({', '.join(sorted(named))}); "
+            raise UserError(f"the runs were trained on different tasks ({', '.join(sorted(map(str, named)))}); "
                             "evaluate them separately or pass --task")
         if not named:
             raise UserError("no task: pass --task (the runs do not record one)" if runs else
                             "no task: pass --task NAME (or evaluate a student run, whose task is the default)")
-        task = named.pop()
+        task = str(named.pop())
     model = config.model or next((s.get("model") or r.adapter.base_model for r, s in zip(runs, stores, strict=True)), None)
     shots = config.shots
     if shots is None:
         shots = next((int(s["shots"]) for s in stores if s.get("shots")), None)
     if shots is None:
         shots = int(model_defaults(model or "").get("shots", 8))
-    data_root = config.data_root or next((r.stage1.get("data_root") or s.get("data_root")
-                                          for r, s in zip(runs, stores, strict=True)
-                                          if r.stage1.get("data_root") or s.get("data_root")), None)
+    data_root = config.data_root or next(iter(sorted(map(str, _from_runs(runs, "data_root")))), None)
     return task, model, shots, data_root
 
 
@@ -193,6 +232,15 @@ def mimic_routing(loaded: Loaded) -> Iterator[None]:
         loaded.model.set_attn_implementation(loaded.family.attn_implementation(previous or "sdpa"))
 
 
+def check_runs_readable(runs: list[RunInfo]) -> None:
+    """Every adapter's weights: a readable safetensors file holding finite floating-point tensors of
+    the names and shapes its config describes (``AdapterError`` naming the file and tensor otherwise).
+    Runs before the model is loaded; LoRA sizes that only the model knows are checked by
+    ``check_runs_fit``."""
+    for run in runs:
+        read_adapter_tensors(run.path, run.adapter)
+
+
 def check_runs_fit(runs: list[RunInfo], loaded: Loaded, shots: int) -> None:
     """Every adapter must fit the model and have its own result name; checked before generating."""
     taken = {"zero-shot", f"icl-{shots}shot"}
@@ -203,95 +251,110 @@ def check_runs_fit(runs: list[RunInfo], loaded: Loaded, shots: int) -> None:
         taken.add(run.name)
         try:
             check_fits(run.adapter, geometry_tuple(loaded.geometry), loaded.source.alias)
-        except AdapterError as err:
-            raise UserError(f"{run.path}: {err}") from err
+        except UserError as err:
+            raise type(err)(f"{run.path}: {err}") from err
+        if run.adapter.method == "lora":  # the LoRA matrices' sizes against the model's projections
+            read_adapter_tensors(run.path, run.adapter, loaded.model)
 
 
 def run(config: EvalConfig, loaded: Loaded | None = None, show_progress: bool = True) -> dict:
     """Evaluate every mode on the same queries; returns ``{"task", "results": {name: payload}, "table", ...}``."""
     check_config(config)
     runs = [read_run(p) for p in find_run_dirs(config)] if "student" in config.modes else []
+    check_runs_readable(runs)
     task_name, model_name, shots, data_root = resolve_settings(config, runs or default_runs(config))
     if "icl" in config.modes and shots < 1:
-        raise UserError(f"the icl mode needs --shots >= 1 (got {shots})")
+        raise UserError(f"the icl mode needs --shots >= 1 (got {shots}); pass --shots N or drop the icl mode")
     task = load_task(task_name, **({"data_root": data_root} if data_root else {}))
     check_metric_ready(task.spec.metric)
     examples = eval_examples(task, config)
-    if loaded is None:
-        if model_name is None:
-            raise UserError("no model: pass --model (or evaluate a student run, whose base model is the default)")
-        loaded = load_for_stage(model_name, device=config.device, dtype=config.dtype, revision=config.revision,
-                                trust_remote_code=config.trust_remote_code)
-    check_task_fits_model(task, loaded)
-    check_runs_fit(runs, loaded, shots)
-    evaluation = Evaluation(config, task, loaded, examples, shots, show_progress)
-    read_results(evaluation.out_dir, task.name)  # refuse a folder holding another task before generating
-    results = {}
-    with mimic_routing(loaded):
-        if "zero-shot" in config.modes:
-            results["zero-shot"] = evaluation.mode("zero-shot", "zero-shot", 0, evaluation.fingerprint("zero-shot"))
-        if "icl" in config.modes:
-            name = f"icl-{shots}shot"
-            fingerprint = evaluation.fingerprint("icl", {"shots": shots, "seed": config.seed})
-            results[name] = evaluation.mode(name, "icl", shots, fingerprint)
-        for info in runs:
-            results[info.name] = evaluation.student(info)
-    table = write_table(evaluation.out_dir, task.name, shots)
-    if show_progress:
-        print(table)
-    return {"task": task.name, "results": results, "table": table, "table_path": str(evaluation.out_dir / TABLE_FILE),
-            "results_dir": str(evaluation.out_dir)}
-
-
-def read_results(out_dir: Path, task_name: str) -> list[dict]:
-    """Every results JSON in ``out_dir``; one of another task is refused, never mixed into the table."""
-    rows = []
-    for path in sorted(out_dir.glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} is not valid JSON ({err.msg}); delete it and re-run") from err
-        if not isinstance(data, dict) or (data.get("kind") != RESULT_KIND and "records" not in data):
-            continue  # not a results file (e.g. notes someone saved here)
-        if data.get("task") != task_name:
-            raise UserError(
-                f"{path} holds results of task {data.get('task')!r}, not {task_name!r}; refusing to mix them into "
-                f"{out_dir / TABLE_FILE}: move it to its own task folder (the other results are saved; "
-                "re-running re-uses them)"
-            )
-        rows.append(data)
-    return rows
+    folder = ResultsFolder(config.results_dir, task.name)
+    folder.prepare()  # writable: checked before the model is loaded
+    with dir_lock(folder.path):  # one writer per results folder
+        folder.results()  # refuse a folder holding another task's results
+        folder.check_table()
+        if loaded is None:
+            if model_name is None:
+                raise UserError("no model: pass --model (or evaluate a student run, whose base model is the default)")
+            loaded = load_for_stage(model_name, device=config.device, dtype=config.dtype, revision=config.revision,
+                                    trust_remote_code=config.trust_remote_code)
+        check_task_fits_model(task, loaded)
+        check_runs_fit(runs, loaded, shots)
+        evaluation = Evaluation(config, task, loaded, examples, shots, show_progress, folder)
+        icl_name = f"icl-{shots}shot"
+        names = ([n for m, n in (("zero-shot", "zero-shot"), ("icl", icl_name)) if m in config.modes]
+                 + [r.name for r in runs])
+        evaluation.plan(names, runs)  # every file to be written is chosen and checked before generating
+        results = {}
+        with mimic_routing(loaded):
+            if "zero-shot" in config.modes:
+                results["zero-shot"] = evaluation.mode("zero-shot", "zero-shot", 0, evaluation.fingerprint("zero-shot"))
+            if "icl" in config.modes:
+                fingerprint = evaluation.fingerprint("icl", {"shots": shots, "seed": config.seed})
+                results[icl_name] = evaluation.mode(icl_name, "icl", shots, fingerprint)
+            for info in runs:
+                results[info.name] = evaluation.student(info)
+        table = write_table(folder, shots)
+        if show_progress:
+            print(table)
+        return {"task": task.name, "results": results, "table": table, "table_path": str(folder.path / "table.md"),
+                "results_dir": str(folder.path), "files": {name: str(evaluation.path(name)) for name in results},
+                "settings": evaluation.settings}
 
 
 def _label(row: dict) -> str:
     return {"zero-shot": "zero-shot", "icl": f"{row.get('shots')}-shot ICL"}.get(row["mode"], f"student {row['name']}")
 
 
+MODE_ORDER = {"zero-shot": 0, "icl": 1, "student": 2}
+
+
 def _order(row: dict) -> tuple:
     return (MODE_ORDER.get(row["mode"], 3), row.get("shots", 0), row["name"])
 
 
-MODE_ORDER = {"zero-shot": 0, "icl": 1, "student": 2}
+def _sortable(value: Any) -> tuple:
+    return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
 
 
-def results_table(rows: list[dict], task_name: str, shots: int) -> str:
-    """Markdown: one row per result; speed-up = the ICL row's ms/query over this row's."""
+def settings_title(settings: dict) -> str:
+    """A group's heading: the settings its rows share."""
+    model_id = str(settings.get("model_fingerprint") or "").rpartition(":")[2][:8]
+    return (f"### model {settings.get('model')}" + (f" [{model_id}]" if model_id else "")
+            + f", split {settings.get('split')}, n={settings.get('n')}, num_beams={settings.get('num_beams')}, "
+            f"max_new_tokens={settings.get('max_new_tokens')}, dtype {settings.get('dtype')}, seed {settings.get('seed')}")
+
+
+def group_table(rows: list[dict], metric: str, shots: int) -> list[str]:
+    """One group's rows; speed-up = this group's ICL row's ms/query over each row's."""
     icl = [r for r in rows if r["mode"] == "icl"]
     ref = next((r for r in icl if r.get("shots") == shots), max(icl, key=lambda r: r.get("shots", 0), default=None))
-    metric = rows[0]["metric"] if rows else "score"
     speed_head = f"speed-up vs {ref['shots']}-shot ICL" if ref else "speed-up vs ICL"
-    lines = [f"## {task_name}", "", f"| mode | {metric} | n | ms/query | prompt tokens/query | {speed_head} |",
+    lines = [f"| mode | {metric} | n | ms/query | prompt tokens/query | {speed_head} |",
              "|---|---:|---:|---:|---:|---:|"]
     for row in sorted(rows, key=_order):
         speed = f"{ref['mean_latency_ms'] / row['mean_latency_ms']:.2f}x" if ref and row["mean_latency_ms"] > 0 else "-"
         value = f"{row['score']:.2f}" if row["metric"] == metric else f"{row['score']:.2f} ({row['metric']})"
         lines.append(f"| {_label(row)} | {value} | {row['n']} | {row['mean_latency_ms']:.1f} | "
                      f"{row['mean_prompt_tokens']:.1f} | {speed} |")
+    return lines
+
+
+def results_table(rows: list[dict], task_name: str, shots: int) -> str:
+    """Markdown: one section per settings group (its settings as the heading), one row per result;
+    speed-ups are computed within a group only, never across settings."""
+    metric = rows[0]["metric"] if rows else "score"
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(settings_key(settings_of(row)), []).append(row)
+    lines = [f"## {task_name}"]
+    for key in sorted(groups, key=lambda k: [_sortable(v) for v in (settings_of(groups[k][0]).get("model"), *k)]):
+        lines += ["", settings_title(settings_of(groups[key][0])), "", *group_table(groups[key], metric, shots)]
     return "\n".join(lines) + "\n"
 
 
-def write_table(out_dir: Path, task_name: str, shots: int) -> str:
-    """``<out_dir>/table.md`` across every result of the task; returns its text."""
-    table = results_table(read_results(out_dir, task_name), task_name, shots)
-    (out_dir / TABLE_FILE).write_text(table)
+def write_table(folder: ResultsFolder, shots: int) -> str:
+    """``table.md`` across every result of the folder's task; returns its text (without the file's marker line)."""
+    table = results_table([data for _, data in folder.results()], folder.task_name, shots)
+    folder.write_table(table)
     return table

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.adapters import (
@@ -16,6 +17,8 @@ from pipeline.adapters import (
     AdapterError,
     build_student,
     load_student,
+    read_adapter_config,
+    read_adapter_tensors,
     save_adapter,
 )
 from pipeline.attention import attach_live, attach_mimic
@@ -92,3 +95,178 @@ def test_mismatched_tensors_rejected(tmp_path):
     save_adapter(tmp_path, cfg, build_student(other).state_dict())
     with pytest.raises(AdapterError, match="missing"):
         load_student(tmp_path, (2, 4, 8, 32), "m")
+
+
+# --- damaged or foreign files: one-line AdapterError naming the file and what is wrong -------------
+
+GEOMETRY = (2, 4, 8, 32)
+
+
+def saved_mimic(directory, variant="mimic"):
+    cfg = AdapterConfig(method="mimic", variant=variant, num_layers=2, num_heads=4, head_dim=8, hidden_size=32)
+    student = build_student(cfg)
+    randomise(student)
+    save_adapter(directory, cfg, student.state_dict())
+    return directory / ADAPTER_WEIGHTS
+
+
+def read_copy(path):
+    """The tensors of a safetensors file, copied out of its memory map (the file is rewritten next)."""
+    return {k: v.clone() for k, v in load_file(str(path)).items()}
+
+
+def rewrite_tensors(path, change):
+    tensors = read_copy(path)
+    change(tensors)
+    save_file(tensors, str(path))
+
+
+class RunsOnUnpickle:
+    """Unpickling this object creates ``marker`` (proof that a pickle was executed)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def fault_nan(w):
+    rewrite_tensors(w, lambda t: t.__setitem__("1.f_weight", torch.full((4, 8), float("nan"))))
+    return r"tensor '1\.f_weight' has 32 non-finite values \(NaN or inf\) of 32"
+
+
+def fault_inf(w):
+    def change(t):
+        t["0.shift"][2, 3] = float("inf")
+    rewrite_tensors(w, change)
+    return r"tensor '0\.shift' has 1 non-finite values"
+
+
+def fault_int64(w):
+    rewrite_tensors(w, lambda t: t.__setitem__("0.f_bias", torch.arange(4)))
+    return r"tensor '0\.f_bias' has dtype int64, expected a floating-point dtype"
+
+
+def fault_truncated(w):
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) // 2])
+    return r"is not a readable safetensors file \(.*\): it is truncated or damaged"
+
+
+def fault_empty(w):
+    w.write_bytes(b"")
+    return r"is not a readable safetensors file"
+
+
+def fault_torch_save(w):
+    torch.save(read_copy(w), w)
+    return r"is a zip archive \(torch\.save format, which holds pickles\), not a safetensors file; it was not loaded"
+
+
+def fault_renamed_key(w):
+    rewrite_tensors(w, lambda t: t.__setitem__("0.bias", t.pop("0.f_bias")))
+    return r"missing \['0\.f_bias'\], unexpected \['0\.bias'\]"
+
+
+def fault_extra_key(w):
+    rewrite_tensors(w, lambda t: t.__setitem__("base.lm_head.weight", torch.zeros(2, 2)))
+    return r"missing \[\], unexpected \['base\.lm_head\.weight'\]"
+
+
+def fault_shape(w):
+    rewrite_tensors(w, lambda t: t.__setitem__("1.shift", torch.zeros(4, 9)))
+    return r"tensor '1\.shift' has shape \[4, 9\], but adapter_config\.json .* expects \[4, 8\]"
+
+
+@pytest.mark.parametrize("fault", [fault_nan, fault_inf, fault_int64, fault_truncated, fault_empty, fault_torch_save,
+                                   fault_renamed_key, fault_extra_key, fault_shape])
+def test_damaged_weights_are_refused_naming_file_and_problem(tmp_path, fault):
+    weights = saved_mimic(tmp_path)
+    pattern = fault(weights)
+    with pytest.raises(AdapterError, match=pattern) as err:
+        load_student(tmp_path, GEOMETRY, "m")
+    message = str(err.value)
+    assert str(weights) in message and "\n" not in message
+
+
+def test_pickle_renamed_to_safetensors_is_never_executed(tmp_path):
+    weights = saved_mimic(tmp_path)
+    marker = tmp_path / "unpickled"
+    weights.write_bytes(pickle.dumps({"0.shift": RunsOnUnpickle(marker)}))
+    assert not marker.exists()
+    with pytest.raises(AdapterError, match=r"is a Python pickle, not a safetensors file; it was not loaded"):
+        load_student(tmp_path, GEOMETRY, "m")
+    with pytest.raises(AdapterError, match="Python pickle"):
+        read_adapter_tensors(tmp_path)
+    assert not marker.exists(), "the pickle was executed"
+    pickle.loads(weights.read_bytes())  # the same bytes do run code when unpickled: the check above can fail
+    assert marker.exists()
+
+
+def test_config_variant_disagreeing_with_tensor_shapes(tmp_path):
+    """Tensors of a full MimIC student under a config that says head_shared: same names, other shapes."""
+    saved_mimic(tmp_path)
+    cfg = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({**cfg, "variant": "head_shared"}))
+    with pytest.raises(AdapterError, match=r"tensor '0\.f_weight' has shape \[4, 8\], but adapter_config\.json "
+                                           r"\(mimic/head_shared.*expects \[8\]"):
+        load_student(tmp_path, GEOMETRY, "m")
+
+
+@pytest.mark.parametrize("change,pattern", [
+    ({"num_layers": "x"}, r"'num_layers' is 'x', expected a positive integer"),
+    ({"num_heads": 0}, r"'num_heads' is 0, expected a positive integer"),
+    ({"head_dim": 8.0}, r"'head_dim' is 8\.0, expected a positive integer"),
+    ({"hidden_size": True}, r"'hidden_size' is True, expected a positive integer"),
+    ({"method": 3}, r"unknown student method 3"),
+    ({"variant": ["mimic"]}, r"unknown MimIC variant \['mimic'\]"),
+    ({"store_fingerprint": "cache.zarr"}, r"'store_fingerprint' is 'cache\.zarr', expected a mapping"),
+    ({"base_model": None}, r"'base_model' is None, expected a string"),
+    ({"format_version": "1"}, r"'format_version' is '1', expected an integer"),
+    ({"format_version": 99}, r"has format_version 99; this code reads up to 1"),
+    ({"colour": "red"}, r"has unknown keys \['colour'\]"),
+    ({"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 2, "target_modules": ["a"]}},
+     r"'lora\.dropout' is 2, expected a number in \[0, 1\)"),
+    ({"method": "lora", "lora": {"r": 4}}, r"'lora' misses \['alpha', 'dropout', 'target_modules'\]"),
+])
+def test_malformed_config_is_one_line(tmp_path, change, pattern):
+    saved_mimic(tmp_path)
+    cfg = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(AdapterError, match=pattern) as err:
+        load_student(tmp_path, GEOMETRY, "m")
+    assert str(tmp_path / ADAPTER_CONFIG) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text,pattern", [
+    ("[1, 2]", r"holds a JSON list, expected an object of adapter settings"),
+    (json.dumps({"method": "mimic", "num_layers": 2}), r"misses the keys \['num_heads', 'head_dim', 'hidden_size'\]"),
+])
+def test_config_of_wrong_structure(tmp_path, text, pattern):
+    saved_mimic(tmp_path)
+    (tmp_path / ADAPTER_CONFIG).write_text(text)
+    with pytest.raises(AdapterError, match=pattern):
+        read_adapter_config(tmp_path)
+
+
+def test_lora_tensor_sizes_checked_against_the_model(tmp_path):
+    """LoRA: names and rank from the config, in/out sizes from the model's projections."""
+    model = tiny_llama()
+    targets = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"]
+    cfg = AdapterConfig(method="lora", num_layers=2, num_heads=4, head_dim=8, hidden_size=32,
+                        lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": targets})
+    # k_proj maps 32 -> 2 kv heads x 8 = 16; a lora_B of 32 rows was made for another model
+    tensors = {f"{t}.lora_A.weight": torch.zeros(4, 32) for t in targets}
+    tensors |= {f"{targets[0]}.lora_B.weight": torch.zeros(32, 4), f"{targets[1]}.lora_B.weight": torch.zeros(32, 4)}
+    save_adapter(tmp_path, cfg, tensors)
+    assert set(read_adapter_tensors(tmp_path, cfg)) == set(tensors)  # without the model: names and rank only
+    with pytest.raises(AdapterError, match=r"k_proj\.lora_B\.weight' has shape \[32, 4\], .* expects \[16, 4\]"):
+        read_adapter_tensors(tmp_path, cfg, model)
+    tensors[f"{targets[1]}.lora_B.weight"] = torch.zeros(16, 4)
+    save_adapter(tmp_path, cfg, tensors)
+    assert set(read_adapter_tensors(tmp_path, cfg, model)) == set(tensors)
+    other = AdapterConfig(method="lora", num_layers=2, num_heads=4, head_dim=8, hidden_size=32,
+                          lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["model.vision.proj"]})
+    with pytest.raises(AdapterError, match="LoRA target module 'model.vision.proj' is not in the model"):
+        read_adapter_tensors(tmp_path, other, model)
