@@ -1,0 +1,218 @@
+"""One writer per store and run directory, with real processes: the second is refused while the
+first runs; after a SIGKILL of the first, the second takes over and its result equals an
+uninterrupted run. Plus: --overwrite never deletes a file the project did not write, and a kill
+between the two renames of a checkpoint save resumes from that checkpoint, not from step 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import tiny
+from safetensors.torch import load_file
+
+from pipeline.config import UserError
+from pipeline.locks import LockedError, dir_lock, store_lock
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+
+# runs the real CLI in a process whose every teacher forward / optimiser step is slowed down, so that
+# a second process can be started while it holds its lock
+SLOW = """
+import sys, time
+import stages.teacher_cache as tc, stages.trainer as tr
+forward, step = tc.TeacherRunner.forward, tr.Trainer.step
+tc.TeacherRunner.forward = lambda self, *a, **k: (time.sleep(1.0), forward(self, *a, **k))[1]
+tr.Trainer.step = lambda self, *a, **k: (time.sleep(1.0), step(self, *a, **k))[1]
+from pipeline.cli import app
+app(args=sys.argv[1:], prog_name="pipeline")
+"""
+
+
+def cli(*args, slow=False, cwd=REPO):
+    cmd = [sys.executable, "-c", SLOW] if slow else [sys.executable, "-m", "pipeline"]
+    return [*cmd, *map(str, args)], dict(env=ENV, cwd=cwd)
+
+
+def run(*args, **kw):
+    cmd, opts = cli(*args, **kw)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **opts)
+
+
+def wait_for(predicate, proc, what, timeout=120):
+    end = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the first process ended before {what}: {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lock-model")
+    fam = tiny("llama")
+    fam.model.save_pretrained(d)
+    fam.processor.save_pretrained(d)
+    return d
+
+
+def tc_args(model_dir, out):
+    return ["teacher-cache", "--task", "antonyms", "--model", model_dir, "--shots", 2, "--n-queries", 6,
+            "--shard-size", 2, "--batch-size", 2, "--out", out, "--device", "cpu"]
+
+
+def store_arrays(path):
+    group = zarr.open_group(path, mode="r")
+    return {name: group[name][:] for name in group.array_keys()}
+
+
+def test_second_store_writer_is_refused_and_takes_over_after_sigkill(tmp_path, model_dir):
+    store = tmp_path / "s.zarr"
+    cmd, opts = cli(*tc_args(model_dir, store), slow=True)
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **opts)
+    try:
+        done = store / "done"
+        wait_for(lambda: any(done.rglob("c/*")), first, "the first shard was written")
+        second = run(*tc_args(model_dir, store))
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert "Traceback" not in second.stderr
+        assert f"pid {first.pid}" in second.stderr and "in use by another process" in second.stderr
+        # --overwrite is no way around a running writer either
+        assert run(*tc_args(model_dir, store), "--overwrite", "--seed", 1).returncode == 2
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    resumed = run(*tc_args(model_dir, store))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    clean = tmp_path / "clean.zarr"
+    assert run(*tc_args(model_dir, clean)).returncode == 0
+    got, want = store_arrays(store), store_arrays(clean)
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_second_run_writer_is_refused_and_takes_over_after_sigkill(tmp_path, model_dir):
+    store = tmp_path / "s.zarr"
+    assert run(*tc_args(model_dir, store)).returncode == 0
+    train = ["train-student", "--cache", store, "--epochs", 4, "--batch-size", 1, "--grad-accum", 1,
+             "--checkpoint-every", 2, "--device", "cpu", "--name", "r"]
+    cmd, opts = cli(*train, "--runs-dir", tmp_path / "a", slow=True)
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **opts)
+    try:
+        ckpt = tmp_path / "a" / "r" / "checkpoint" / "state.pt"
+        wait_for(ckpt.exists, first, "the first checkpoint")
+        second = run(*train, "--runs-dir", tmp_path / "a")
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+        assert f"pid {first.pid}" in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    steps_at_kill = len((tmp_path / "a" / "r" / "train_log.jsonl").read_text().splitlines())
+    assert steps_at_kill < 24, "the first run finished before it was killed; the test needs a slower run"
+    assert run(*train, "--runs-dir", tmp_path / "a").returncode == 0
+    assert run(*train, "--runs-dir", tmp_path / "b").returncode == 0
+    a = load_file(str(tmp_path / "a" / "r" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "b" / "r" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log_a = [json.loads(x)["loss"] for x in (tmp_path / "a" / "r" / "train_log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x)["loss"] for x in (tmp_path / "b" / "r" / "train_log.jsonl").read_text().splitlines()]
+    assert log_a == log_b
+
+
+def test_overwrite_keeps_foreign_files_and_a_rebuilt_store_is_not_resumed(tmp_path, model_dir):
+    store = tmp_path / "s.zarr"
+    assert run(*tc_args(model_dir, store)).returncode == 0
+    train = ["train-student", "--cache", store, "--max-steps", 2, "--device", "cpu", "--runs-dir", tmp_path / "runs",
+             "--name", "r"]
+    assert run(*train).returncode == 0
+    run_dir = tmp_path / "runs" / "r"
+    (run_dir / "notes.txt").write_text("mine\n")
+    # the same command again: already trained, and it says so with the loss it reached
+    again = run(*train)
+    assert again.returncode == 0 and "already trained" in again.stdout, again.stdout + again.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["final_loss"] == summary["final_loss"]  # not nan
+    # the store rebuilt: the run is stale and refused, naming why
+    assert run(*tc_args(model_dir, store), "--overwrite", "--seed", 7).returncode == 0
+    stale = run(*train)
+    assert stale.returncode == 2 and "store" in stale.stderr and "--overwrite" in stale.stderr, stale.stderr
+    retrained = run(*train, "--overwrite")
+    assert retrained.returncode == 0, retrained.stderr[-2000:]
+    assert "wrote" in retrained.stdout
+    assert (run_dir / "notes.txt").read_text() == "mine\n"
+    cfg = json.loads((run_dir / "adapter_config.json").read_text())
+    assert cfg["store_fingerprint"]["demo_seed"] == 7
+
+
+def test_checkpoint_killed_between_renames_resumes_from_it(tmp_path, monkeypatch):
+    from stages.training import Checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ckpt = Checkpoint(tmp_path / "run" / "checkpoint", {"lr": 1})
+    ckpt.save(model.state_dict(), opt, sched, 1)
+    renames = []
+    real = Path.rename
+
+    def killed_after_first_rename(self, target):
+        renames.append(target)
+        if len(renames) == 2:
+            raise KeyboardInterrupt  # stands for the SIGKILL between the two renames
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(model.state_dict(), opt, sched, 2)
+    monkeypatch.setattr(Path, "rename", real)
+    assert not (tmp_path / "run" / "checkpoint").exists(), "the kill must fall between the renames"
+    assert Checkpoint(tmp_path / "run" / "checkpoint", {"lr": 1}).load()["step"] == 2
+
+
+def test_torn_checkpoint_save_keeps_the_previous_one(tmp_path, monkeypatch):
+    from stages.training import Checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ckpt = Checkpoint(tmp_path / "checkpoint", {})
+    ckpt.save(model.state_dict(), opt, sched, 1)
+    real = torch.save
+
+    def torn(obj, path, *a, **k):
+        real(obj, path, *a, **k)
+        raise KeyboardInterrupt  # killed after state.pt, before the COMPLETE mark
+
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(model.state_dict(), opt, sched, 2)
+    monkeypatch.setattr(torch, "save", real)
+    assert Checkpoint(tmp_path / "checkpoint", {}).load()["step"] == 1
+
+
+def test_lock_names_holder_and_is_released(tmp_path):
+    lock = store_lock(tmp_path / "s.zarr")
+    with lock:
+        code = ("import sys; from pipeline.locks import store_lock, LockedError\n"
+                f"try:\n    store_lock({str(tmp_path / 's.zarr')!r}).acquire()\n"
+                "except LockedError as e:\n    print(e); sys.exit(3)\n")
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=REPO)
+        assert res.returncode == 3 and f"pid {os.getpid()}" in res.stdout
+    with dir_lock(tmp_path / "run"):  # released: another lock object of the same path takes it
+        pass
+    with store_lock(tmp_path / "s.zarr"):
+        pass
+    assert issubclass(LockedError, UserError)
