@@ -39,7 +39,7 @@ def eval_prompts(loaded, task, shots: int, n: int) -> tuple[list[Any], float]:
 
 def generate_batch(loaded, prompts, suppress: list[int]) -> None:
     from pipeline.families.base import pad_token_id
-    from stages.teacher_cache import to_device
+    from pipeline.forward import to_device
 
     coll = loaded.family.collate([p.encoded for p in prompts], loaded.processor, "left")
     coll.pop("position_ids", None)

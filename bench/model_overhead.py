@@ -28,7 +28,7 @@ def student_prompts(loaded, n: int) -> list[Any]:
 
 
 def device_batch(loaded, prompts) -> dict:
-    from stages.teacher_cache import to_device
+    from pipeline.forward import to_device
 
     coll = loaded.family.collate([p.encoded for p in prompts], loaded.processor, "right")
     return to_device(coll, loaded.device, next(loaded.model.parameters()).dtype)

@@ -59,8 +59,8 @@ def whole_model(report: Report, tables: dict, alias: str) -> None:
     from harness import build_model, set_attention
     from model_overhead import device_batch, student_prompts
 
+    from pipeline.runtime import wrap_model
     from pipeline.students import new_student
-    from stages.common import wrap_model
 
     model, processor = build_model(alias)
     loaded = wrap_model(model, processor, alias, device="cuda")

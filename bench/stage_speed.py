@@ -86,13 +86,14 @@ def teacher_cache_run(loaded, alias: str, shots: int, n: int, batch: int, worker
     """Stage 1 end to end, with a breakdown: planning, waiting for prompts (DataLoader), the whole
     run_sorted (collate, host-to-device, forward, capture, device-to-host), the model forward alone,
     collate, waiting to submit a shard to the writer, and the writer thread's write_shard."""
+    import pipeline.forward as fw
     import pipeline.store as store_mod
     import stages.teacher_cache as tc
 
     timers, prompts = Timers(), []
     undo = [_wrap(tc.TeacherRunner, "run_sorted", timers, "forward_s", prompts),
             _wrap(tc, "plan_queries", timers, "plan_s"),
-            _wrap(tc, "to_device", timers, "to_device_s"),
+            _wrap(fw, "to_device", timers, "to_device_s"),
             _wrap(store_mod.ShardWriter, "submit", timers, "submit_wait_s"),
             _wrap(store_mod.TeacherStore, "write_shard", timers, "writer_thread_write_s"),
             _timed_generator(tc, "shard_prompts", timers, "prompt_wait_s"),
@@ -133,7 +134,7 @@ def stock_batches(loaded, shard_prompts: list[list[Any]], batch: int) -> list[tu
 
 
 def stock_forward(loaded, batches, keep_last: bool) -> float:
-    from stages.teacher_cache import to_device
+    from pipeline.forward import to_device
 
     dtype = next(loaded.model.parameters()).dtype
     extra = {"logits_to_keep": 1} if keep_last else {}
@@ -150,18 +151,19 @@ def ablations(report: Report, loaded, alias: str, shots: int, n: int, batch: int
     """Teacher-cache again without one host-side optimisation each, named in env ``STAGE1_AB``
     (comma-separated): ``nopin`` (collated batches left pageable), ``nocache`` (no reuse of encoded
     demonstrations). Reported against the end-to-end run above."""
+    import pipeline.forward as fw
     import stages.teacher_cache as tc
     from pipeline.prompts import DemoCache
 
     for name in filter(None, os.environ.get("STAGE1_AB", "").split(",")):
-        patch = {"nopin": ("pin_batch", lambda b, pin: b),
-                 "nocache": ("DemoCache", lambda: DemoCache(max_bytes=0))}[name]
-        saved = getattr(tc, patch[0])
-        setattr(tc, patch[0], patch[1])
+        module, attr, fake = {"nopin": (fw, "pin_batch", lambda b, pin: b),
+                              "nocache": (tc, "DemoCache", lambda: DemoCache(max_bytes=0))}[name]
+        saved = getattr(module, attr)
+        setattr(module, attr, fake)
         try:
             run = teacher_cache_run(loaded, alias, shots, n, batch, workers, work / f"stage1-{name}.zarr")
         finally:
-            setattr(tc, patch[0], saved)
+            setattr(module, attr, saved)
         report.extra.setdefault("stage1_ablations", {})[name] = {k: v for k, v in run.items() if k != "prompts"}
         report.add(f"teacher-cache + store samples/s ({name})", n / run["wall_s"], "samples/s",
                    ref="teacher-cache + store samples/s (end to end)")
@@ -181,7 +183,7 @@ def stage1(report: Report, loaded, alias: str, shots: int, n: int, batch: int, w
         stock_forward(loaded, batches[:1], False)  # warm-up of the stock routing
         stock_full = stock_forward(loaded, batches, keep_last=False)
         stock_keep1 = stock_forward(loaded, batches, keep_last=True)
-        from stages.teacher_cache import to_device
+        from pipeline.forward import to_device
 
         first = to_device(batches[0][0], loaded.device, next(loaded.model.parameters()).dtype)
         with torch.inference_mode():

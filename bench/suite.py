@@ -50,7 +50,7 @@ def main() -> None:
     report.extra["args"] = vars(args)
     print(machine(), flush=True)
 
-    from stages.common import wrap_model
+    from pipeline.runtime import wrap_model
 
     t0 = time.perf_counter()
     model, processor = build_model(args.model, device, args.tiny)

@@ -29,11 +29,11 @@ from torch import nn
 from pipeline.config import UserError
 from pipeline.live import LiveVectors
 from pipeline.mimic import VARIANTS, MimicHeads
+from pipeline.settings import METHODS
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FORMAT_VERSION = 1
-METHODS = ("mimic", "live", "lora")
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
 RESTORE = "restore the run's files or re-train it with `pipeline train-student`"
 """How to fix a damaged student: the end of most messages below."""

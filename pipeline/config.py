@@ -157,7 +157,8 @@ def load_config(cls: type[T], yaml_data: dict[str, Any] | None = None, **overrid
             continue
         merged[key] = coerced
     if errors:
-        raise ConfigError(f"invalid {cls.__name__}:\n  - " + "\n  - ".join(errors))
+        raise ConfigError(f"invalid {cls.__name__} ({len(errors)} problem{'s' if len(errors) > 1 else ''}): "
+                          + "; ".join(errors) + "; fix them on the command line or in the --config file")
     return cls(**merged)
 
 

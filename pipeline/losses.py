@@ -9,11 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ALIGN_LOSSES = ("mse", "l2sum", "kl", "none")
-"""mse: mean squared error over layers x tokens x dims per sample, then over the batch (the official
-code's reduction). l2sum: squared L2 distance summed over layers and dims, averaged over tokens (the
-paper's per-token L2). kl: KL(teacher || student) on the answer tokens' next-token distributions
-from the stored top-k teacher log-probs (the paper's MimIC-dagger ablation; LIVE's loss). none: CE only."""
+from pipeline.settings import ALIGN_LOSSES  # noqa: F401 (the names of the losses below)
 
 
 def align_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -33,10 +33,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-VARIANTS = ("mimic", "head_shared", "query_independent", "shift_only")
-"""mimic: per-head f and v (the paper's method). head_shared: one f (w, b) shared by all heads of a
-layer (mu still uses each head's own log Z2). query_independent: mu = sigmoid(g) with a learned
-scalar g per head. shift_only: mu = 1 (a plain per-head shift)."""
+from pipeline.settings import VARIANTS  # the variants' names only: no transformers, no files
 
 DEFAULT_CHUNK = 256
 LOG_Z2_BACKENDS = ("auto", "chunked", "flex")

@@ -30,40 +30,14 @@ from pipeline.adapters import (
     read_adapter_config,
     read_adapter_tensors,
 )
-from pipeline.config import ConfigError, UserError, opt
+from pipeline.config import ConfigError, UserError
 from pipeline.locks import dir_lock
 from pipeline.metrics import JavaNotFoundError, score
+from pipeline.runtime import Loaded, check_task_fits_model, load_for_stage, model_defaults
+from pipeline.settings import MODES, EvalConfig
 from pipeline.students import geometry_tuple
-from pipeline.tasks import SPLITS, load_task
-from stages.common import Loaded, check_task_fits_model, load_for_stage, model_defaults
+from pipeline.tasks import load_task
 from stages.evaluation import Evaluation, ResultsFolder, settings_key, settings_of
-
-MODES = ("zero-shot", "icl", "student")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Options of `pipeline evaluate` (YAML keys and CLI flags have the same names)."""
-
-    runs: tuple[str, ...] = opt((), "Student run directories (or run names under --runs-dir); default: the most recent run (newest adapter file).")
-    runs_dir: str = opt("runs", "Where run names are looked up and the most recent run is found.")
-    task: str | None = opt(None, "Task name or task YAML path; default the run's task (from its teacher store).")
-    model: str | None = opt(None, "Model alias, hub id or directory; default the run's base model.")
-    shots: int | None = opt(None, "Demonstrations of the ICL mode; default the run's store's shots, else configs/models.")
-    modes: tuple[str, ...] = opt(MODES, "Which of zero-shot, icl, student to evaluate.")
-    n_queries: int = opt(200, "Queries: the first N of the split (built-in splits are seeded samples); 0 = the whole split. The paper reports whole validation splits.")
-    split: str = opt("eval", "Split the queries come from.", SPLITS)
-    batch_size: int = opt(8, "Prompts per generate call (left-padded).")
-    num_beams: int = opt(3, "Beams of the beam search (3 as the paper's harness).")
-    seed: int = opt(3407, "Seed of the demonstration sampler (the same sampler as teacher-cache).")
-    results_dir: str = opt("results", "Where results/<task>/ is written (results of other settings are kept beside earlier ones).")
-    l2: bool = opt(True, "Per-layer L2 distance of zero-shot and student states to the cached teacher states (when the run's store exists).")
-    l2_queries: int = opt(32, "Cached training queries used by the L2 analysis (the first N of the store).")
-    data_root: str | None = opt(None, "Root of the official data files (or env MIMIC_DATA); default the store's.")
-    device: str = opt("auto", "cpu, cuda, cuda:N, or auto.")
-    dtype: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32.")
-    revision: str | None = opt(None, "Model revision (hub branch, tag or commit).")
-    trust_remote_code: bool = opt(False, "Allow the model repository's own code to run.")
 
 
 class EvalConfigError(ConfigError, UserError):

@@ -35,18 +35,17 @@ from typing import Any
 import torch
 
 from pipeline.adapters import ADAPTER_WEIGHTS
-from pipeline.capture import StateCapture, span_positions
+from pipeline.capture import StateCapture
 from pipeline.config import UserError, config_to_dict
 from pipeline.families.base import pad_token_id, tokenizer_of
+from pipeline.forward import forward_states, pad_states, to_device
 from pipeline.metrics import JavaNotFoundError, score
 from pipeline.plots import plot_layer_distances
 from pipeline.prompts import DemoCache, Prompt, build_prompt
+from pipeline.runtime import Loaded, Progress
 from pipeline.store import open_store
 from pipeline.students import load_student_dir
 from pipeline.tasks.sampling import sample_demonstrations
-from stages.common import Loaded, Progress
-from stages.teacher_cache import to_device
-from stages.training import pad_states
 
 PARTIAL_SUFFIX = ".partial.jsonl"
 RESULT_KIND = "mimic-evaluation"
@@ -469,18 +468,13 @@ def layer_distances(
     for start in range(0, n, batch_size):
         records = [store.read(i) for i in range(start, min(n, start + batch_size))]
         prompts = [student_prompt(loaded, task, r, f"sample {i} of {store_path}") for i, r in enumerate(records, start)]
-        lengths = [len(p.encoded) for p in prompts]
-        starts = [p.span_start for p in prompts]
-        width = max(a - b for a, b in zip(lengths, starts, strict=True))
-        batch = to_device(loaded.family.collate([p.encoded for p in prompts], loaded.processor, "right"),
-                          loaded.device, model_dtype(loaded.model))
-        pos, mask = span_positions(lengths, starts, width, loaded.device)
+        collated = loaded.family.collate([p.encoded for p in prompts], loaded.processor, "right")
+        width = max(len(p.encoded) - p.span_start for p in prompts)
         teacher = pad_states([r.hs.to(loaded.device, torch.float32) for r in records], width)  # (B, S, L, D)
         for name, context in (("zero-shot", student.disabled()), ("student", nullcontext())):
-            with context, capture, torch.inference_mode():
-                capture.positions = pos
-                loaded.model(**batch, use_cache=False)
-                states = capture.stacked().float()  # (B, S, L, D)
+            with context, torch.inference_mode():
+                run = forward_states(loaded, capture, prompts, collated)
+            states, mask = run.states.float(), run.mask  # (B, S, L, D), (B, S)
             dist = (states - teacher).norm(dim=-1) * mask[..., None]  # (B, S, L)
             sums[name] = sums[name] + dist.sum((0, 1)).cpu()
         tokens += int(mask.sum())

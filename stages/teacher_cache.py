@@ -11,7 +11,6 @@ Aligned positions: every query+answer token (query image tokens included), BOS e
 from __future__ import annotations
 
 import hashlib
-import inspect
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,11 +19,22 @@ from typing import Any
 import torch
 
 from pipeline import __version__
-from pipeline.capture import LAYER_TARGETS, StateCapture, span_positions
-from pipeline.config import UserError, opt
+from pipeline.config import UserError
 from pipeline.families import Encoded
+from pipeline.forward import TeacherRunner
 from pipeline.locks import held_on_rank0, store_lock
 from pipeline.prompts import DemoCache, Prompt, build_prompt, check_alignment
+from pipeline.runtime import (
+    Loaded,
+    Progress,
+    barrier,
+    check_task_fits_model,
+    default_store_path,
+    dist_info,
+    load_for_stage,
+    model_defaults,
+)
+from pipeline.settings import TeacherCacheConfig
 from pipeline.store import (
     SampleRecord,
     ShardWriter,
@@ -36,41 +46,6 @@ from pipeline.store import (
 )
 from pipeline.tasks import load_task
 from pipeline.tasks.sampling import sample_demonstrations
-from stages.common import (
-    Loaded,
-    Progress,
-    barrier,
-    check_task_fits_model,
-    default_store_path,
-    dist_info,
-    load_for_stage,
-    model_defaults,
-)
-
-
-@dataclass(frozen=True)
-class TeacherCacheConfig:
-    """Options of `pipeline teacher-cache` (YAML keys and CLI flags have the same names)."""
-
-    task: str = opt("vqav2", "Task name (vqav2, okvqa, coco_caption, shapes_vqa, a built-in text task) or a task YAML path.")
-    model: str = opt("idefics2-8b", "Model alias (configs/models), hub id or local directory.")
-    out: str | None = opt(None, "Store path; default cache/<task>.zarr.")
-    shots: int | None = opt(None, "Demonstrations per query; default from configs/models (Idefics1 32, Idefics2 8).", at_least=0)
-    n_queries: int = opt(1000, "Training queries to cache (first N of the task's train split).", at_least=1)
-    seed: int = opt(3407, "Seed of the demonstration sampler.", at_least=0)
-    layer_target: str = opt("mlp", "Which state is aligned: mlp output, decoder layer output, attention output.", LAYER_TARGETS)
-    batch_size: int = opt(0, "Teacher forwards per batch; 0 = auto (start high, halve on out-of-memory).", at_least=0)
-    topk: int = opt(0, "Also store the teacher's top-k answer log-probs per token (for KL students); 0 = off; at most the vocabulary size.", at_least=0)
-    shard_size: int | None = opt(None, "Samples per shard file; default by size (16 large, 64 small); fixed when the store is created.", at_least=1)
-    max_length: int | None = opt(None, "Longest teacher prompt allowed; default the model's context length (more is refused).", at_least=1)
-    data_root: str | None = opt(None, "Root of the official data files (or env MIMIC_DATA).")
-    device: str = opt("auto", "cpu, cuda, cuda:N, or auto (the accelerate rank's device).")
-    dtype: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32.")
-    revision: str | None = opt(None, "Model revision (hub branch, tag or commit).")
-    trust_remote_code: bool = opt(False, "Allow the model repository's own code to run.")
-    num_workers: int | None = opt(None, "Processes preparing prompts and images while the GPU works; "
-                                       "default 4 on CUDA, 0 (in the main process) on CPU.", at_least=0)
-    overwrite: bool = opt(False, "Replace an existing store made with a different configuration.")
 
 
 @dataclass
@@ -207,122 +182,6 @@ def check_topk(model: Any, topk: int) -> None:
         raise UserError(f"--topk {topk} is more than the model's vocabulary of {vocab} tokens; use e.g. --topk 20")
 
 
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Move a collated batch; floating tensors (pixels) take the model's dtype, cast on ``device``.
-
-    The copy is ``non_blocking``: asynchronous from page-locked memory (``pin_batch``), an ordinary
-    copy from pageable memory; the model then reads the tensors on the same stream, after the copy.
-    """
-    def move(v: torch.Tensor) -> torch.Tensor:
-        v = v.to(device, non_blocking=True)
-        return v.to(dtype) if v.is_floating_point() else v
-
-    return {k: move(v) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def pin_batch(batch: dict, pin: bool) -> dict:
-    """The collated batch with its tensors in page-locked memory when ``pin`` (CUDA), unchanged otherwise.
-
-    Pinned, ``to_device`` copies asynchronously; from pageable memory the host-to-device copy took
-    1.2 s of a 24 s Idefics2 run on the critical path (docs/benchmarks.md B1). Pixels stay float32
-    here: a host-side cast would make a new, pageable tensor; ``to_device`` casts on the device.
-    """
-    if not pin:
-        return batch
-    return {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def to_host(t: torch.Tensor) -> torch.Tensor:
-    """Device -> host through page-locked memory, which torch's caching host allocator reuses: a
-    fresh pageable buffer per batch (and a copy per sample) cost ~0.16 s per Idefics2 batch of 8 on
-    the benchmark VM (docs/benchmarks.md)."""
-    if t.device.type != "cuda":
-        return t.cpu()
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    out.copy_(t)
-    return out
-
-
-class TeacherRunner:
-    """Teacher forwards for a list of samples, batched by length, with out-of-memory back-off."""
-
-    def __init__(self, loaded: Loaded, config: TeacherCacheConfig):
-        self.loaded, self.config = loaded, config
-        self.batch_size = config.batch_size or (16 if loaded.device.type == "cuda" else 4)
-        self.dtype = next(loaded.model.parameters()).dtype
-        accepts = inspect.signature(loaded.model.forward).parameters
-        self.keep_logits = "logits_to_keep" in accepts and not config.topk
-        self.capture = StateCapture(loaded.model, config.layer_target)
-        self.pin = loaded.device.type == "cuda"
-
-    def collate(self, prompts: list[Any]) -> dict:
-        return self.loaded.family.collate([p.encoded for p in prompts], self.loaded.processor, "right")
-
-    def collate_sorted(self, prompts: list[Any]) -> tuple[int, list[tuple[list[int], dict]]]:
-        """(batch size, [(prompt indices, CPU batch)]): ``run_sorted``'s batches, collated ahead of time
-        (and page-locked on CUDA, so their host-to-device copies are asynchronous)."""
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].encoded))
-        size = self.batch_size
-        chunks = [order[i : i + size] for i in range(0, len(order), size)]
-        return size, [(c, pin_batch(self.collate([prompts[j] for j in c]), self.pin)) for c in chunks]
-
-    @torch.inference_mode()
-    def forward(self, prompts: list[Any], to_cpu: bool = True, batch: dict | None = None) -> list[tuple[torch.Tensor, Any, Any]]:
-        """States (T_span, L, D) bf16 (on CPU unless ``to_cpu`` is False) and optional top-k
-        (values, indices) per prompt. ``batch``: the prompts already collated."""
-        lengths = [len(p.encoded) for p in prompts]
-        starts = [p.span_start for p in prompts]
-        width = max(n - s for n, s in zip(lengths, starts, strict=True))
-        batch = to_device(self.collate(prompts) if batch is None else batch, self.loaded.device, self.dtype)
-        pos, _ = span_positions(lengths, starts, width, self.loaded.device)
-        extra = {"logits_to_keep": 1} if self.keep_logits else {}
-        with self.capture:
-            self.capture.positions = pos
-            out = self.loaded.model(**batch, use_cache=False, **extra)
-            states = self.capture.stacked().to(torch.bfloat16)
-        topk = None
-        if self.config.topk:
-            idx = pos[..., None].expand(-1, -1, out.logits.shape[-1])
-            logp = torch.log_softmax(torch.gather(out.logits, 1, idx).float(), -1)
-            topk = logp.topk(self.config.topk, dim=-1)
-        move = (lambda t: t.cpu()) if to_cpu else (lambda t: t)
-        states = to_host(states) if to_cpu else states
-        results = []
-        for b, (n, s) in enumerate(zip(lengths, starts, strict=True)):
-            k = (move(topk.values[b, : n - s]), move(topk.indices[b, : n - s])) if topk is not None else (None, None)
-            results.append((states[b, : n - s] if to_cpu else states[b, : n - s].clone(), *k))
-        return results
-
-    def run_sorted(self, prompts: list[Any], collated: tuple | None = None) -> list[tuple[torch.Tensor, Any, Any]]:
-        """Batches of similar length; halve the batch on CUDA out-of-memory (``--batch-size 0``).
-        ``collated``: ``collate_sorted(prompts)``, used while the batch size is the one it was made for."""
-        if collated is not None and collated[0] == self.batch_size:
-            try:
-                done = {j: r for chunk, batch in collated[1]
-                        for j, r in zip(chunk, self.forward([prompts[j] for j in chunk], batch=batch), strict=True)}
-                return [done[j] for j in range(len(prompts))]
-            except torch.cuda.OutOfMemoryError:
-                if self.config.batch_size or self.batch_size == 1:
-                    raise
-                torch.cuda.empty_cache()
-                self.batch_size //= 2
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].encoded))
-        results: dict[int, Any] = {}
-        i = 0
-        while i < len(order):
-            chunk = order[i : i + self.batch_size]
-            try:
-                for j, r in zip(chunk, self.forward([prompts[j] for j in chunk]), strict=True):
-                    results[j] = r
-                i += len(chunk)
-            except torch.cuda.OutOfMemoryError:
-                if self.config.batch_size or self.batch_size == 1:
-                    raise
-                torch.cuda.empty_cache()
-                self.batch_size //= 2
-        return [results[j] for j in range(len(prompts))]
-
-
 def teacher_prompts(task: Any, loaded: Loaded, plan: list[Planned], limit: int | None,
                     demo_cache: DemoCache | None = None) -> list[Any]:
     """Build and check the teacher prompts of some planned samples (demonstrations through
@@ -441,7 +300,7 @@ def _write(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: int, pl
     attrs = store_attrs(config, task, loaded, shots, plan) | {"shard_size": layout.shard_size}
     store = open_or_create(path, layout, attrs, config.overwrite, rank)
     pending = store.pending_shards(rank, world)
-    runner = TeacherRunner(loaded, config)
+    runner = TeacherRunner(loaded, config.layer_target, config.topk, config.batch_size)
     total = sum(len(store.shard_samples(s)) for s in pending)
     progress = Progress(total, f"teacher-cache {task.name} ({shots}-shot)", enabled=show_progress and rank == 0)
     with ShardWriter(store) as writer:

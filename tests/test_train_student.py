@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from pipeline.capture import StateCapture, span_positions
 from pipeline.config import UserError, load_config
+from pipeline.runtime import wrap_model
 from pipeline.store import StoreError, open_store
 from pipeline.students import load_student_dir
-from stages.common import wrap_model
 from stages.teacher_cache import TeacherCacheConfig
 from stages.teacher_cache import run as cache_run
 from stages.train_student import TrainConfig, setup

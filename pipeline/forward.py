@@ -1,0 +1,172 @@
+"""The one forward path of every stage: run the model on a batch of prompts and capture the
+per-layer states at the aligned positions (query + answer tokens, BOS excluded; docs/architecture.md §4).
+
+Stage 1 runs it for the k-shot teacher (``TeacherRunner``, batched by length, with out-of-memory
+back-off), stage 2 for the student (with gradients) and, online, the teacher; evaluation's L2
+analysis for zero-shot and student states. Also the host <-> device moves they share.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline.capture import StateCapture, span_positions
+from pipeline.runtime import Loaded
+
+
+@dataclass
+class Forward:
+    """One captured forward. output: the model's output (logits (B, T, V) or the last position's);
+    states: (B, S, L, D) at the aligned positions, in the model's dtype; positions: (B, S) token
+    index of each aligned position; mask: (B, S) bool, False where a shorter prompt is padded;
+    batch: the model inputs on the device."""
+
+    output: Any
+    states: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    batch: dict
+
+
+def forward_states(loaded: Loaded, capture: StateCapture, prompts: list[Any], batch: dict | None = None,
+                   **model_kwargs: Any) -> Forward:
+    """Collate ``prompts`` (right padding; ``batch`` when already collated), move to the device, run the
+    model with ``capture`` on the aligned positions. Gradients flow unless the caller disables them."""
+    lengths = [len(p.encoded) for p in prompts]
+    starts = [p.span_start for p in prompts]
+    width = max(n - s for n, s in zip(lengths, starts, strict=True))
+    dtype = next(loaded.model.parameters()).dtype
+    if batch is None:
+        batch = loaded.family.collate([p.encoded for p in prompts], loaded.processor, "right")
+    batch = to_device(batch, loaded.device, dtype)
+    pos, mask = span_positions(lengths, starts, width, loaded.device)
+    with capture:
+        capture.positions = pos
+        out = loaded.model(**batch, use_cache=False, **model_kwargs)
+        states = capture.stacked()
+    return Forward(out, states, pos, mask, batch)
+
+
+def pad_states(states: list[torch.Tensor], width: int) -> torch.Tensor:
+    """(T_i, ...) tensors -> (B, width, ...) zero-padded."""
+    out = states[0].new_zeros((len(states), width, *states[0].shape[1:]))
+    for b, s in enumerate(states):
+        out[b, : s.shape[0]] = s
+    return out
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Move a collated batch; floating tensors (pixels) take the model's dtype, cast on ``device``.
+
+    The copy is ``non_blocking``: asynchronous from page-locked memory (``pin_batch``), an ordinary
+    copy from pageable memory; the model then reads the tensors on the same stream, after the copy.
+    """
+    def move(v: torch.Tensor) -> torch.Tensor:
+        v = v.to(device, non_blocking=True)
+        return v.to(dtype) if v.is_floating_point() else v
+
+    return {k: move(v) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def pin_batch(batch: dict, pin: bool) -> dict:
+    """The collated batch with its tensors in page-locked memory when ``pin`` (CUDA), unchanged otherwise.
+
+    Pinned, ``to_device`` copies asynchronously; from pageable memory the host-to-device copy took
+    1.2 s of a 24 s Idefics2 run on the critical path (docs/benchmarks.md B1). Pixels stay float32
+    here: a host-side cast would make a new, pageable tensor; ``to_device`` casts on the device.
+    """
+    if not pin:
+        return batch
+    return {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """Device -> host through page-locked memory, which torch's caching host allocator reuses: a
+    fresh pageable buffer per batch (and a copy per sample) cost ~0.16 s per Idefics2 batch of 8 on
+    the benchmark VM (docs/benchmarks.md)."""
+    if t.device.type != "cuda":
+        return t.cpu()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t)
+    return out
+
+
+class TeacherRunner:
+    """Teacher forwards for a list of samples, batched by length, with out-of-memory back-off."""
+
+    def __init__(self, loaded: Loaded, layer_target: str, topk: int = 0, batch_size: int = 0):
+        """``topk``: also return that many answer log-probs per token (0: none). ``batch_size``: forwards
+        per batch; 0 = auto (16 on CUDA, 4 on CPU, halved on out-of-memory)."""
+        self.loaded, self.topk, self.fixed_batch = loaded, topk, bool(batch_size)
+        self.batch_size = batch_size or (16 if loaded.device.type == "cuda" else 4)
+        self.dtype = next(loaded.model.parameters()).dtype
+        accepts = inspect.signature(loaded.model.forward).parameters
+        self.keep_logits = "logits_to_keep" in accepts and not topk
+        self.capture = StateCapture(loaded.model, layer_target)
+        self.pin = loaded.device.type == "cuda"
+
+    def collate(self, prompts: list[Any]) -> dict:
+        return self.loaded.family.collate([p.encoded for p in prompts], self.loaded.processor, "right")
+
+    def collate_sorted(self, prompts: list[Any]) -> tuple[int, list[tuple[list[int], dict]]]:
+        """(batch size, [(prompt indices, CPU batch)]): ``run_sorted``'s batches, collated ahead of time
+        (and page-locked on CUDA, so their host-to-device copies are asynchronous)."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].encoded))
+        size = self.batch_size
+        chunks = [order[i : i + size] for i in range(0, len(order), size)]
+        return size, [(c, pin_batch(self.collate([prompts[j] for j in c]), self.pin)) for c in chunks]
+
+    @torch.inference_mode()
+    def forward(self, prompts: list[Any], to_cpu: bool = True, batch: dict | None = None) -> list[tuple[torch.Tensor, Any, Any]]:
+        """States (T_span, L, D) bf16 (on CPU unless ``to_cpu`` is False) and optional top-k
+        (values, indices) per prompt. ``batch``: the prompts already collated."""
+        lengths = [len(p.encoded) for p in prompts]
+        starts = [p.span_start for p in prompts]
+        extra = {"logits_to_keep": 1} if self.keep_logits else {}
+        run = forward_states(self.loaded, self.capture, prompts, batch, **extra)
+        out, pos, states = run.output, run.positions, run.states.to(torch.bfloat16)
+        topk = None
+        if self.topk:
+            idx = pos[..., None].expand(-1, -1, out.logits.shape[-1])
+            logp = torch.log_softmax(torch.gather(out.logits, 1, idx).float(), -1)
+            topk = logp.topk(self.topk, dim=-1)
+        move = (lambda t: t.cpu()) if to_cpu else (lambda t: t)
+        states = to_host(states) if to_cpu else states
+        results = []
+        for b, (n, s) in enumerate(zip(lengths, starts, strict=True)):
+            k = (move(topk.values[b, : n - s]), move(topk.indices[b, : n - s])) if topk is not None else (None, None)
+            results.append((states[b, : n - s] if to_cpu else states[b, : n - s].clone(), *k))
+        return results
+
+    def run_sorted(self, prompts: list[Any], collated: tuple | None = None) -> list[tuple[torch.Tensor, Any, Any]]:
+        """Batches of similar length; halve the batch on CUDA out-of-memory (``--batch-size 0``).
+        ``collated``: ``collate_sorted(prompts)``, used while the batch size is the one it was made for."""
+        if collated is not None and collated[0] == self.batch_size:
+            try:
+                done = {j: r for chunk, batch in collated[1]
+                        for j, r in zip(chunk, self.forward([prompts[j] for j in chunk], batch=batch), strict=True)}
+                return [done[j] for j in range(len(prompts))]
+            except torch.cuda.OutOfMemoryError:
+                if self.fixed_batch or self.batch_size == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self.batch_size //= 2
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].encoded))
+        results: dict[int, Any] = {}
+        i = 0
+        while i < len(order):
+            chunk = order[i : i + self.batch_size]
+            try:
+                for j, r in zip(chunk, self.forward([prompts[j] for j in chunk]), strict=True):
+                    results[j] = r
+                i += len(chunk)
+            except torch.cuda.OutOfMemoryError:
+                if self.fixed_batch or self.batch_size == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self.batch_size //= 2
+        return [results[j] for j in range(len(prompts))]
