@@ -22,7 +22,8 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from pipeline import mimic, mimic_cuda
-from pipeline.attention import _STATE_KEY, _HeadState, _Switch, mimic_attention_forward
+from pipeline.attention import _STATE_KEY, _HeadState, mimic_attention_forward
+from pipeline.methods.base import Switch as _Switch
 
 SHAPES = [  # name, B, H, KV, T, D
     ("Idefics2 teacher 8-shot B8/T740", 8, 32, 8, 740, 128),

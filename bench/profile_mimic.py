@@ -22,7 +22,8 @@ from log_z2 import padded_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from pipeline import mimic_cuda
-from pipeline.attention import _STATE_KEY, _HeadState, _Switch, mimic_attention_forward
+from pipeline.attention import _STATE_KEY, _HeadState, mimic_attention_forward
+from pipeline.methods.base import Switch as _Switch
 from pipeline.mimic import MimicHeads
 
 

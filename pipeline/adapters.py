@@ -1,7 +1,7 @@
 """Students on disk: ``adapter.safetensors`` + ``adapter_config.json`` (this module owns the format).
 
-A student is one of: MimIC (``method="mimic"``, any variant of ``pipeline.mimic.VARIANTS``), LIVE
-(``method="live"``) or LoRA (``method="lora"``, through PEFT). The weights file holds only the
+A student is one of the registered methods (``pipeline.methods``: MimIC with its variants, LIVE,
+LoRA through PEFT, or a plug-in); its spec says which tensors it holds. The weights file holds only the
 student's tensors — never base-model weights — and is read with safetensors (never a pickle, which
 can run code when loaded). The config records the method, the shapes, and which base model (id,
 revision, fingerprint) and teacher store produced it; loading into a model of other shapes fails
@@ -27,14 +27,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.config import UserError
-from pipeline.live import LiveVectors
-from pipeline.mimic import VARIANTS, MimicHeads
-from pipeline.settings import METHODS
+from pipeline.methods import REGISTRY, UnknownMethodError, get_method
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FORMAT_VERSION = 1
-LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
 RESTORE = "restore the run's files or re-train it with `pipeline train-student`"
 """How to fix a damaged student: the end of most messages below."""
 
@@ -47,20 +44,18 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _config_problem(config: AdapterConfig) -> str | None:
-    """What is wrong with a config's values (types, ranges, LoRA settings), or None."""
-    if not isinstance(config.method, str) or config.method not in METHODS:
-        return f"unknown student method {config.method!r}; valid: {', '.join(METHODS)}"
+    """What is wrong with a config's values (types, ranges, the method's own settings), or None."""
+    if not isinstance(config.method, str):
+        return f"unknown student method {config.method!r}; expected a method name, one of {', '.join(REGISTRY.names())}"
+    try:
+        spec = get_method(config.method)
+    except UnknownMethodError as err:
+        return str(err)
     for key in ("num_layers", "num_heads", "head_dim", "hidden_size"):
         value = getattr(config, key)
         if not _is_int(value) or value < 1:
             return f"'{key}' is {value!r}, expected a positive integer"
-    if not isinstance(config.variant, str) or (config.method == "mimic" and config.variant not in VARIANTS):
-        return f"unknown MimIC variant {config.variant!r}; valid: {', '.join(VARIANTS)}"
     for key in ("base_model", "base_fingerprint"):
         if not isinstance(getattr(config, key), str):
             return f"'{key}' is {getattr(config, key)!r}, expected a string"
@@ -71,25 +66,10 @@ def _config_problem(config: AdapterConfig) -> str | None:
             return f"'{key}' is {getattr(config, key)!r}, expected a mapping"
     if not _is_int(config.format_version):
         return f"'format_version' is {config.format_version!r}, expected an integer"
-    if config.method == "lora":
-        return _lora_problem(config.lora)
-    return None
-
-
-def _lora_problem(lora: dict[str, Any]) -> str | None:
-    missing = [k for k in LORA_KEYS if k not in lora]
-    if missing:
-        return f"'lora' misses {missing}, expected the keys {list(LORA_KEYS)}"
-    if not _is_int(lora["r"]) or lora["r"] < 1:
-        return f"'lora.r' is {lora['r']!r}, expected a positive integer"
-    if not _is_number(lora["alpha"]) or lora["alpha"] <= 0:
-        return f"'lora.alpha' is {lora['alpha']!r}, expected a positive number"
-    if not _is_number(lora["dropout"]) or not 0 <= lora["dropout"] < 1:
-        return f"'lora.dropout' is {lora['dropout']!r}, expected a number in [0, 1)"
-    targets = lora["target_modules"]
-    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
-        return f"'lora.target_modules' is {targets!r}, expected a non-empty list of module names"
-    return None
+    problem = spec.check(config)  # the method's own settings first: its message is the more telling
+    if problem is None and not isinstance(config.variant, str):
+        problem = f"'variant' is {config.variant!r}, expected a string"
+    return problem
 
 
 @dataclass(frozen=True)
@@ -127,20 +107,17 @@ class AdapterConfig:
 
     def describe(self) -> str:
         """``mimic/head_shared``, ``live`` or ``lora r=16``: the kind of student, for messages."""
-        if self.method == "mimic":
-            return f"mimic/{self.variant}"
-        return f"lora r={self.lora['r']}" if self.method == "lora" else self.method
+        return get_method(self.method).describe(self)
 
 
 def build_student(config: AdapterConfig) -> nn.Module:
-    """Fresh student parameters (identity at init): a ModuleList of MimicHeads, or LiveVectors."""
-    if config.method == "mimic":
-        return nn.ModuleList(
-            MimicHeads(config.num_heads, config.head_dim, config.variant) for _ in range(config.num_layers)
-        )
-    if config.method == "live":
-        return LiveVectors(config.num_layers, config.hidden_size)
-    raise AdapterError("LoRA students are built by PEFT on the model (pipeline.students), not here")
+    """Fresh student parameters (identity at init) of a method whose parameters are one module
+    (MimIC heads, LIVE vectors); LoRA's live inside the model."""
+    spec = get_method(config.method)
+    if spec.build is None:
+        raise AdapterError(f"{config.method} students have no parameter module of their own (PEFT builds LoRA "
+                           "inside the model); attach one with pipeline.students.new_student")
+    return spec.build(config)
 
 
 def save_adapter(directory: str | Path, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> Path:
@@ -226,32 +203,14 @@ def read_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def expected_shapes(config: AdapterConfig, model: nn.Module | None = None) -> dict[str, tuple[int | None, ...]]:
-    """Tensor name -> shape a student of ``config`` holds (``None``: a size only the model knows).
-
-    MimIC / LIVE: the state dict of ``build_student(config)``, built on the meta device (no memory,
-    no random numbers drawn). LoRA: ``<target>.lora_A.weight`` (r, in) and ``<target>.lora_B.weight``
-    (out, r) per target module; in and out come from ``model``'s module when a model is given.
-    """
-    if config.method != "lora":
-        with torch.device("meta"):
-            return {k: tuple(v.shape) for k, v in build_student(config).state_dict().items()}
-    r = config.lora["r"]
-    shapes: dict[str, tuple[int | None, ...]] = {}
-    for target in config.lora["target_modules"]:
-        d_in = d_out = None
-        if model is not None:
-            try:
-                module = model.get_submodule(target)
-            except AttributeError as err:
-                raise AdapterError(f"{ADAPTER_CONFIG}: LoRA target module '{target}' is not in the model; the "
-                                   "student was made for another model: evaluate it on its base model") from err
-            d_in, d_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
-            if d_in is None or d_out is None:
-                raise AdapterError(f"{ADAPTER_CONFIG}: LoRA target module '{target}' is a {type(module).__name__}, "
-                                   "not a Linear layer; the student was made for another model")
-        shapes[f"{target}.lora_A.weight"] = (r, d_in)
-        shapes[f"{target}.lora_B.weight"] = (d_out, r)
-    return shapes
+    """Tensor name -> shape a student of ``config`` holds (``None``: a size only the model knows), as its
+    method declares them (``MethodSpec.shapes``)."""
+    try:
+        return get_method(config.method).shapes(config, model)
+    except AdapterError:
+        raise
+    except UserError as err:
+        raise AdapterError(f"{ADAPTER_CONFIG}: {err}") from err
 
 
 def _shape_text(shape: tuple[int | None, ...]) -> str:

@@ -18,8 +18,7 @@ in the module's ``__dict__``, not a registered submodule), so the base state dic
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from pipeline.families.base import decoder_layers
-from pipeline.live import LiveVectors
+from pipeline.methods.base import StudentHandle, Switch, freeze_base
 from pipeline.mimic import MimicHeads
 
 ATTN_NAME = "mimic"
@@ -37,16 +36,9 @@ _STATE_KEY = "_mimic_state"
 
 
 @dataclass
-class _Switch:
-    """Shared by every layer of one attachment, so one flag turns the whole student on or off."""
-
-    enabled: bool = True
-
-
-@dataclass
 class _HeadState:
     heads: MimicHeads
-    switch: _Switch
+    switch: Switch
     calls: int = field(default=0)
 
 
@@ -98,57 +90,6 @@ def route_attention(model: nn.Module, spec: str | dict[str, str]) -> None:
     model.set_attn_implementation(spec)
 
 
-class StudentHandle:
-    """A student attached to a model: ``detach()``, ``enable()``, ``disable()``, ``disabled()``."""
-
-    def __init__(self, model: nn.Module, switch: _Switch, undo: list):
-        self.model = model
-        self._switch = switch
-        self._undo = undo
-
-    @property
-    def enabled(self) -> bool:
-        return self._switch.enabled
-
-    def enable(self) -> None:
-        self._switch.enabled = True
-
-    def disable(self) -> None:
-        self._switch.enabled = False
-
-    @contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Run the base model: ``with handle.disabled(): model(**batch)``."""
-        previous = self._switch.enabled
-        self._switch.enabled = False
-        try:
-            yield
-        finally:
-            self._switch.enabled = previous
-
-    def detach(self) -> None:
-        """Remove every trace of the student; the model is the base model again, requires_grad flags
-        included."""
-        for undo in reversed(self._undo):
-            undo()
-        self._undo.clear()
-
-
-def freeze_base(model: nn.Module) -> Callable[[], None]:
-    """Set requires_grad False on every parameter of ``model``; returns the function that puts each
-    flag back as it was (the flags change kernel choices, see the module docstring, and belong to the
-    caller)."""
-    previous = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in previous:
-        p.requires_grad_(False)
-
-    def restore() -> None:
-        for p, flag in previous:
-            p.requires_grad_(flag)
-
-    return restore
-
-
 def _check_routed(attn: nn.Module, index: int) -> None:
     impl = getattr(getattr(attn, "config", None), "_attn_implementation", None)
     if impl != ATTN_NAME:
@@ -192,7 +133,7 @@ def attach_mimic(model: nn.Module, heads: Sequence[MimicHeads]) -> StudentHandle
         _check_routed(layer.self_attn, i)
         if _STATE_KEY in layer.self_attn.__dict__:
             raise RuntimeError(f"decoder layer {i} already carries a student; detach it first")
-    switch, states, undo = _Switch(), [], [freeze_base(model)]
+    switch, states, undo = Switch(), [], [freeze_base(model)]
     for layer, layer_heads in zip(layers, heads, strict=True):
         attn = layer.self_attn
         layer_heads.to(next(model.parameters()).device)
@@ -202,20 +143,4 @@ def attach_mimic(model: nn.Module, heads: Sequence[MimicHeads]) -> StudentHandle
         undo.append(lambda attn=attn: attn.__dict__.pop(_STATE_KEY, None))
     hook = _call_check_hook(model, states)
     undo.append(hook.remove)
-    return StudentHandle(model, switch, undo)
-
-
-def attach_live(model: nn.Module, live: LiveVectors) -> StudentHandle:
-    """Attach LIVE: a forward hook on each decoder layer's MLP adds its norm-preserving shift."""
-    layers = decoder_layers(model)
-    if live.vectors.shape[0] != len(layers):
-        raise ValueError(f"LIVE vectors for {live.vectors.shape[0]} layers, the model has {len(layers)}")
-    live.to(next(model.parameters()).device)
-    switch, undo = _Switch(), [freeze_base(model)]
-    for i, layer in enumerate(layers):
-
-        def hook(_module, _args, output, i=i):
-            return live.shift(i, output) if switch.enabled else output
-
-        undo.append(layer.mlp.register_forward_hook(hook).remove)
     return StudentHandle(model, switch, undo)

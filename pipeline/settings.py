@@ -27,8 +27,6 @@ VARIANTS = ("mimic", "head_shared", "query_independent", "shift_only")
 """mimic: per-head f and v (the paper's method). head_shared: one f (w, b) shared by all heads of a
 layer (mu still uses each head's own log Z2). query_independent: mu = sigmoid(g) with a learned
 scalar g per head. shift_only: mu = 1 (a plain per-head shift)."""
-METHODS = ("mimic", "live", "lora")
-DEFAULT_LR = {"mimic": 5e-3, "live": 5e-3, "lora": 1e-3}
 MODES = ("zero-shot", "icl", "student")
 DEFAULT_DEMO_TASK = "shapes_group_vqa"
 
@@ -69,7 +67,8 @@ class TrainConfig(RuntimeOptions):
     """Options of `pipeline train-student` (YAML keys and CLI flags have the same names)."""
 
     cache: str | None = opt(None, "Teacher store written by `pipeline teacher-cache` (required unless --online with --task).")
-    method: str = opt("mimic", "Student: mimic, live (one vector per layer), lora (PEFT).", METHODS)
+    method: str = opt("mimic", "Student method: mimic, live (one vector per layer), lora (PEFT), or a plug-in "
+                               "installed through the entry-point group mimic_pipeline.methods.")
     variant: str = opt("mimic", "MimIC variant: mimic, head_shared, query_independent, shift_only.", VARIANTS)
     align: str | None = opt(None, "Alignment loss: mse (official), l2sum (paper), kl (top-k logits), none. Default by method.", (*ALIGN_LOSSES, None))
     lambda_gt: float = opt(0.5, "Weight of the cross-entropy term L_gt.", at_least=0)

@@ -21,9 +21,10 @@ import yaml
 
 from pipeline.config import UserError, config_to_dict
 from pipeline.locks import dir_lock, held_on_rank0
+from pipeline.methods import get_method
 from pipeline.plots import plot_losses
 from pipeline.runtime import Loaded, barrier, dist_info, load_for_stage, model_defaults
-from pipeline.settings import DEFAULT_LR, TrainConfig
+from pipeline.settings import TrainConfig
 from pipeline.store import open_store
 from pipeline.students import new_student
 from pipeline.tasks import load_task
@@ -32,9 +33,7 @@ from stages.training import CHECKPOINT_DIR, Checkpoint, StudentData
 
 
 def default_align(config: TrainConfig) -> str:
-    if config.align is not None:
-        return config.align
-    return {"mimic": "mse", "live": "kl", "lora": "none"}[config.method]
+    return config.align if config.align is not None else get_method(config.method).default_align
 
 
 def run_name(config: TrainConfig, store_attrs: dict) -> str:
@@ -62,6 +61,7 @@ def check_model_matches(attrs: dict, loaded: Loaded, force: bool) -> None:
 
 def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer:
     """Everything the loop needs; resumes from ``runs/<name>/checkpoint`` when present."""
+    get_method(config.method)  # an unknown method is refused before anything loads
     if config.cache is None and not (config.online and config.task):
         raise UserError("give --cache STORE (or --online with --task)")
     if config.cache is None and config.shots is None:
@@ -79,7 +79,7 @@ def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer:
     data_root = config.data_root or attrs.get("data_root")
     task = load_task(task_name, **({"data_root": data_root} if data_root else {}))
     if loaded is None:
-        loaded = load_for_stage(model_name, config.device, config.dtype)
+        loaded = load_for_stage(model_name, config.device, config.dtype, config.revision, config.trust_remote_code)
     if attrs:
         check_model_matches(attrs, loaded, config.force)
         if attrs.get("prompt_template") != task.spec.prompt:
@@ -88,7 +88,7 @@ def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer:
     align = default_align(config)
     epochs = config.epochs or int(model_defaults(model_name).get("epochs", 5))
     # the run records (config.yaml) and compares (checkpoint) the values used, not "default"
-    config = replace(config, lr=config.lr if config.lr is not None else DEFAULT_LR[config.method], align=align,
+    config = replace(config, lr=config.lr if config.lr is not None else get_method(config.method).default_lr, align=align,
                      epochs=epochs, model=model_name)
     if align == "kl" and attrs and not attrs.get("topk"):
         raise UserError("the kl alignment needs teacher logits: re-run teacher-cache with --topk 20")

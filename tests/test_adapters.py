@@ -21,7 +21,8 @@ from pipeline.adapters import (
     read_adapter_tensors,
     save_adapter,
 )
-from pipeline.attention import attach_live, attach_mimic
+from pipeline.attention import attach_mimic
+from pipeline.methods.live import attach_live
 
 
 def tiny_llama(layers=2, heads=4, kv=2, hidden=32):
