@@ -32,18 +32,22 @@ def fresh_loaded(name: str = "tiny-llama"):
     return wrap_model(copy.deepcopy(tf.model), tf.processor, name)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A teacher store and a 2-step MimIC run of the tiny Llama on the antonyms task."""
-    root = tmp_path_factory.mktemp("evaluate")
+def make_trained(root: Path, n_queries: int) -> tuple[Path, Path, Path]:
+    """A teacher store and a 2-step MimIC run of the tiny Llama on the antonyms task under ``root``:
+    (root, run directory, store)."""
     loaded = fresh_loaded()
     store = teacher_cache.run(teacher_cache.TeacherCacheConfig(
-        task=TASK, model="tiny-llama", out=str(root / "cache.zarr"), shots=SHOTS, n_queries=6, device="cpu",
+        task=TASK, model="tiny-llama", out=str(root / "cache.zarr"), shots=SHOTS, n_queries=n_queries, device="cpu",
     ), loaded=loaded, show_progress=False)
     run_dir = train_student.run(train_student.TrainConfig(
         cache=str(store), max_steps=2, runs_dir=str(root / "runs"), device="cpu", name="tiny-mimic",
     ), loaded=loaded, show_progress=False)
     return root, Path(run_dir), Path(store)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return make_trained(tmp_path_factory.mktemp("evaluate"), n_queries=6)
 
 
 def eval_config(root: Path, **kw) -> evaluate.EvalConfig:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import pickle
@@ -27,6 +26,7 @@ from conftest import tiny
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_cli import pipeline
+from test_evaluate import TASK, fresh_loaded, make_trained
 
 from pipeline.adapters import (
     ADAPTER_CONFIG,
@@ -36,31 +36,16 @@ from pipeline.adapters import (
     build_student,
     save_adapter,
 )
-from pipeline.runtime import wrap_model
 from pipeline.students import new_student
-from stages import evaluate, teacher_cache, train_student
+from stages import evaluate
 from stages.evaluation import ResultsError
-
-TASK, SHOTS = "antonyms", 2
-
-
-def fresh_loaded(name: str = "tiny-llama"):
-    tf = tiny("llama")
-    return wrap_model(copy.deepcopy(tf.model), tf.processor, name)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A teacher store and a 2-step MimIC run of the tiny Llama on the antonyms task."""
-    root = tmp_path_factory.mktemp("settings")
-    loaded = fresh_loaded()
-    store = teacher_cache.run(teacher_cache.TeacherCacheConfig(
-        task=TASK, model="tiny-llama", out=str(root / "cache.zarr"), shots=SHOTS, n_queries=4, device="cpu",
-    ), loaded=loaded, show_progress=False)
-    run_dir = train_student.run(train_student.TrainConfig(
-        cache=str(store), max_steps=2, runs_dir=str(root / "runs"), device="cpu", name="tiny-mimic",
-    ), loaded=loaded, show_progress=False)
-    return root, Path(run_dir)
+    root, run_dir, _ = make_trained(tmp_path_factory.mktemp("settings"), n_queries=4)
+    return root, run_dir
 
 
 def config(root: Path, results: Path, **kw) -> evaluate.EvalConfig:
