@@ -29,8 +29,8 @@ def reference(q, k, mask, scale):
     kk = k.double().repeat_interleave(groups, dim=1)
     scores = q.double() @ kk.transpose(-1, -2) * scale
     tq, tkv = q.shape[2], k.shape[2]
-    if mask is None:
-        mask = torch.arange(tkv, device=q.device)[None] <= torch.arange(tkv - tq, tkv, device=q.device)[:, None]
+    if mask is None:  # sdpa's rule without a mask: top-left causal over the first Tq key slots (one query: all)
+        mask = torch.arange(tkv, device=q.device)[None] <= torch.arange(tq, device=q.device)[:, None]
         mask = mask[None, None] if tq > 1 else torch.ones_like(mask)[None, None]
     scores = scores.masked_fill(~mask, float("-inf"))
     valid = mask.any(-1).expand(q.shape[0], q.shape[1], tq)
@@ -70,7 +70,7 @@ CASES = [  # name, B, H, KV, Tq, Tkv, D, mask; few distinct padded shapes (each 
     ("prefill right-pad GQA", 3, 32, 8, 300, 300, 128, "right"),
     ("prefill left-pad GQA (empty rows)", 3, 32, 8, 300, 300, 128, "left"),
     ("prefill causal mask=None", 3, 32, 8, 300, 300, 128, "none"),
-    ("KV cache Tq=5 mask=None", 3, 32, 8, 5, 300, 128, "none"),
+    ("static-cache prefill Tq=5 mask=None", 3, 32, 8, 5, 300, 128, "none"),
     ("KV cache Tq=7 left-pad", 3, 32, 8, 7, 300, 128, "left"),
     ("decode Tq=1 left-pad", 3, 32, 8, 1, 300, 128, "full"),
     ("prefill MHA right-pad (Idefics1)", 3, 32, 32, 300, 300, 128, "right"),
