@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline.adapters import (
     ADAPTER_WEIGHTS,
     AdapterConfig,
@@ -33,6 +31,7 @@ from pipeline.adapters import (
 from pipeline.config import ConfigError, UserError
 from pipeline.locks import dir_lock
 from pipeline.metrics import JavaNotFoundError, score
+from pipeline.rundir import RunDir
 from pipeline.runtime import Loaded, check_task_fits_model, load_for_stage, model_defaults
 from pipeline.settings import MODES, EvalConfig
 from pipeline.students import geometry_tuple
@@ -102,21 +101,8 @@ def default_runs(config: EvalConfig) -> list[RunInfo]:
 
 
 def read_train_config(path: Path) -> dict:
-    """The run's ``config.yaml`` (written by `pipeline train-student`), or {} when there is none."""
-    cfg_path = path / "config.yaml"
-    if not cfg_path.is_file():
-        return {}
-    try:
-        data = yaml.safe_load(cfg_path.read_text()) or {}
-    except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"{cfg_path} cannot be read as YAML ({reason}); expected the mapping `pipeline "
-                        "train-student` writes: restore it or delete it (the task and store then come from "
-                        "the adapter or from --task)") from err
-    if not isinstance(data, dict):
-        raise UserError(f"{cfg_path} holds a {type(data).__name__}, expected a mapping of training options; "
-                        "restore it or delete it (the task and store then come from the adapter or from --task)")
-    return data
+    """The run's training options (its ``config.yaml``), or {} when there is none."""
+    return RunDir(path).read_config()
 
 
 def read_run(path: Path) -> RunInfo:

@@ -17,19 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from pipeline.config import UserError, config_to_dict
-from pipeline.locks import dir_lock, held_on_rank0
+from pipeline.locks import held_on_rank0
 from pipeline.methods import get_method
 from pipeline.plots import plot_losses
+from pipeline.rundir import RunDir
 from pipeline.runtime import Loaded, barrier, dist_info, load_for_stage, model_defaults
 from pipeline.settings import TrainConfig
 from pipeline.store import open_store
 from pipeline.students import new_student
 from pipeline.tasks import load_task
 from stages.trainer import Trainer
-from stages.training import CHECKPOINT_DIR, Checkpoint, StudentData
+from stages.training import StudentData
 
 
 def default_align(config: TrainConfig) -> str:
@@ -114,11 +114,11 @@ def store_identity(attrs: dict) -> dict | None:
 
 
 def save_outputs(trainer: Trainer) -> Path:
-    run_dir = trainer.run_dir
-    trainer.student.save(run_dir)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(trainer.config), sort_keys=False))
-    plot_losses(run_dir / "train_log.jsonl", run_dir / "loss_curve.png")
-    return run_dir
+    run = RunDir(trainer.run_dir)
+    trainer.student.save(run.path)
+    run.write_config(config_to_dict(trainer.config))
+    plot_losses(run.log_path, run.curve_path)
+    return run.path
 
 
 def run(config: TrainConfig, loaded: Loaded | None = None, show_progress: bool = True) -> Path:
@@ -126,10 +126,10 @@ def run(config: TrainConfig, loaded: Loaded | None = None, show_progress: bool =
     rank, world, _ = dist_info()
     trainer = setup(config, loaded)
     try:
-        with held_on_rank0(dir_lock(trainer.run_dir), rank, world):
+        run = RunDir(trainer.run_dir)
+        with held_on_rank0(run.lock(), rank, world):
             store = trainer.data.store_attrs
-            checkpoint = Checkpoint(trainer.run_dir / CHECKPOINT_DIR,
-                                    {**config_to_dict(trainer.config), "store": store_identity(store)})
+            checkpoint = run.checkpoint({**config_to_dict(trainer.config), "store": store_identity(store)})
             if rank == 0:
                 checkpoint.check_config(config.overwrite)
             barrier()  # no rank reads the checkpoint while rank 0 may still be removing it
@@ -145,7 +145,7 @@ def finish(trainer: Trainer, show_progress: bool, world: int) -> None:
     """Write the adapter, config, loss curve and summary; say what was done."""
     save_outputs(trainer)
     summary = trainer.summary()
-    (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    RunDir(trainer.run_dir).write_summary(summary)
     if not show_progress:
         return
     if trainer.stats["resumed_at"] >= trainer.total_steps:

@@ -15,8 +15,9 @@ from pipeline.capture import StateCapture
 from pipeline.config import UserError
 from pipeline.forward import TeacherRunner, forward_states, pad_states
 from pipeline.losses import align_l2sum, align_mse, answer_ce, gather_positions, kl_topk
+from pipeline.rundir import Checkpoint, RunDir
 from pipeline.runtime import Loaded, Progress, dist_info
-from stages.training import LOG_FILE, Checkpoint, Item, StudentData, collate_items
+from stages.training import Item, StudentData, collate_items
 
 
 class Trainer:
@@ -132,11 +133,12 @@ class Trainer:
             torch.set_rng_state(state["rng"])
             step = state["step"]
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.run_dir / LOG_FILE
-        keep = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step] if log_path.exists() else []
-        log_path.write_text("".join(ln + "\n" for ln in keep))
+        run = RunDir(self.run_dir)
+        keep = run.read_log(upto=step)  # steps after the checkpoint are trained again
+        run.rewrite_log(keep)
+        log_path = run.log_path
         # a resumed run reports the loss it reached, even when nothing is left to train
-        self.stats.update(resumed_at=step, steps=step, final_loss=json.loads(keep[-1])["loss"] if keep else float("nan"))
+        self.stats.update(resumed_at=step, steps=step, final_loss=keep[-1]["loss"] if keep else float("nan"))
         progress = Progress(self.total_steps - step, f"train-student {self.run_dir.name}", show_progress, unit="step")
         start = time.perf_counter()
         with log_path.open("a") as log:

@@ -1,25 +1,17 @@
-"""Stage 2's data (store or online teacher prompts) and checkpoints."""
+"""Stage 2's data: student prompts with the cached teacher states (or, online, teacher prompts)."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from pipeline.config import UserError
 from pipeline.prompts import DemoCache, build_prompt, check_alignment
 from pipeline.runtime import Loaded
 from pipeline.store import open_store
 from pipeline.tasks.sampling import sample_demonstrations
-
-LOG_FILE = "train_log.jsonl"
-# keys that may change between a run and its resumption
-RESUMABLE_KEYS = ("max_steps", "num_workers", "checkpoint_every", "overwrite", "force", "device", "runs_dir", "name")
 
 
 @dataclass
@@ -101,119 +93,3 @@ class StudentData(torch.utils.data.Dataset):
 
 def collate_items(items: list[Item]) -> list[Item]:
     return items
-
-
-# every file stage 2 writes into runs/<name>/; --overwrite deletes these and nothing else
-CHECKPOINT_DIR = "checkpoint"
-CHECKPOINT_WEIGHTS, CHECKPOINT_STATE, CHECKPOINT_CONFIG = "student.safetensors", "state.pt", "config.json"
-CHECKPOINT_COMPLETE = "COMPLETE"  # written last: a checkpoint directory without it is torn
-RUN_OUTPUTS = ("adapter.safetensors", "adapter_config.json", "config.yaml", "summary.json", "loss_curve.png",
-               LOG_FILE)
-_TMP, _OLD = ".tmp", ".old"
-
-
-def remove_run_outputs(run_dir: Path) -> list[Path]:
-    """Delete what stage 2 wrote into ``run_dir`` (checkpoints, adapter, logs, plots); files of anyone
-    else stay. Returns the deleted paths."""
-    gone = []
-    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + _TMP, CHECKPOINT_DIR + _OLD):
-        if (run_dir / name).is_dir():
-            shutil.rmtree(run_dir / name)
-            gone.append(run_dir / name)
-    for name in RUN_OUTPUTS:
-        for path in (run_dir / name, run_dir / (name + ".tmp")):
-            if path.is_file():
-                path.unlink()
-                gone.append(path)
-    return gone
-
-
-def _describe_diff(old: dict, new: dict) -> str:
-    def short(v: Any) -> str:
-        text = json.dumps(v, sort_keys=True, default=str)
-        return text if len(text) <= 60 else text[:57] + "..."
-
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return "; ".join(f"{k}: {short(old.get(k))} -> {short(new.get(k))}" for k in keys)
-
-
-class Checkpoint:
-    """``runs/<name>/checkpoint``: student tensors (safetensors) + optimiser/scheduler/RNG + step.
-
-    Saved as a whole directory: written beside as ``checkpoint.tmp`` (``COMPLETE`` last), then the old
-    one renamed away and the new one renamed in. A kill at any point leaves one complete checkpoint
-    that ``load`` finds (in ``checkpoint``, or in ``checkpoint.tmp`` when the kill fell between the
-    two renames) — never a silent restart from step 0.
-    """
-
-    def __init__(self, directory: Path, config: dict):
-        self.dir = directory
-        self.config = {k: v for k, v in config.items() if k not in RESUMABLE_KEYS}
-        self._tmp = directory.with_name(directory.name + _TMP)
-        self._old = directory.with_name(directory.name + _OLD)
-
-    def _complete(self, d: Path) -> bool:
-        # ``checkpoint`` itself only ever appears by renaming a complete directory (checkpoints of
-        # older versions have no COMPLETE file but were made the same way)
-        return (d / CHECKPOINT_COMPLETE).is_file() or (d == self.dir and (d / CHECKPOINT_CONFIG).is_file())
-
-    def recover(self) -> None:
-        """Finish an interrupted save: keep the newest complete checkpoint, drop torn ones."""
-        if not self._complete(self.dir) and self._complete(self._tmp):
-            if self.dir.exists():
-                shutil.rmtree(self.dir)
-            self._tmp.rename(self.dir)
-        if not self.dir.exists() and self._complete(self._old):
-            self._old.rename(self.dir)
-        for d in (self._tmp, self._old):
-            shutil.rmtree(d, ignore_errors=True)
-
-    def check_config(self, overwrite: bool) -> None:
-        """Refuse to resume a run made with other settings (naming them) unless ``overwrite``, which
-        deletes only what stage 2 wrote into the run directory."""
-        self.recover()
-        saved = self.dir / CHECKPOINT_CONFIG
-        if not saved.exists():
-            if overwrite:
-                remove_run_outputs(self.dir.parent)
-            return
-        try:
-            old = json.loads(saved.read_text())
-        except (OSError, ValueError) as err:
-            old = {"unreadable checkpoint config": str(err)}
-        diff = _describe_diff(old, self.config)
-        if diff and not overwrite:
-            raise UserError(f"{self.dir.parent} holds a run with other settings ({diff}); pass --overwrite to "
-                            "start over or --name for a new run")
-        if overwrite:
-            remove_run_outputs(self.dir.parent)
-
-    def load(self) -> dict | None:
-        self.recover()
-        if not self._complete(self.dir):
-            return None
-        try:
-            state = torch.load(self.dir / CHECKPOINT_STATE, weights_only=True)
-            state["tensors"] = load_file(str(self.dir / CHECKPOINT_WEIGHTS))
-        except Exception as err:  # noqa: BLE001 - any decode failure of our own file means the same
-            raise UserError(f"the checkpoint in {self.dir} is unreadable ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0][:160]}); pass --overwrite to start the run over") from err
-        return state
-
-    def save(self, tensors: dict, optimizer: Any, scheduler: Any, step: int) -> None:
-        tmp = self._tmp
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / CHECKPOINT_WEIGHTS))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                    "rng": torch.get_rng_state()}, tmp / CHECKPOINT_STATE)
-        (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(self.config, indent=2, sort_keys=True))
-        (tmp / CHECKPOINT_COMPLETE).write_text(f"{step}\n")
-        if self.dir.exists():
-            self.dir.rename(self._old)
-        tmp.rename(self.dir)
-        shutil.rmtree(self._old, ignore_errors=True)
-
-    @property
-    def exists(self) -> bool:
-        return self._complete(self.dir)

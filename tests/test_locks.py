@@ -158,7 +158,7 @@ def test_overwrite_keeps_foreign_files_and_a_rebuilt_store_is_not_resumed(tmp_pa
 
 
 def test_checkpoint_killed_between_renames_resumes_from_it(tmp_path, monkeypatch):
-    from stages.training import Checkpoint
+    from pipeline.rundir import Checkpoint
 
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
@@ -183,7 +183,7 @@ def test_checkpoint_killed_between_renames_resumes_from_it(tmp_path, monkeypatch
 
 
 def test_torn_checkpoint_save_keeps_the_previous_one(tmp_path, monkeypatch):
-    from stages.training import Checkpoint
+    from pipeline.rundir import Checkpoint
 
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())

@@ -75,7 +75,7 @@ def test_loss_decreases_and_states_move_toward_teacher(tmp_path, llama):
     store = make_store(tmp_path, llama, layer_target="layer")
     trainer = setup(train_cfg(tmp_path, store, epochs=12, lr=2e-2, lambda_gt=0.0), llama)
     before = distance_to_teacher(llama, store, trainer.student)
-    from stages.training import Checkpoint
+    from pipeline.rundir import Checkpoint
 
     trainer.train(Checkpoint(trainer.run_dir / "checkpoint", {}), show_progress=False)
     after = distance_to_teacher(llama, store, trainer.student)

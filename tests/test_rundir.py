@@ -1,0 +1,46 @@
+"""The run directory's owner module: what it writes, what it refuses, what --overwrite removes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from pipeline.config import UserError
+from pipeline.rundir import CONFIG_FILE, LOG_FILE, RunDir
+
+
+def test_config_round_trip_and_a_newer_schema_is_refused(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.path.mkdir()
+    run.write_config({"lr": 0.005, "epochs": 5})
+    on_disk = yaml.safe_load((run.path / CONFIG_FILE).read_text())
+    assert on_disk == {"run_schema_version": 1, "lr": 0.005, "epochs": 5}
+    assert run.read_config() == {"lr": 0.005, "epochs": 5}
+    (run.path / CONFIG_FILE).write_text(yaml.safe_dump({**on_disk, "run_schema_version": 99}))
+    with pytest.raises(UserError, match="run_schema_version 99"):
+        run.read_config()
+    (run.path / CONFIG_FILE).write_text("[1, 2]\n")
+    with pytest.raises(UserError, match="expected a mapping"):
+        run.read_config()
+
+
+def test_log_stops_at_a_torn_line_and_keeps_steps_up_to_a_checkpoint(tmp_path):
+    run = RunDir(tmp_path)
+    rows = [{"step": i, "loss": 1.0 / i} for i in range(1, 6)]
+    (tmp_path / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "lo')
+    assert run.read_log() == rows
+    assert run.read_log(upto=3) == rows[:3]
+
+
+def test_remove_outputs_deletes_only_what_stage_2_writes(tmp_path):
+    run = RunDir(tmp_path)
+    for name in ("adapter.safetensors", "adapter_config.json", "config.yaml", "summary.json", "loss_curve.png",
+                 LOG_FILE, "config.yaml.tmp", "notes.txt", "my_analysis.png"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint.tmp").mkdir()
+    (tmp_path / "mine").mkdir()
+    run.remove_outputs()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "my_analysis.png", "notes.txt"]
