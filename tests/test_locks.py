@@ -26,22 +26,30 @@ from pipeline.locks import LockedError, dir_lock, store_lock
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "COLUMNS": "200"}
 
-# runs the real CLI in a process whose every teacher forward / optimiser step is slowed down, so that
-# a second process can be started while it holds its lock
+# runs the real CLI in a process that stops after its first teacher forwards / optimiser steps for as
+# long as the file named by HOLD exists, so that a second process meets it holding its lock (and the
+# test decides when it dies)
 SLOW = """
-import sys, time
+import os, sys, time
 import stages.teacher_cache as tc, stages.trainer as tr
-forward, step = tc.TeacherRunner.forward, tr.Trainer.step
-tc.TeacherRunner.forward = lambda self, *a, **k: (time.sleep(1.0), forward(self, *a, **k))[1]
-tr.Trainer.step = lambda self, *a, **k: (time.sleep(1.0), step(self, *a, **k))[1]
+hold, calls = os.environ["HOLD"], {"n": 0}
+def held(fn, free):
+    def wrapper(self, *a, **k):
+        calls["n"] += 1
+        while calls["n"] > free and os.path.exists(hold):
+            time.sleep(0.05)
+        return fn(self, *a, **k)
+    return wrapper
+tc.TeacherRunner.forward = held(tc.TeacherRunner.forward, 1)
+tr.Trainer.step = held(tr.Trainer.step, 2)
 from pipeline.cli import app
 app(args=sys.argv[1:], prog_name="pipeline")
 """
 
 
-def cli(*args, slow=False, cwd=REPO):
-    cmd = [sys.executable, "-c", SLOW] if slow else [sys.executable, "-m", "pipeline"]
-    return [*cmd, *map(str, args)], dict(env=ENV, cwd=cwd)
+def cli(*args, hold=None, cwd=REPO):
+    cmd = [sys.executable, "-c", SLOW] if hold else [sys.executable, "-m", "pipeline"]
+    return [*cmd, *map(str, args)], dict(env={**ENV, "HOLD": str(hold)} if hold else ENV, cwd=cwd)
 
 
 def run(*args, **kw):
@@ -80,7 +88,9 @@ def store_arrays(path):
 
 def test_second_store_writer_is_refused_and_takes_over_after_sigkill(tmp_path, model_dir):
     store = tmp_path / "s.zarr"
-    cmd, opts = cli(*tc_args(model_dir, store), slow=True)
+    hold = tmp_path / "hold"
+    hold.touch()
+    cmd, opts = cli(*tc_args(model_dir, store), hold=hold)
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **opts)
     try:
         done = store / "done"
@@ -109,7 +119,9 @@ def test_second_run_writer_is_refused_and_takes_over_after_sigkill(tmp_path, mod
     assert run(*tc_args(model_dir, store)).returncode == 0
     train = ["train-student", "--cache", store, "--epochs", 4, "--batch-size", 1, "--grad-accum", 1,
              "--checkpoint-every", 2, "--device", "cpu", "--name", "r"]
-    cmd, opts = cli(*train, "--runs-dir", tmp_path / "a", slow=True)
+    hold = tmp_path / "hold"
+    hold.touch()
+    cmd, opts = cli(*train, "--runs-dir", tmp_path / "a", hold=hold)
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **opts)
     try:
         ckpt = tmp_path / "a" / "r" / "checkpoint" / "state.pt"
@@ -121,7 +133,7 @@ def test_second_run_writer_is_refused_and_takes_over_after_sigkill(tmp_path, mod
         first.send_signal(signal.SIGKILL)
         first.wait()
     steps_at_kill = len((tmp_path / "a" / "r" / "train_log.jsonl").read_text().splitlines())
-    assert steps_at_kill < 24, "the first run finished before it was killed; the test needs a slower run"
+    assert steps_at_kill == 2, "the first run must be killed while it holds its run directory, after a checkpoint"
     assert run(*train, "--runs-dir", tmp_path / "a").returncode == 0
     assert run(*train, "--runs-dir", tmp_path / "b").returncode == 0
     a = load_file(str(tmp_path / "a" / "r" / "adapter.safetensors"))
