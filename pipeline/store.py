@@ -329,8 +329,8 @@ class TeacherStore:
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
-            raise StoreError(f"out of disk space writing shard {s} of {self.path}; free space (or choose "
-                             f"another --cache path) and {_RESUME}") from e
+            raise StoreError(f"out of disk space writing shard {s} of {self.path}; free space and {_RESUME} "
+                             "(or write the store elsewhere with teacher-cache --out)") from e
 
     def _pack(self, s: int, records: Sequence[SampleRecord]) -> dict[str, np.ndarray]:
         lay, n = self.layout, len(records)
