@@ -135,7 +135,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         run = RunDir(self.run_dir)
         keep = run.read_log(upto=step)  # steps after the checkpoint are trained again
-        run.rewrite_log(keep)
+        if self.rank == 0:  # the one writer of the log
+            run.rewrite_log(keep)
         log_path = run.log_path
         # a resumed run reports the loss it reached, even when nothing is left to train
         self.stats.update(resumed_at=step, steps=step, final_loss=keep[-1]["loss"] if keep else float("nan"))
