@@ -28,7 +28,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/pipeline demo
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=10
 
 $(LATEST)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(LATEST)

@@ -22,10 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from test_cli import pipeline
 from test_evaluate import TASK, fresh_loaded, make_trained
 
 from pipeline.adapters import (
@@ -33,7 +31,6 @@ from pipeline.adapters import (
     ADAPTER_WEIGHTS,
     AdapterConfig,
     AdapterError,
-    build_student,
     save_adapter,
 )
 from pipeline.students import new_student
@@ -341,44 +338,6 @@ def test_lora_of_other_projection_sizes_refused_before_generation(trained, tmp_p
     with pytest.raises(AdapterError, match=re.escape(f"'{key}' has shape [32, 16]") + r".* expects \[16, 16\]"):
         evaluate.run(config(root, tmp_path / "results", runs=(str(tmp_path / "lora"),), l2=False),
                      loaded=loaded, show_progress=False)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    fam = tiny("llama")
-    d = tmp_path_factory.mktemp("tiny-llama")
-    fam.model.save_pretrained(d)
-    fam.processor.save_pretrained(d)
-    return d
-
-
-def cli_run(tmp_path: Path) -> Path:
-    """A MimIC run for the tiny Llama (2 layers, 4 heads of 8, hidden 32) with random parameters."""
-    cfg = AdapterConfig(method="mimic", num_layers=2, num_heads=4, head_dim=8, hidden_size=32, base_model="tiny")
-    torch.manual_seed(0)
-    return save_adapter(tmp_path / "runs" / "cli-run", cfg, build_student(cfg).state_dict())
-
-
-@pytest.mark.parametrize("fault", [nan_adapter, pickle_adapter])
-def test_cli_damaged_adapter_is_one_line(tmp_path, llama_dir, fault):
-    run = cli_run(tmp_path)
-    pattern = fault(run)
-    res = pipeline("evaluate", "--runs", run, "--task", TASK, "--model", llama_dir, "--device", "cpu", "--no-l2",
-                   "--n-queries", 2, cwd=tmp_path, check=False)
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert "Traceback" not in res.stderr
-    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1 and re.search(pattern, lines[0]) and str(run) in lines[0], res.stderr
-    assert not (tmp_path / "results").exists() or not list((tmp_path / "results").rglob("*.json"))
-
-
-def test_cli_results_dir_is_a_file(tmp_path, llama_dir):
-    (tmp_path / "results").write_text("not a folder")
-    res = pipeline("evaluate", "--modes", "zero-shot", "--task", TASK, "--model", llama_dir, "--device", "cpu",
-                   "--n-queries", 2, "--results-dir", tmp_path / "results", cwd=tmp_path, check=False)
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert "Traceback" not in res.stderr
-    assert f"error: --results-dir {tmp_path / 'results'}: cannot write results to" in res.stderr, res.stderr
 
 
 # --- (c) a LoRA student evaluates deterministically ------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -179,6 +180,20 @@ def pickle_as_adapter(run: Path) -> None:
     assert not marker.exists()
 
 
+class _Pwn:
+    """Unpickling this creates the file ``path``: proof, if it exists, that a pickle was executed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def raw_pickle_as_adapter(run: Path) -> None:
+    (run / "adapter.safetensors").write_bytes(pickle.dumps(_Pwn(run / "pwned")))
+
+
 def resume_with_truncated_state(world: World, d: Path) -> list:
     runs = d / "runs"
     shutil.copytree(world.run, runs / "base", ignore=shutil.ignore_patterns(".lock"))
@@ -269,15 +284,17 @@ CASES = [
     Case("config-yaml-list", lambda w, d: (d / "c.yaml").write_text("- 1\n- 2\n") and
          ["train-student", "--config", d / "c.yaml"], ("must hold a mapping",)),
     # tasks and data files
-    Case("task-yaml-syntax", user_task(GOOD_ROWS, "name: t\nkind: [text\n"), ("task.yaml", "line")),
-    Case("task-jsonl-broken-line", user_task(GOOD_ROWS + '{"id": "x", "input": \n'), ("data.jsonl", "line 6")),
+    Case("task-yaml-syntax", user_task(GOOD_ROWS, "name: t\nkind: [text\n"), ("task.yaml", "line", "invalid YAML")),
+    Case("task-jsonl-broken-line", user_task(GOOD_ROWS + '{"id": "x", "input": \n'), ("data.jsonl", "line 6",
+                                                                                          "invalid JSON")),
     Case("task-jsonl-empty", user_task(""), ("data.jsonl",)),
     Case("task-question-object", user_task(GOOD_ROWS.replace('"input": "w2"', '"input": {"a": 1}')),
-         ("data.jsonl", "line 3")),
+         ("data.jsonl", "line 3", "field 'input'", "JSON object")),
     Case("task-image-text-png", image_task_with_text_png, ("bad.png",)),
     # models
     Case("model-bogus-config", model_dir_with(lambda m: (m / "config.json").write_text("{not json")), ("badmodel",)),
-    Case("model-truncated-weights", model_dir_with(lambda m: truncate(m / "model.safetensors")), ("badmodel",)),
+    Case("model-truncated-weights", model_dir_with(lambda m: truncate(m / "model.safetensors")),
+         ("badmodel", "truncated")),
     Case("tc-topk-beyond-vocab", existing_store_option("--topk", 100000, "--overwrite"), ("--topk 100000",)),
     Case("tc-max-length-beyond-positions", existing_store_option("--max-length", 10**7),
          ("--max-length 10000000",)),
@@ -286,7 +303,7 @@ CASES = [
     # paths
     Case("tc-out-under-a-file", not_a_dir("--out", "teacher-cache"), ("file",)),
     Case("ts-runs-dir-is-a-file", not_a_dir("--runs-dir", "train-student"), ("file",)),
-    Case("ev-results-dir-is-a-file", not_a_dir("--results-dir", "evaluate"), ("file",)),
+    Case("ev-results-dir-is-a-file", not_a_dir("--results-dir", "evaluate"), ("file", "cannot write results to")),
     Case("tc-out-read-only", read_only("--out", "teacher-cache"), ("pipeline-hostile",)),
     Case("ts-runs-dir-read-only", read_only("--runs-dir", "train-student"), ("pipeline-hostile",)),
     Case("ev-results-dir-read-only", read_only("--results-dir", "evaluate"), ("pipeline-hostile",)),
@@ -307,13 +324,18 @@ CASES = [
     # students on disk
     Case("adapter-truncated", evaluate_run(lambda r: truncate(r / "adapter.safetensors")), ("adapter.safetensors",),
          no_results),
-    Case("adapter-pickle", evaluate_run(pickle_as_adapter), ("adapter.safetensors",),
+    Case("adapter-raw-pickle", evaluate_run(raw_pickle_as_adapter),
+         ("adapter.safetensors", "is a Python pickle, not a safetensors file; it was not loaded"),
+         lambda w, d: no_results(w, d) or (not (d / "run" / "pwned").exists() or pytest.fail("pickle ran"))),
+    Case("adapter-torch-save", evaluate_run(pickle_as_adapter),
+         ("adapter.safetensors", "not a safetensors file; it was not loaded"),
          lambda w, d: no_results(w, d) or (not (d / "run" / "pwned").exists() or pytest.fail("pickle ran"))),
     Case("adapter-all-nan", evaluate_run(rewrite_adapter(lambda t: {k: torch.full_like(v, float("nan"))
-                                                                    for k, v in t.items()})), ("nan|finite",),
+                                                                    for k, v in t.items()})),
+         (r"non-finite values \(NaN or inf\)", "adapter.safetensors"),
          no_results),
     Case("adapter-int64", evaluate_run(rewrite_adapter(lambda t: {k: v.long() for k, v in t.items()})),
-         ("int64",), no_results),
+         ("dtype int64, expected a floating-point dtype",), no_results),
     Case("adapter-shapes-disagree", evaluate_run(rewrite_adapter(lambda t: {k: v[..., :1].contiguous()
                                                                              for k, v in t.items()})),
          ("shape",), no_results),
@@ -359,9 +381,9 @@ def test_hostile_input_is_a_one_line_error(outcomes, case):
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
     assert res.returncode == 2, f"exit {res.returncode}\n{res.stderr[-2000:]}"
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert errors, res.stderr[-2000:]
+    assert len(errors) == 1, res.stderr[-2000:]
     for fragment in case.expect:
-        assert re.search(fragment, res.stderr, re.IGNORECASE), f"{fragment!r} not in:\n{res.stderr[-2000:]}"
+        assert re.search(fragment, errors[0], re.IGNORECASE), f"{fragment!r} not in:\n{errors[0]}"
     if case.check:
         case.check(world, d)
 

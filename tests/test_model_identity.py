@@ -8,8 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -240,18 +238,3 @@ def test_directory_without_weights_is_a_user_error(llama_copy):
     (llama_copy / "model.safetensors").unlink()
     message = one_line_user_error(resolve_model, str(llama_copy))
     assert str(llama_copy) in message and "no weight files" in message
-
-
-def test_cli_truncated_weights_is_one_line_exit_2(llama_copy, tmp_path):
-    weights = llama_copy / "model.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(data[: len(data) // 2])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "COLUMNS": "200"}
-    res = subprocess.run(
-        [sys.executable, "-m", "pipeline", "teacher-cache", "--task", "plurals", "--model", str(llama_copy),
-         "--out", str(tmp_path / "s.zarr"), "--device", "cpu"],
-        env=env, cwd=tmp_path, capture_output=True, text=True,
-    )
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert "Traceback" not in res.stderr
-    assert str(llama_copy) in res.stderr and "truncated" in res.stderr

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -244,34 +242,3 @@ def test_empty_official_annotation_file_is_named(tmp_path, hf_cache):
     with pytest.raises(UserError) as err:
         load_task("vqav2", data_root=str(root), cache_dir=hf_cache, train_size=1).split("support")
     assert "v2_mscoco_train2014_annotations.json" in str(err.value) and "empty" in str(err.value)
-
-
-# --- through the CLI ----------------------------------------------------------------------------
-
-
-def cli(*args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], env=env, cwd=cwd,
-                          capture_output=True, text=True)
-
-
-@pytest.mark.parametrize(
-    "data, yaml, expected",
-    [
-        (rows(2), "files: {support: rows.jsonl\n", ["task.yaml", "line 2", "invalid YAML"]),
-        (rows(2) + '{"question": "x", "answer": \n', None, ["rows.jsonl", "line 3", "invalid JSON"]),
-        (jsonl({"question": "q", "answer": "a"}, {"question": {"a": 1}, "answer": "b"}), None,
-         ["rows.jsonl", "line 2", "field 'question'", "JSON object"]),
-    ],
-    ids=["yaml-syntax", "jsonl-line", "object-question"],
-)
-def test_cli_task_faults_are_one_line_exit_2(tmp_path, data, yaml, expected):
-    path = task_dir(tmp_path, data, yaml=yaml)
-    res = cli("teacher-cache", "--task", path, "--model", "smollm2-135m", "--out", tmp_path / "s.zarr",
-              "--device", "cpu", cwd=tmp_path)
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert "Traceback" not in res.stderr
-    error_lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1
-    for text in expected:
-        assert text in error_lines[0], error_lines[0]
