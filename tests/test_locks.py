@@ -57,6 +57,15 @@ def run(*args, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **opts)
 
 
+def run_here(*args):
+    """The same command in this process (for set-up and reference runs, which need no process of
+    their own); raises on failure."""
+    from pipeline.cli import app
+
+    code = app(args=[str(a) for a in args], prog_name="pipeline", standalone_mode=False)  # returns the exit code
+    assert code in (0, None), f"pipeline {' '.join(map(str, args))} exited {code}"
+
+
 def wait_for(predicate, proc, what, timeout=120):
     end = time.monotonic() + timeout
     while not predicate():
@@ -107,7 +116,7 @@ def test_second_store_writer_is_refused_and_takes_over_after_sigkill(tmp_path, m
     resumed = run(*tc_args(model_dir, store))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     clean = tmp_path / "clean.zarr"
-    assert run(*tc_args(model_dir, clean)).returncode == 0
+    run_here(*tc_args(model_dir, clean))
     got, want = store_arrays(store), store_arrays(clean)
     assert got.keys() == want.keys()
     for name in want:
@@ -116,7 +125,7 @@ def test_second_store_writer_is_refused_and_takes_over_after_sigkill(tmp_path, m
 
 def test_second_run_writer_is_refused_and_takes_over_after_sigkill(tmp_path, model_dir):
     store = tmp_path / "s.zarr"
-    assert run(*tc_args(model_dir, store)).returncode == 0
+    run_here(*tc_args(model_dir, store))
     train = ["train-student", "--cache", store, "--epochs", 4, "--batch-size", 1, "--grad-accum", 1,
              "--checkpoint-every", 2, "--device", "cpu", "--name", "r"]
     hold = tmp_path / "hold"
@@ -135,7 +144,7 @@ def test_second_run_writer_is_refused_and_takes_over_after_sigkill(tmp_path, mod
     steps_at_kill = len((tmp_path / "a" / "r" / "train_log.jsonl").read_text().splitlines())
     assert steps_at_kill == 2, "the first run must be killed while it holds its run directory, after a checkpoint"
     assert run(*train, "--runs-dir", tmp_path / "a").returncode == 0
-    assert run(*train, "--runs-dir", tmp_path / "b").returncode == 0
+    run_here(*train, "--runs-dir", tmp_path / "b")
     a = load_file(str(tmp_path / "a" / "r" / "adapter.safetensors"))
     b = load_file(str(tmp_path / "b" / "r" / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -146,7 +155,7 @@ def test_second_run_writer_is_refused_and_takes_over_after_sigkill(tmp_path, mod
 
 def test_overwrite_keeps_foreign_files_and_a_rebuilt_store_is_not_resumed(tmp_path, model_dir):
     store = tmp_path / "s.zarr"
-    assert run(*tc_args(model_dir, store)).returncode == 0
+    run_here(*tc_args(model_dir, store))
     train = ["train-student", "--cache", store, "--max-steps", 2, "--device", "cpu", "--runs-dir", tmp_path / "runs",
              "--name", "r"]
     assert run(*train).returncode == 0
@@ -158,7 +167,7 @@ def test_overwrite_keeps_foreign_files_and_a_rebuilt_store_is_not_resumed(tmp_pa
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["final_loss"] == summary["final_loss"]  # not nan
     # the store rebuilt: the run is stale and refused, naming why
-    assert run(*tc_args(model_dir, store), "--overwrite", "--seed", 7).returncode == 0
+    run_here(*tc_args(model_dir, store), "--overwrite", "--seed", 7)
     stale = run(*train)
     assert stale.returncode == 2 and "store" in stale.stderr and "--overwrite" in stale.stderr, stale.stderr
     retrained = run(*train, "--overwrite")
