@@ -162,6 +162,19 @@ def load_config(cls: type[T], yaml_data: dict[str, Any] | None = None, **overrid
     return cls(**merged)
 
 
+def changed_keys(old: dict, new: dict, old_name: str = "was", new_name: str = "now") -> list[str]:
+    """``"key: was X vs now Y"`` for every key whose value differs between two mappings (a key missing on one
+    side reads ``<missing>``; long values are shortened): what a refusal to resume names."""
+    gone = "<missing>"
+
+    def short(v: Any) -> str:
+        text = repr(v)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return [f"{k}: {old_name} {short(old.get(k, gone))} vs {new_name} {short(new.get(k, gone))}"
+            for k in sorted(set(old) | set(new)) if old.get(k, gone) != new.get(k, gone)]
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A plain, YAML/JSON-serialisable dict of a config dataclass (tuples become lists)."""
 

@@ -24,7 +24,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from pipeline.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from pipeline.config import UserError
+from pipeline.config import UserError, changed_keys
 from pipeline.locks import DirLock, dir_lock
 
 RUN_SCHEMA_VERSION = 1
@@ -57,15 +57,6 @@ def remove_run_outputs(run_dir: Path) -> list[Path]:
                 path.unlink()
                 gone.append(path)
     return gone
-
-
-def _describe_diff(old: dict, new: dict) -> str:
-    def short(v: Any) -> str:
-        text = json.dumps(v, sort_keys=True, default=str)
-        return text if len(text) <= 60 else text[:57] + "..."
-
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return "; ".join(f"{k}: {short(old.get(k))} -> {short(new.get(k))}" for k in keys)
 
 
 class Checkpoint:
@@ -112,7 +103,7 @@ class Checkpoint:
             old = json.loads(saved.read_text())
         except (OSError, ValueError) as err:
             old = {"unreadable checkpoint config": str(err)}
-        diff = _describe_diff(old, self.config)
+        diff = "; ".join(changed_keys(old, self.config, "the run's", "now"))
         if diff and not overwrite:
             raise UserError(f"{self.dir.parent} holds a run with other settings ({diff}); pass --overwrite to "
                             "start over or --name for a new run")

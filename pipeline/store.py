@@ -41,7 +41,7 @@ from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from pipeline.config import UserError
+from pipeline.config import UserError, changed_keys
 
 if TYPE_CHECKING:
     from pipeline.store_verify import VerifyReport
@@ -427,14 +427,7 @@ class TeacherStore:
     def differences(self, expected: dict) -> list[str]:
         """``"key: stored X vs expected Y"`` for each fingerprint attribute that differs from ``expected``
         (long values shortened); empty when the store was made by that setup."""
-        stored, want, gone = self.fingerprint, _fingerprint(_jsonable(expected)), "<missing>"
-
-        def short(v: Any) -> str:
-            text = repr(v)
-            return text if len(text) <= 60 else text[:57] + "..."
-
-        return [f"{k}: stored {short(stored.get(k, gone))} vs expected {short(want.get(k, gone))}"
-                for k in sorted(set(stored) | set(want)) if stored.get(k, gone) != want.get(k, gone)]
+        return changed_keys(self.fingerprint, _fingerprint(_jsonable(expected)), "stored", "expected")
 
     def verify(self, full: bool = True, progress: bool = False, *, allow_incomplete: bool = False,
                workers: int | None = None) -> VerifyReport:
