@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from test_evaluate import TASK, fresh_loaded, make_trained
+from test_evaluate import TASK, count_generate, fresh_loaded, make_trained
 
 from pipeline.adapters import (
     ADAPTER_CONFIG,
@@ -49,18 +49,6 @@ def config(root: Path, results: Path, **kw) -> evaluate.EvalConfig:
     base = dict(runs_dir=str(root / "runs"), task=TASK, n_queries=4, batch_size=4, l2_queries=2,
                 results_dir=str(results), device="cpu")
     return evaluate.EvalConfig(**{**base, **kw})
-
-
-def count_generate(model, monkeypatch) -> list[int]:
-    calls = []
-    original = model.generate
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(model, "generate", counted)
-    return calls
 
 
 def forbid_generate(model, monkeypatch) -> None:
