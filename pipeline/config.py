@@ -64,7 +64,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     naming the file (and the line, for a syntax error)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {path} {what}; give the path of a YAML file")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
