@@ -103,7 +103,6 @@ class TeacherRunner:
         per batch; 0 = auto (16 on CUDA, 4 on CPU, halved on out-of-memory)."""
         self.loaded, self.topk, self.fixed_batch = loaded, topk, bool(batch_size)
         self.batch_size = batch_size or (16 if loaded.device.type == "cuda" else 4)
-        self.dtype = next(loaded.model.parameters()).dtype
         accepts = inspect.signature(loaded.model.forward).parameters
         self.keep_logits = "logits_to_keep" in accepts and not topk
         self.capture = StateCapture(loaded.model, layer_target)

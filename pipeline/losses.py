@@ -9,8 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.settings import ALIGN_LOSSES  # noqa: F401 (the names of the losses below)
-
 
 def align_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """student, teacher (B, S, L, D); mask (B, S) bool. Per-sample mean over its real positions x L x D,

@@ -29,7 +29,6 @@ class Trainer:
         self.run_dir, self.epochs, self.align = run_dir, epochs, align
         self.rank, self.world, _ = dist_info()
         self.capture = StateCapture(loaded.model, data.layer_target)
-        self.dtype = next(loaded.model.parameters()).dtype
         self.teacher = None
         if config.online:
             self.teacher = TeacherRunner(loaded, data.layer_target, topk=20 if align == "kl" else 0,
