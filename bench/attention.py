@@ -21,7 +21,7 @@ from log_z2 import padded_mask
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from pipeline import mimic, mimic_cuda
+from pipeline import mimic
 from pipeline.attention import _STATE_KEY, _HeadState, mimic_attention_forward
 from pipeline.methods.base import Switch as _Switch
 
@@ -33,12 +33,11 @@ SHAPES = [  # name, B, H, KV, T, D
 ]
 
 
-DEFAULTS = (mimic_cuda.FUSED_SHIFT, mimic_cuda.FLEX_MIN_SCORES)
-VARIANTS = {  # name: (FUSED_SHIFT, FLEX_MIN_SCORES)
-    "eager chunked": (False, 10**12),  # the CPU path's ops, run on the GPU
-    "fused dense": (True, 10**12),  # one compiled function, full score matrix
-    "eager+flex": (False, 0),  # eager ops around the flex log Z2 kernel
-    "auto": DEFAULTS,  # what the pipeline uses
+VARIANTS = {  # name: the MuKernels settings
+    "eager chunked": {"flex_min_scores": 10**12},  # the CPU path's ops (one-pass <= 256 queries), on the GPU
+    "fused dense": {"path": "one_pass", "fused": True},  # one compiled function, full score matrix
+    "eager+flex": {"flex_min_scores": 0},  # eager ops around the flex log Z2 kernel
+    "auto": {},  # what the pipeline uses
 }
 
 
@@ -48,7 +47,7 @@ class Stub(nn.Module):
         self.num_key_value_groups, self.is_causal = groups, True
 
 
-def one_shape(report: Report, name, bsz, h, kv, t, d, device, dtype):
+def one_shape(report: Report, kernels: dict, name, bsz, h, kv, t, d, device, dtype):
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(bsz, h, t, d, generator=g, device=device).to(dtype)
     k = torch.randn(bsz, kv, t, d, generator=g, device=device).to(dtype)
@@ -75,13 +74,12 @@ def one_shape(report: Report, name, bsz, h, kv, t, d, device, dtype):
         kind = "fwd+bwd" if grad else "fwd"
         base = f"{kind} sdpa {name}"
         report.add(base, bench_kernel(call(stock, grad)), "ms")
-        for backend, (fused, threshold) in VARIANTS.items():
+        for backend in VARIANTS:
             if backend != "eager chunked" and device != "cuda":
                 continue
-            mimic_cuda.FUSED_SHIFT, mimic_cuda.FLEX_MIN_SCORES = fused, threshold
+            heads.kernels = kernels[backend]
             call(with_heads, grad)()  # compile outside the timing
             report.add(f"{kind} mimic[{backend}] {name}", bench_kernel(call(with_heads, grad)), "ms", ref=base)
-    mimic_cuda.FUSED_SHIFT, mimic_cuda.FLEX_MIN_SCORES = DEFAULTS
 
 
 def main() -> None:
@@ -90,13 +88,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="CPU, small shapes")
     args = ap.parse_args()
     torch._dynamo.config.cache_size_limit = 64
-    mimic_cuda.FLEX_MAX_SHAPES = 10**6
+    # one MuKernels per variant for every shape: each compiles its kernels once
+    kernels = {name: mimic.MuKernels(flex_max_shapes=10**6, **settings) for name, settings in VARIANTS.items()}
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     report = Report("attention: MimIC vs stock sdpa (one layer)")
     shapes = SHAPES if not args.quick else [("tiny", 2, 4, 2, 16, 8)]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     for shape in shapes:
-        one_shape(report, *shape, device=device, dtype=dtype)
+        one_shape(report, kernels, *shape, device=device, dtype=dtype)
     report.save(args.out)
     print(report.table())
 

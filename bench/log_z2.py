@@ -8,7 +8,7 @@ right and left padding (fully masked rows), GQA 32/8 and MHA, causal via mask No
 (Tq < Tkv), decode (Tq = 1) with a padded bool mask; values and gradients in query and key.
 Timings (median of CUDA-event timings, triton do_bench): forward and forward+backward at
 B4/H32/KV8/T2048/D128, the Idefics2 student shape B8/T82, the teacher shape B8/T740, decode,
-and a length sweep that sets ``pipeline.mimic_cuda.FLEX_MIN_SCORES``; every flex figure is printed
+and a length sweep around ``MuKernels.flex_min_scores``; every flex figure is printed
 with its ratio to the chunked figure of the same shape.
 """
 
@@ -20,7 +20,10 @@ import time
 import torch
 from harness import Report, bench_kernel, machine  # noqa: F401  (sys.path set by harness)
 
-from pipeline import mimic, mimic_cuda
+from pipeline import mimic
+
+KERNELS = mimic.MuKernels(flex_max_shapes=10**6)
+"""One compiled flex kernel and block-mask cache for every call of this script (which compiles many shapes)."""
 
 
 def reference(q, k, mask, scale):
@@ -98,7 +101,7 @@ def check(device: str, backends: list[str], report: Report) -> bool:
             gq_ref, gk_ref = torch.autograd.grad((lse_d * w).sum(), (qd, kd))
             for backend in backends:
                 qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
-                lse, valid = mimic.masked_log_z2(qq, kk, mask, scale, backend=backend)
+                lse, valid = mimic.masked_log_z2(qq, kk, mask, scale, backend=backend, kernels=KERNELS)
                 gq, gk = torch.autograd.grad((lse.double() * w).sum(), (qq, kk))
                 errs = {"lse_max_abs": float((lse.double() - ref).abs()[ref_valid].max()) if ref_valid.any() else 0.0,
                         "dq_rel": rel(gq, gq_ref, slice(None)), "dk_rel": rel(gk, gk_ref, slice(None)),
@@ -136,7 +139,7 @@ def time_shape(report: Report, name, bsz, h, kv, t, d, mk, device, grad: bool, t
     def run(backend, fresh_mask):
         def call():
             m = mask.clone() if (fresh_mask and mask is not None) else mask
-            lse, _ = mimic.masked_log_z2(q, k, m, scale, backend=backend)
+            lse, _ = mimic.masked_log_z2(q, k, m, scale, backend=backend, kernels=KERNELS)
             if grad:
                 torch.autograd.grad(lse, (q, k), g)
         return call
@@ -170,7 +173,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="CPU: check the chunked path only, no timings")
     args = ap.parse_args()
     torch._dynamo.config.cache_size_limit = 64  # this script compiles many shapes on purpose
-    mimic_cuda.FLEX_MAX_SHAPES = 10**6
     report = Report("log Z2: flex vs chunked")
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     backends = ["chunked", "flex"] if device == "cuda" else ["chunked"]

@@ -64,16 +64,17 @@ def overhead(report: Report, loaded, teacher_batch: dict | None, batch: int, ite
             out.logits.float().pow(2).mean().backward()
         return run
 
-    from pipeline import mimic_cuda
+    from pipeline.mimic import MuKernels
 
-    default = mimic_cuda.FUSED_SHIFT
     for routing in ("sdpa", "mimic", "mimic-eager"):
         student = None
-        mimic_cuda.FUSED_SHIFT = routing == "mimic"  # eager: the plain ops of pipeline.mimic
         set_attention(model, "sdpa" if routing == "sdpa" else "mimic")
         if routing != "sdpa":
             student = new_student("mimic", "mimic", model, loaded.geometry)
+            kernels = MuKernels(fused=routing == "mimic")  # eager: the plain ops of pipeline.mimic
             with torch.no_grad():
+                for heads in student.module:
+                    heads.kernels = kernels
                 for p in student.module.parameters():
                     p.normal_(0, 0.02)
         try:
@@ -95,5 +96,4 @@ def overhead(report: Report, loaded, teacher_batch: dict | None, batch: int, ite
                 student.detach()
             for p in model.parameters():
                 p.requires_grad_(False)
-    mimic_cuda.FUSED_SHIFT = default
     set_attention(model, "mimic")

@@ -21,10 +21,9 @@ from harness import Report
 from log_z2 import padded_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from pipeline import mimic_cuda
 from pipeline.attention import _STATE_KEY, _HeadState, mimic_attention_forward
 from pipeline.methods.base import Switch as _Switch
-from pipeline.mimic import MimicHeads
+from pipeline.mimic import MimicHeads, MuKernels
 
 
 def host_device_us(fn, n: int = 50) -> tuple[float, float]:
@@ -98,6 +97,7 @@ def main() -> None:
     report = Report("MimIC per-call host vs device time (us)")
     stock, with_heads = Stub(4), Stub(4)
     heads = MimicHeads(32, 128).cuda()
+    kernels = {fused: MuKernels(fused=fused) for fused in (False, True)}
     with torch.no_grad():
         heads.shift.normal_()
     with_heads.__dict__[_STATE_KEY] = _HeadState(heads, _Switch())
@@ -118,7 +118,7 @@ def main() -> None:
 
             base = None
             for mode in ("sdpa", "mimic eager", "mimic fused"):
-                mimic_cuda.FUSED_SHIFT = mode == "mimic fused"
+                heads.kernels = kernels[mode == "mimic fused"]
                 fn = call(stock if mode == "sdpa" else with_heads)
                 host, dev = host_device_us(fn)
                 name = f"{kind} {shape} {mode}"
@@ -134,7 +134,6 @@ def main() -> None:
                     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
                     tables[name] = table
                     print(f"== {name}\n{table}", flush=True)
-    mimic_cuda.FUSED_SHIFT = False
     if args.model:
         whole_model(report, tables, args.model)
     report.extra["profiles"] = tables

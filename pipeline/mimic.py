@@ -13,9 +13,16 @@ f(q) = <w, q> + b approximates log Z1, so that
 
 log Z2 is the masked log-normaliser of the head's *own* attention (causal, padding and sliding
 window masks applied, GQA key heads shared), computed exactly without holding the (T x T) matrix of
-the whole sequence: here in chunks of queries (every device); on CUDA ``pipeline.mimic_cuda`` uses a
-compiled flex_attention kernel for long sequences (and, if enabled, one compiled function for the
-whole shift of short ones). Rows with no visible key get mu = 0.
+the whole sequence. Three implementations compute mu, each chosen by the student's ``MuKernels`` (explicit
+fields, no process-wide flags):
+
+- ``reference``: ``MimicHeads.mu`` over ``masked_log_z2``, exact chunked logsumexp; every device, every
+  mask, memory O(chunk x Tkv) per head.
+- ``one_pass``: ``short_mu``, the same quantity from the full score matrix in as few tensor operations
+  as possible (short sequences; with ``MuKernels.fused`` one compiled function on CUDA).
+- ``flex``: ``pipeline.mimic_cuda.flex_log_z2``, a compiled flex_attention kernel (CUDA, long sequences).
+
+Rows with no visible key get mu = 0.
 
 log Z2 runs over exactly the keys the stock sdpa attention (``sdpa_attention_forward``) lets the
 query see, so that f(q) - log Z2 is compared with the same normaliser the head's output used; with
@@ -28,6 +35,8 @@ No transformers, no files: this module only knows tensors.
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -36,9 +45,72 @@ from torch.utils.checkpoint import checkpoint
 from pipeline.settings import VARIANTS  # the variants' names only: no transformers, no files
 
 DEFAULT_CHUNK = 256
-LOG_Z2_BACKENDS = ("auto", "chunked", "flex")
-"""auto: the flex kernel on CUDA for long sequences (``pipeline.mimic_cuda.use_flex``), else chunked.
-chunked: exact chunked logsumexp (any device). flex: the compiled flex_attention kernel (CUDA only)."""
+"""Queries per chunk of the reference log Z2, and the longest query length the one-pass path takes."""
+LOG_Z2_BACKENDS = ("chunked", "flex")
+"""chunked: exact chunked logsumexp (any device). flex: the compiled flex_attention kernel (CUDA only)."""
+MU_PATHS = ("auto", "reference", "one_pass", "flex")
+"""How ``MuKernels`` computes mu: ``auto`` picks per call (``MuKernels.choose``); the others force one."""
+FLEX_MIN_SCORES = 256 * 256
+"""``auto`` uses the flex kernel from this many (query, key) pairs per head on (log Z2 forward+backward
+at T=256: 0.77x the chunked time, at T=512: 0.21x); below it the chunked path is as fast per layer
+once the padding and block-mask ops are counted (docs/benchmarks.md)."""
+FLEX_MAX_SHAPES = 6
+"""``auto`` compiles the flex kernel for at most this many padded shapes, then uses the reference for
+new ones (torch.compile's recompile limit is 8; past it flex would run eagerly on the whole matrix)."""
+
+
+@dataclass(eq=False)
+class MuKernels:
+    """Which implementation computes mu, as explicit fields, and the caches those need. One object per
+    student, shared by its layers (a forward's layers reuse one flex block mask); nothing per process.
+
+    path: ``auto`` (``choose``), or force ``reference`` / ``one_pass`` / ``flex`` (tests hold each
+    equal to the reference). fused: run the one-pass shift on CUDA as one compiled function. Off by
+    default: on the benchmark GPU the compiled call costs as much host time as the eager ops it
+    replaces (student forward +27% vs +19% eager; docs/benchmarks.md) and compiles ~1 min per graph;
+    a compiler failure turns it off for this object, with a warning.
+    flex_min_scores / flex_max_shapes: ``auto``'s flex thresholds (``FLEX_MIN_SCORES``, ``FLEX_MAX_SHAPES``).
+    """
+
+    path: str = "auto"
+    fused: bool = False
+    flex_min_scores: int = FLEX_MIN_SCORES
+    flex_max_shapes: int = FLEX_MAX_SHAPES
+    compiled: dict = field(default_factory=dict, repr=False)  # name -> compiled function
+    flex_shapes: set = field(default_factory=set, repr=False)  # padded shapes flex was compiled for
+    block_mask: list = field(default_factory=list, repr=False)  # [(key, mask, BlockMask)] of the last call
+
+    def __post_init__(self) -> None:
+        if self.path not in MU_PATHS:
+            raise ValueError(f"unknown mu path {self.path!r}; choose one of {', '.join(MU_PATHS)}")
+
+    def choose(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, variant: str) -> str:
+        """The path for this call; a pure function of the arguments and this object (no side effect).
+
+        auto: ``flex`` on CUDA for a bool or no mask, at least ``flex_min_scores`` pairs per head and a
+        padded shape already compiled or within ``flex_max_shapes``; else ``one_pass`` up to
+        ``DEFAULT_CHUNK`` queries with a bool or no mask; else ``reference``. The variants without log Z2
+        (``shift_only``, ``query_independent``) always take ``reference``.
+        """
+        if variant not in ("mimic", "head_shared"):
+            return "reference"
+        plain_mask = mask is None or mask.dtype == torch.bool
+        if self.path != "auto":
+            if self.path != "reference" and not plain_mask:
+                raise ValueError(f"the {self.path} mu path takes a bool mask or none, got {mask.dtype}; "
+                                 "use path='reference' (or 'auto')")
+            if self.path == "flex" and not query.is_cuda:
+                raise ValueError("the flex mu path needs CUDA tensors; use path='auto' or 'reference' on CPU")
+            return self.path
+        if not plain_mask:
+            return "reference"
+        if query.is_cuda and query.shape[2] * key.shape[2] >= self.flex_min_scores:
+            from pipeline import mimic_cuda
+
+            if (mimic_cuda.flex_shape(query, key, mask) in self.flex_shapes
+                    or len(self.flex_shapes) < self.flex_max_shapes):
+                return "flex"
+        return "one_pass" if query.shape[2] <= DEFAULT_CHUNK else "reference"
 
 
 def implicit_mask(q_len: int, kv_len: int, device: torch.device, is_causal: bool = True) -> torch.Tensor | None:
@@ -108,8 +180,9 @@ def masked_log_z2(
     scaling: float,
     chunk_size: int = DEFAULT_CHUNK,
     use_checkpoint: bool | None = None,
-    backend: str = "auto",
+    backend: str = "chunked",
     is_causal: bool = True,
+    kernels: MuKernels | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log Z2(q) = logsumexp_j (q . k_j * scaling) over the keys q may attend to.
 
@@ -120,17 +193,18 @@ def masked_log_z2(
     Returns (log_z2 (B, H, Tq) float32, valid (B, H, Tq) bool: the row sees at least one key).
     Differentiable in query and key; chunks of ``chunk_size`` queries are recomputed in backward
     (checkpointed) when gradients are needed, so memory is O(chunk * Tkv) per head. ``backend``: see
-    ``LOG_Z2_BACKENDS`` (the flex kernel on CUDA for long sequences, chunked otherwise).
+    ``LOG_Z2_BACKENDS``; ``kernels`` holds the flex kernel's compiled function and block-mask cache
+    (default: a fresh ``MuKernels``).
     """
     if backend not in LOG_Z2_BACKENDS:
         raise ValueError(f"unknown log Z2 backend {backend!r}; choose one of {', '.join(LOG_Z2_BACKENDS)}")
-    if backend == "flex" and not query.is_cuda:
-        raise ValueError("the flex log Z2 backend needs CUDA tensors; use backend='chunked' (or 'auto') on CPU")
-    if backend != "chunked" and query.is_cuda:
+    if backend == "flex":
+        if not query.is_cuda:
+            raise ValueError("the flex log Z2 backend needs CUDA tensors; use backend='chunked' on CPU")
         from pipeline import mimic_cuda
 
-        if backend == "flex" or mimic_cuda.use_flex(query, key, attention_mask):
-            return mimic_cuda.flex_log_z2(query, key, attention_mask, scaling, is_causal)
+        return mimic_cuda.flex_log_z2(query, key, attention_mask, scaling, is_causal,
+                                      kernels if kernels is not None else MuKernels())
     bsz, n_heads, q_len, _ = query.shape
     q, k, mask = _grouped(query, key, attention_mask, is_causal)
     if use_checkpoint is None:
@@ -157,16 +231,18 @@ class MimicHeads(nn.Module):
     Parameters (H heads of size D): ``shift`` v (H, D); for ``mimic`` ``f_weight`` (H, D) and
     ``f_bias`` (H,) — H(2D + 1) in all; ``head_shared`` (D,) and (1,); ``query_independent`` a
     ``gate`` (H,); ``shift_only`` nothing else. v starts at zero, so a fresh module leaves the model
-    unchanged; f starts as ``nn.Linear(D, 1)`` does.
+    unchanged; f starts as ``nn.Linear(D, 1)`` does. ``kernels`` (a plain attribute, not state) picks
+    how mu is computed; a student's layers share one (``pipeline.methods.mimic.build``).
     """
 
-    def __init__(self, num_heads: int, head_dim: int, variant: str = "mimic"):
+    def __init__(self, num_heads: int, head_dim: int, variant: str = "mimic", kernels: MuKernels | None = None):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown MimIC variant '{variant}'; choose one of {', '.join(VARIANTS)}")
         self.variant = variant
         self.num_heads = num_heads
         self.head_dim = head_dim
+        self.kernels = kernels if kernels is not None else MuKernels()
         self.shift = nn.Parameter(torch.zeros(num_heads, head_dim))
         bound = 1.0 / math.sqrt(head_dim)
         if variant == "mimic":
@@ -193,15 +269,41 @@ class MimicHeads(nn.Module):
         scaling: float,
         chunk_size: int = DEFAULT_CHUNK,
         is_causal: bool = True,
+        backend: str = "chunked",
     ) -> torch.Tensor:
-        """mu(q) = sigmoid(f(q) - log Z2(q)), zero on rows with no visible key. Returns (B, H, Tq) float32."""
+        """mu(q) = sigmoid(f(q) - log Z2(q)), zero on rows with no visible key: the reference
+        implementation (``backend`` chunked) or with the flex log Z2 (CUDA). Returns (B, H, Tq) float32."""
         bsz, n_heads, q_len, _ = query.shape
         if self.variant == "shift_only":
             return query.new_ones(bsz, n_heads, q_len, dtype=torch.float32)
         if self.variant == "query_independent":
             return torch.sigmoid(self.gate.float())[None, :, None].expand(bsz, n_heads, q_len)
-        log_z2, valid = masked_log_z2(query, key, attention_mask, scaling, chunk_size, is_causal=is_causal)
+        log_z2, valid = masked_log_z2(query, key, attention_mask, scaling, chunk_size, is_causal=is_causal,
+                                      backend=backend, kernels=self.kernels)
         return torch.sigmoid(self.log_z1(query) - log_z2) * valid
+
+    def _check(self, query: torch.Tensor) -> None:
+        if query.shape[1] != self.num_heads or query.shape[-1] != self.head_dim:
+            raise ValueError(
+                f"MimIC heads built for {self.num_heads} heads of size {self.head_dim}, "
+                f"got a query of shape {tuple(query.shape)}"
+            )
+
+    def _f(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.f_weight, self.f_bias
+
+    def _shift(self, path: str, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+               scaling: float, is_causal: bool) -> torch.Tensor:
+        if path == "one_pass":
+            args = (query, key, attention_mask, scaling, *self._f(), self.shift, is_causal)
+            if self.kernels.fused and query.is_cuda:
+                out = _fused_one_pass(self.kernels, *args)
+                if out is not None:
+                    return out
+            return one_pass_shift(*args)
+        mu = self.mu(query, key, attention_mask, scaling, is_causal=is_causal,
+                     backend="flex" if path == "flex" else "chunked")
+        return (mu[..., None] * self.shift.float()[None, :, None, :]).transpose(1, 2)
 
     def forward(
         self,
@@ -211,26 +313,12 @@ class MimicHeads(nn.Module):
         scaling: float,
         is_causal: bool = True,
     ) -> torch.Tensor:
-        """The term mu(q) v added to the head outputs. Returns (B, Tq, H, D) in float32. ``is_causal``:
-        the module's causality, as ``sdpa_attention_forward`` reads it (matters only without a mask)."""
-        if query.shape[1] != self.num_heads or query.shape[-1] != self.head_dim:
-            raise ValueError(
-                f"MimIC heads built for {self.num_heads} heads of size {self.head_dim}, "
-                f"got a query of shape {tuple(query.shape)}"
-            )
-        if query.is_cuda and self.variant in ("mimic", "head_shared"):
-            from pipeline import mimic_cuda
-
-            mask = None if attention_mask is None else attention_mask[..., : key.shape[2]]
-            if mimic_cuda.use_fused(query, key, mask):
-                weight, bias = self.f_weight, self.f_bias
-                if self.variant == "head_shared":
-                    weight, bias = weight.expand(self.num_heads, -1), bias.expand(self.num_heads)
-                out = mimic_cuda.fused_shift(query, key, mask, weight, bias, self.shift, scaling, is_causal)
-                if out is not None:
-                    return out
-        mu = self.mu(query, key, attention_mask, scaling, is_causal=is_causal)
-        return (mu[..., None] * self.shift.float()[None, :, None, :]).transpose(1, 2)
+        """The term mu(q) v added to the head outputs, by the path ``self.kernels`` chooses. Returns
+        (B, Tq, H, D) in float32. ``is_causal``: the module's causality, as ``sdpa_attention_forward``
+        reads it (matters only without a mask)."""
+        self._check(query)
+        path = self.kernels.choose(query, key, attention_mask, self.variant)
+        return self._shift(path, query, key, attention_mask, scaling, is_causal)
 
     def add_shift(
         self,
@@ -241,32 +329,38 @@ class MimicHeads(nn.Module):
         scaling: float,
         is_causal: bool = True,
     ) -> torch.Tensor:
-        """``out + mu(q) v`` for head outputs ``out`` (B, Tq, H, D), in ``out``'s dtype.
-
-        Short sequences of the ``mimic``/``head_shared`` variants with a bool or no mask (decoding,
-        student-length prompts) take ``short_mu``: the same values as ``forward`` in about half the
-        tensor operations, which is what bounds these small calls on a GPU. Everything else goes
-        through ``forward``.
-        """
-        if (
-            self.variant in ("mimic", "head_shared")
-            and query.shape[2] <= DEFAULT_CHUNK
-            and (attention_mask is None or attention_mask.dtype == torch.bool)
-            and not (query.is_cuda and _cuda_prefers_other(query, key, attention_mask))
-        ):
-            if query.shape[1] != self.num_heads or query.shape[-1] != self.head_dim:
-                return self.forward(query, key, attention_mask, scaling, is_causal)  # raises the shape error
-            mu = short_mu(query, key, attention_mask, scaling, self.f_weight, self.f_bias, is_causal)
+        """``out + mu(q) v`` for head outputs ``out`` (B, Tq, H, D), in ``out``'s dtype. The eager
+        one-pass path adds in one ``addcmul`` (these small calls are bound by the number of ops)."""
+        self._check(query)
+        path = self.kernels.choose(query, key, attention_mask, self.variant)
+        if path == "one_pass" and not (self.kernels.fused and query.is_cuda):
+            mu = short_mu(query, key, attention_mask, scaling, *self._f(), is_causal)
             return torch.addcmul(out.float(), mu.transpose(1, 2)[..., None], self.shift.float()).to(out.dtype)
-        return (out.float() + self.forward(query, key, attention_mask, scaling, is_causal)).to(out.dtype)
+        return (out.float() + self._shift(path, query, key, attention_mask, scaling, is_causal)).to(out.dtype)
 
 
-def _cuda_prefers_other(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """On CUDA the flex kernel (long sequences) or the fused compiled shift, when enabled, win."""
-    from pipeline import mimic_cuda
+def one_pass_shift(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                   f_weight: torch.Tensor, f_bias: torch.Tensor, shift: torch.Tensor,
+                   is_causal: bool = True) -> torch.Tensor:
+    """mu(q) v of every head by ``short_mu``: (B, Tq, H, D) float32 (what ``MuKernels.fused`` compiles)."""
+    mu = short_mu(query, key, mask, scaling, f_weight, f_bias, is_causal)
+    return (mu[..., None] * shift.float()[None, :, None, :]).transpose(1, 2)
 
-    mask = None if mask is None else mask[..., : key.shape[2]]
-    return mimic_cuda.use_flex(query, key, mask) or mimic_cuda.use_fused(query, key, mask)
+
+def _fused_one_pass(kernels: MuKernels, *args) -> torch.Tensor | None:
+    """``one_pass_shift`` compiled once per ``kernels`` with dynamic shapes (batch and lengths vary); None
+    after a compiler failure, which also turns ``kernels.fused`` off (with a warning): use the eager ops."""
+    if "one_pass_shift" not in kernels.compiled:
+        kernels.compiled["one_pass_shift"] = torch.compile(one_pass_shift, dynamic=True)
+    try:
+        return kernels.compiled["one_pass_shift"](*args)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as err:  # a compiler failure must not stop a run: the eager ops compute the same
+        kernels.fused = False
+        warnings.warn(f"compiling the fused MimIC shift failed ({type(err).__name__}: {err}); using eager ops",
+                      stacklevel=2)
+        return None
 
 
 def short_mu(

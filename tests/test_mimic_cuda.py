@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import pytest
 import torch
 
 from pipeline import mimic_cuda
-from pipeline.mimic import MimicHeads, masked_log_z2
+from pipeline.mimic import MimicHeads, MuKernels, masked_log_z2
 
 
 def padded_causal(bsz, q_len, kv_len, lengths, side):
@@ -57,7 +58,7 @@ def test_flex_log_z2_forward_matches_chunked(monkeypatch, kv_heads, side):
     """Eager flex on CPU (forward only: flex has no CPU backward) against the chunked path."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    monkeypatch.setitem(mimic_cuda._COMPILED, "flex", flex_attention)
+    kernels = MuKernels(compiled={"flex": flex_attention})
     g = torch.Generator().manual_seed(0)
     q = torch.randn(3, 8, 40, 16, generator=g)
     k = torch.randn(3, kv_heads, 40, 16, generator=g)
@@ -65,36 +66,90 @@ def test_flex_log_z2_forward_matches_chunked(monkeypatch, kv_heads, side):
     want, want_valid = masked_log_z2(q, k, mask, 0.3, backend="chunked")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "flex_attention called without torch.compile"
-        got, valid = mimic_cuda.flex_log_z2(q, k, mask, 0.3)
+        got, valid = mimic_cuda.flex_log_z2(q, k, mask, 0.3, kernels=kernels)
     assert torch.equal(valid, want_valid)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert kernels.flex_shapes == {mimic_cuda.flex_shape(q, k, mask)}  # the shape is recorded where it runs
 
 
 @pytest.mark.parametrize("variant", ["mimic", "head_shared"])
 @pytest.mark.parametrize(("q_len", "kv_len", "side"), [(20, 20, "right"), (20, 20, "left"), (5, 30, None), (1, 30, None)])
-def test_dense_shift_matches_module(variant, q_len, kv_len, side):
+def test_one_pass_matches_reference(variant, q_len, kv_len, side):
+    """The one-pass path (what MuKernels.fused compiles on CUDA) against the chunked reference: values and
+    gradients in q, k, v and f."""
     torch.manual_seed(0)
-    heads = MimicHeads(8, 16, variant)
+    heads = MimicHeads(8, 16, variant, MuKernels(path="reference"))
     torch.nn.init.normal_(heads.shift)
     q = torch.randn(3, 8, q_len, 16, requires_grad=True)
     k = torch.randn(3, 2, kv_len, 16, requires_grad=True)
     mask = padded_causal(3, q_len, kv_len, [kv_len - 3 * b for b in range(3)], side) if side else None
     want = heads(q, k, mask, 0.25)
-    w, b = heads.f_weight, heads.f_bias
-    if variant == "head_shared":
-        w, b = w.expand(8, -1), b.expand(8)
-    got = mimic_cuda.dense_shift(q, k, mask, w, b, heads.shift, 0.25)
+    heads.kernels = MuKernels(path="one_pass")
+    got = heads(q, k, mask, 0.25)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     weights = torch.randn_like(want)
-    grads_want = torch.autograd.grad((want * weights).sum(), (q, k, heads.shift, heads.f_weight))
+    heads.kernels = MuKernels(path="reference")
+    grads_want = torch.autograd.grad((heads(q, k, mask, 0.25) * weights).sum(), (q, k, heads.shift, heads.f_weight))
     grads_got = torch.autograd.grad((got * weights).sum(), (q, k, heads.shift, heads.f_weight))
     for a, b_ in zip(grads_got, grads_want, strict=True):
         torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-5)
 
 
+def fake_cuda(*shape):
+    """What ``MuKernels.choose`` reads of a tensor, claiming CUDA: the auto rule's CUDA branch on CPU."""
+    return types.SimpleNamespace(is_cuda=True, shape=shape, dtype=torch.bfloat16, requires_grad=False)
+
+
+def test_auto_choice_is_a_pure_function_of_its_arguments():
+    kernels = MuKernels(flex_max_shapes=2)
+    long_ = [fake_cuda(1, 4, t, 8) for t in (300, 700, 1100)]  # three padded shapes
+    for _ in range(3):  # asking does not use up the budget of compiled shapes
+        assert [kernels.choose(q, q, None, "mimic") for q in long_] == ["flex"] * 3
+    assert kernels.flex_shapes == set()
+    kernels.flex_shapes.update(mimic_cuda.flex_shape(q, q, None) for q in long_[:2])  # two compiled
+    assert [kernels.choose(q, q, None, "mimic") for q in long_] == ["flex", "flex", "reference"]
+    assert kernels.choose(fake_cuda(1, 4, 80, 8), fake_cuda(1, 4, 80, 8), None, "mimic") == "one_pass"
+    float_mask = torch.zeros(1, 1, 300, 300)
+    assert kernels.choose(long_[0], long_[0], float_mask, "mimic") == "reference"
+    assert kernels.choose(long_[0], long_[0], None, "shift_only") == "reference"
+    assert MuKernels(flex_min_scores=10**9).choose(long_[0], long_[0], None, "mimic") == "reference"
+
+
 def test_auto_backend_stays_chunked_on_cpu():
     q, k = torch.randn(1, 4, 600, 8), torch.randn(1, 4, 600, 8)
-    assert not mimic_cuda.use_flex(q, k, None)
-    assert not mimic_cuda.use_fused(q, k, None)
+    kernels = MuKernels()
+    assert kernels.choose(q, k, None, "mimic") == "reference"
+    assert kernels.choose(q[:, :, :200], k, None, "mimic") == "one_pass"
     with pytest.raises(ValueError, match="CUDA"):
         masked_log_z2(q, k, None, 0.5, backend="flex")
+    with pytest.raises(ValueError, match="CUDA"):
+        MuKernels(path="flex").choose(q, k, None, "mimic")
+    with pytest.raises(ValueError, match="bool mask"):
+        MuKernels(path="one_pass").choose(q, k, torch.zeros(1, 1, 600, 600), "mimic")
+    with pytest.raises(ValueError, match="unknown mu path"):
+        MuKernels(path="fast")
+
+
+def test_method_code_keeps_no_module_level_mutable_state():
+    """No ``global`` statement and no module-level list / dict / set (literal or call) in the method code:
+    every choice is an explicit argument and every cache belongs to an object."""
+    import ast
+    from pathlib import Path
+
+    import pipeline
+
+    root = Path(pipeline.__file__).parent
+    files = [root / "mimic.py", root / "mimic_cuda.py", root / "attention.py", root / "live.py",
+             *sorted((root / "methods").glob("*.py"))]
+    mutable_calls = {"dict", "list", "set", "defaultdict", "OrderedDict", "Counter", "deque"}
+    found = []
+    for path in files:
+        tree = ast.parse(path.read_text())
+        found += [f"{path.name}:{node.lineno} global" for node in ast.walk(tree) if isinstance(node, ast.Global)]
+        for node in tree.body:
+            value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
+            if isinstance(value, (ast.List, ast.Dict, ast.Set, ast.ListComp, ast.DictComp, ast.SetComp)) or (
+                    isinstance(value, ast.Call) and getattr(value.func, "id", getattr(value.func, "attr", None))
+                    in mutable_calls):
+                found.append(f"{path.name}:{node.lineno} {ast.unparse(node)[:60]}")
+    assert found == [], found

@@ -25,7 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 import pipeline.attention as attention
 from pipeline import mimic_cuda
 from pipeline.attention import ATTN_NAME, attach_mimic, route_attention
-from pipeline.mimic import MimicHeads, masked_log_z2
+from pipeline.mimic import MimicHeads, MuKernels, masked_log_z2
 
 # ---- the rule, against sdpa itself ------------------------------------------------------------
 
@@ -91,7 +91,7 @@ def case_tensors(q_len, kv_len, kind):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_log_z2_selects_the_keys_sdpa_attends_to(monkeypatch, name):
+def test_log_z2_selects_the_keys_sdpa_attends_to(name):
     q_len, kv_len, kind, is_causal = CASES[name]
     q, k, mask = case_tensors(q_len, kv_len, kind)
     scale = 0.35
@@ -108,28 +108,25 @@ def test_log_z2_selects_the_keys_sdpa_attends_to(monkeypatch, name):
         heads.shift.normal_(generator=torch.Generator().manual_seed(1))
     f = (q.double() * heads.f_weight.double()[None, :, None]).sum(-1) + heads.f_bias.double()[None, :, None]
     want_shift = (torch.sigmoid(f - want)[..., None] * heads.shift.double()[None, :, None]).transpose(1, 2)
-    with torch.no_grad():  # add_shift: the short path (bool / no mask) or forward (float mask)
-        out = heads.add_shift(torch.zeros(2, q_len, 4, 8), q, k, mask, scale, is_causal=is_causal)
-        torch.testing.assert_close(out.double(), want_shift, rtol=0, atol=1e-5)
-        out = heads(q, k, mask, scale, is_causal=is_causal)  # the chunked path
-        torch.testing.assert_close(out.double(), want_shift, rtol=0, atol=1e-5)
+    # every path on this device: auto's choice, the chunked reference and the one-pass path (bool / no mask)
+    for path in ("auto", "reference") if kind == "float" else ("auto", "reference", "one_pass"):
+        heads.kernels = MuKernels(path=path)
+        with torch.no_grad():
+            out = heads.add_shift(torch.zeros(2, q_len, 4, 8), q, k, mask, scale, is_causal=is_causal)
+            torch.testing.assert_close(out.double(), want_shift, rtol=0, atol=1e-5)
+            out = heads(q, k, mask, scale, is_causal=is_causal)
+            torch.testing.assert_close(out.double(), want_shift, rtol=0, atol=1e-5)
 
     if kind == "float":
         return  # the CUDA paths take bool masks or none
-    # the CUDA code's rule, run on CPU: the dense key selection, the fused shift, eager flex
+    # the CUDA code's rule, run on CPU: the dense key selection and eager flex
     dense = mimic_cuda._visible_keys(mask, q_len, kv_len, torch.device("cpu"), is_causal)
     assert torch.equal(dense.expand(2, 4, q_len, kv_len), visible)
-    w, b = heads.f_weight, heads.f_bias
-    with torch.no_grad():
-        got = mimic_cuda.dense_shift(q, k, mask, w, b, heads.shift, scale, is_causal)
-    torch.testing.assert_close(got.double(), want_shift, rtol=0, atol=1e-5)
     from torch.nn.attention.flex_attention import flex_attention
 
-    monkeypatch.setitem(mimic_cuda._COMPILED, "flex", flex_attention)
-    monkeypatch.setattr(mimic_cuda, "_LAST_BLOCK_MASK", [])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "flex_attention called without torch.compile"
-        lse, valid = mimic_cuda.flex_log_z2(q, k, mask, scale, is_causal)
+        lse, valid = mimic_cuda.flex_log_z2(q, k, mask, scale, is_causal, MuKernels(compiled={"flex": flex_attention}))
     assert valid.all()
     torch.testing.assert_close(lse.double(), want, rtol=0, atol=1e-5)
 

@@ -14,12 +14,14 @@ import importlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from pipeline.config import UserError
 
 ENTRY_POINT_GROUP = "mimic_pipeline.methods"
-BUILTIN = {"mimic": "pipeline.methods.mimic", "live": "pipeline.methods.live", "lora": "pipeline.methods.lora"}
+BUILTIN = MappingProxyType(
+    {"mimic": "pipeline.methods.mimic", "live": "pipeline.methods.live", "lora": "pipeline.methods.lora"})
 """Built-in method name -> module holding its ``SPEC`` (imported on first use: torch and PEFT stay
 unimported for ``--help``)."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from pipeline.families.base import decoder_layers
 from pipeline.methods import MethodSpec
 from pipeline.methods.base import freeze_base
 
-DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.05}
+DEFAULTS = MappingProxyType({"r": 16, "alpha": 32, "dropout": 0.05})
 KEYS = ("r", "alpha", "dropout", "target_modules")
 _MISSING = object()
 

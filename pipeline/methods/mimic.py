@@ -10,13 +10,15 @@ from torch import nn
 from pipeline.attention import attach_mimic
 from pipeline.methods import MethodSpec
 from pipeline.methods.base import ModuleAttachment
-from pipeline.mimic import MimicHeads
+from pipeline.mimic import MimicHeads, MuKernels
 from pipeline.settings import VARIANTS
 
 
 def build(config: Any) -> nn.ModuleList:
-    """One ``MimicHeads`` per decoder layer (v = 0: the identity at step 0)."""
-    return nn.ModuleList(MimicHeads(config.num_heads, config.head_dim, config.variant)
+    """One ``MimicHeads`` per decoder layer (v = 0: the identity at step 0), sharing one ``MuKernels``
+    (the default path choice; its flex block mask is built once per forward for all layers)."""
+    kernels = MuKernels()
+    return nn.ModuleList(MimicHeads(config.num_heads, config.head_dim, config.variant, kernels)
                          for _ in range(config.num_layers))
 
 
