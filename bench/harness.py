@@ -1,7 +1,7 @@
-"""What every benchmark shares: full-size random models from configs/models, offline processors,
+"""What every benchmark shares: full-size random models from pipeline/configs/models, offline processors,
 timers, the bf16 matmul ceiling, FLOP counts and the machine description.
 
-Models are built from the real architecture (``configs/models/<alias>.yaml``) with random bf16
+Models are built from the real architecture (``pipeline/configs/models/<alias>.yaml``) with random bf16
 weights directly on the device; processors are built in-process (a byte-level BPE tokenizer trained
 here on the shapes task's text, with the family's image tokens; Idefics2: PIL image processor, no
 image splitting, 378 px -> 64 tokens per image; Idefics1: 224 px). ``--tiny`` swaps in the 2-layer

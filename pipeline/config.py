@@ -19,7 +19,8 @@ import yaml
 T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIGS_DIR = REPO_ROOT / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+"""Built-in YAML: model aliases (``models/``) and tasks (``tasks/``); package data, installed with the code."""
 
 
 class ConfigError(ValueError):
@@ -121,6 +122,8 @@ def _check_type(value: Any, hint: Any) -> tuple[bool, Any]:
         return True, tuple(items) if origin is tuple else items
     if origin is dict or hint is dict:
         return isinstance(value, dict), value
+    if isinstance(hint, type):  # a class of its own (e.g. a task hook): an instance of it
+        return isinstance(value, hint), value
     return True, value
 
 

@@ -58,7 +58,7 @@ def load_image(image: Any) -> Any:
 
 def demo_text(spec: TaskSpec, family: Family, example: Example, answer: str) -> str:
     """The text of one demonstration round: prompt, answer, round separator."""
-    return spec.prompt.format(question=example.question) + spec.answer.format(answer=answer) + family.round_separator
+    return spec.query_text(example) + spec.answer.format(answer=answer) + family.round_separator
 
 
 DEMO_CACHE_BYTES = 2**30
@@ -178,7 +178,7 @@ def build_prompt(
                              else family.encode(processor, Segment(text, load_image(demo.image))))
     span_start = len(encoded)
     image = load_image(query.image)
-    prompt_text = spec.prompt.format(question=query.question)
+    prompt_text = spec.query_text(query)
     if answer is None:
         return Prompt(encoded + family.encode(processor, Segment(prompt_text, image)), span_start, None)
     full = family.encode(processor, Segment(prompt_text + spec.answer.format(answer=answer) + family.round_separator,
@@ -194,7 +194,7 @@ def build_prompt(
         tok = tokenizer_of(processor)
         raise ValueError(
             f"query {query.id}: the prompt's tokens are not a prefix of prompt + answer tokens "
-            f"(prompt template {spec.prompt!r}, answer template {spec.answer!r}, answer {answer!r}); "
+            f"(prompt {spec.prompt_id!r}, answer template {spec.answer!r}, answer {answer!r}); "
             f"the tokenizer merges across the boundary: prompt ends {tok.decode(prompt_only.input_ids[-3:])!r}, "
             f"prompt + answer has {tok.decode(full.input_ids[max(0, n - 3) : n + 2])!r}. "
             "Fix the templates so the answer starts a new token, e.g. prompt '...:' and answer ' {answer}'."

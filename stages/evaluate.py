@@ -35,7 +35,7 @@ from pipeline.rundir import RunDir
 from pipeline.runtime import Loaded, check_task_fits_model, load_for_stage, model_defaults
 from pipeline.settings import MODES, EvalConfig
 from pipeline.students import geometry_tuple
-from pipeline.tasks import load_task
+from pipeline.tasks import Hook, load_task
 from stages.evaluation import Evaluation, ResultsFolder, settings_key, settings_of
 
 
@@ -163,8 +163,12 @@ def eval_examples(task: Any, config: Any) -> list[Any]:
     return examples
 
 
-def check_metric_ready(metric: str) -> None:
-    """Fail before generating when CIDEr cannot run (no Java), with the metrics module's message."""
+def check_metric_ready(metric: Any) -> None:
+    """Fail before generating when CIDEr cannot run (no Java), with the metrics module's message; a
+    metric hook is imported now, so that a broken one fails before generation too."""
+    if isinstance(metric, Hook):
+        metric.resolve()
+        return
     if metric == "cider" and shutil.which("java") is None:
         try:
             score(metric, ["a"], [["a"]])  # raises JavaNotFoundError before running anything

@@ -39,7 +39,7 @@ from pipeline.capture import StateCapture
 from pipeline.config import UserError, config_to_dict
 from pipeline.families.base import pad_token_id, tokenizer_of
 from pipeline.forward import forward_states, pad_states, to_device
-from pipeline.metrics import JavaNotFoundError, score
+from pipeline.metrics import JavaNotFoundError
 from pipeline.plots import plot_layer_distances
 from pipeline.prompts import DemoCache, Prompt, build_prompt
 from pipeline.runtime import Loaded, Progress
@@ -540,9 +540,9 @@ class Evaluation:
                                               self.config.num_beams, f"evaluate {name}", self.show_progress,
                                               warm_up=not self.warm)
         self.warm = self.warm or generated > 0
-        metric = self.task.spec.metric
+        metric = self.task.spec.metric_name
         try:
-            scored = score(metric, [r["prediction"] for r in records], [r["answers"] for r in records])
+            scored = self.task.score([r["prediction"] for r in records], [r["answers"] for r in records])
         except (JavaNotFoundError, ValueError) as err:
             raise UserError(f"{metric} failed for {name}: {err} (the predictions are kept in {log.partial}; "
                             "re-run to score them without generating again)") from err

@@ -113,7 +113,7 @@ def store_attrs(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: in
         "shots": shots,
         "demo_strategy": "random",
         "demo_seed": config.seed,
-        "prompt_template": task.spec.prompt,
+        "prompt_template": task.spec.prompt_id,
         "answer_template": task.spec.answer,
         "task": task.name,
         # how later stages reload the task: a user task only by its YAML path

@@ -82,9 +82,9 @@ def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer:
         loaded = load_for_stage(model_name, config.device, config.dtype, config.revision, config.trust_remote_code)
     if attrs:
         check_model_matches(attrs, loaded, config.force)
-        if attrs.get("prompt_template") != task.spec.prompt:
+        if attrs.get("prompt_template") != task.spec.prompt_id:
             raise UserError(f"the store's prompt template {attrs.get('prompt_template')!r} differs from the "
-                            f"task's {task.spec.prompt!r}; re-run teacher-cache")
+                            f"task's {task.spec.prompt_id!r}; re-run teacher-cache")
     align = default_align(config)
     epochs = config.epochs or int(model_defaults(model_name).get("epochs", 5))
     # the run records (config.yaml) and compares (checkpoint) the values used, not "default"

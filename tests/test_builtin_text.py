@@ -1,4 +1,4 @@
-"""Built-in text tasks: data files, disjoint stable splits, and the registry entries."""
+"""Built-in text tasks (YAML files with ``loader: words``): data files, disjoint stable splits, registry."""
 
 from __future__ import annotations
 
@@ -8,15 +8,16 @@ import json
 import pytest
 
 from pipeline.config import UserError
+from pipeline.tasks import TASKS_DIR, load_task, task_names
 from pipeline.tasks.base import SPLITS, Example, Task
-from pipeline.tasks.builtin_text import (
-    TEXT_TASK_NAMES,
-    TEXT_TASKS_DIR,
-    builtin_text_tasks,
-    load_text_task_splits,
-    read_text_task_file,
-    split_examples,
-)
+from pipeline.tasks.builtin_text import TEXT_TASK_NAMES, read_text_task_file, split_examples
+
+TEXT_TASKS_DIR = TASKS_DIR / "words"
+
+
+def load_text_task_splits(name):
+    task = load_task(name)
+    return {split: task.split(split) for split in SPLITS}
 
 
 def _build_module():
@@ -76,9 +77,10 @@ def test_number_words_spelling():
 
 
 def test_registry_builds_tasks_with_the_text_spec():
-    registry = builtin_text_tasks()
-    assert sorted(registry) == sorted(TEXT_TASK_NAMES)
-    task = registry["antonyms"]()
+    assert set(TEXT_TASK_NAMES) <= set(task_names())
+    for name in TEXT_TASK_NAMES:  # each is a YAML file including the shared template
+        assert (TASKS_DIR / f"{name}.yaml").is_file()
+    task = load_task("antonyms")
     assert isinstance(task, Task)
     spec = task.spec
     assert (spec.kind, spec.metric, spec.prompt, spec.answer, spec.max_new_tokens) == (
@@ -101,3 +103,14 @@ def test_bad_line_names_file_and_line(tmp_path):
 def test_unknown_task_lists_valid_names():
     with pytest.raises(UserError, match="antonyms"):
         load_text_task_splits("synonyms")
+
+
+def test_size_options_take_seeded_subsets_of_the_hash_splits():
+    whole = load_text_task_splits("plurals")
+    task = load_task("plurals", train_size=10, eval_size=7)
+    train, evaluation = task.split("train"), task.split("eval")
+    assert len(train) == 10 and len(evaluation) == 7 and len(task.split("support")) == len(whole["support"])
+    assert {e.id for e in train} <= {e.id for e in whole["train"]}
+    assert [e.id for e in train] == [e.id for e in load_task("plurals", train_size=10).split("train")]
+    with pytest.raises(UserError, match="train_size asks for 1000"):
+        load_task("plurals", train_size=1000).split("train")

@@ -1,14 +1,16 @@
-"""Built-in text tasks for the embedded SmolLM2-135M: ``input -> answer`` word mappings.
+"""``loader: words``: the built-in text tasks for the embedded SmolLM2-135M (``input -> answer`` word mappings).
 
-Each task is a JSONL file ``pipeline/data/text_tasks/<name>.jsonl`` of ``{"id", "input", "answer"}``
-(regenerate with ``python pipeline/data/text_tasks/build.py``). The prompt is ``"{question} ->"`` and
-the answer ``" {answer}"``; demonstrations are joined with ``"\\n"`` after the BOS token, which
-teacher and student prompts share so that their states line up position by position.
+Each task is a YAML file (``configs/tasks/plurals.yaml`` ...) that includes the shared template
+``configs/tasks/_words.yaml`` (prompt ``"{question} ->"``, answer ``" {answer}"``, exact match) and names
+its JSONL file of ``{"id", "input", "answer"}`` under ``configs/tasks/words/`` (regenerate them with
+``python pipeline/configs/tasks/words/build.py``). Demonstrations are joined with ``"\\n"`` after the BOS
+token, which teacher and student prompts share so that their states line up position by position.
 The tasks were chosen because SmolLM2-135M-Instruct fails them zero-shot and solves them with a
 few demonstrations (measured with ``bench/icl_text_tasks.py``; numbers at ``DEFAULT_TEXT_TASK``).
 
 Splits are assigned by the sha256 of each example id (sorted, then cut 20% support / 50% train /
-30% eval), so they are disjoint, stable across runs and independent of line order.
+30% eval), so they are disjoint, stable across runs and independent of line order; ``train_size``,
+``eval_size`` and ``support_size`` then take seeded subsets, as for every task.
 """
 
 from __future__ import annotations
@@ -18,21 +20,18 @@ import json
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from types import MappingProxyType
+from typing import Any
 
 from pipeline.config import UserError
-from pipeline.tasks.base import Example, Task, TaskSpec
+from pipeline.tasks.base import Example
+from pipeline.tasks.official import seeded_order
 
-TEXT_TASKS_DIR = Path(__file__).resolve().parents[1] / "data" / "text_tasks"
 TEXT_TASK_NAMES = ("antonyms", "number_words", "past_tense", "plurals")
 DEFAULT_TEXT_TASK = "plurals"
 """The task with the widest zero-shot -> k-shot gap and the cleanest answers on SmolLM2-135M: greedy
 exact match on its 69 eval queries 0% / 10% / 84% / 86% at 0 / 1 / 4 / 8 shots (antonyms 0 / 11 / 39 /
 41%, past_tense 0 / 8 / 64 / 81%, number_words 0 / 27 / 65 / 64%; whole eval splits, seed 0):
 ``python bench/icl_text_tasks.py --shots 0 1 4 8 --n 200``."""
-PROMPT = "{question} ->"
-ANSWER = " {answer}"
-SEPARATOR = "\n"
 SPLIT_SHARES = (("eval", 0.30), ("train", 0.50))
 """Shares of each task cut off (in hash order) for eval, then train; the rest (20%) is support.
 Training queries are what the student learns from; demonstrations need only a small pool."""
@@ -41,7 +40,8 @@ Training queries are what the student learns from; demonstrations need only a sm
 def read_text_task_file(path: Path) -> tuple[Example, ...]:
     """Parse and validate a text-task file; every problem names the file and line."""
     if not path.is_file():
-        raise UserError(f"text task file {path} is missing; regenerate it with: python {TEXT_TASKS_DIR / 'build.py'}")
+        raise UserError(f"text task file {path} is missing; give the path of a JSONL file of "
+                        '{"id", "input", "answer"} rows (relative to the task YAML) under `file:`')
     examples: list[Example] = []
     seen: set[str] = set()
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -81,25 +81,27 @@ def split_examples(examples: tuple[Example, ...]) -> dict[str, tuple[Example, ..
 
 
 @cache
-def load_text_task_splits(name: str) -> MappingProxyType[str, tuple[Example, ...]]:
-    """The three splits of one built-in text task (file order within each split); read-only, cached."""
-    if name not in TEXT_TASK_NAMES:
-        raise UserError(f"unknown built-in text task '{name}'; valid: {', '.join(TEXT_TASK_NAMES)}")
-    return MappingProxyType(split_examples(read_text_task_file(TEXT_TASKS_DIR / f"{name}.jsonl")))
+def _splits(path: Path, stamp: int) -> dict[str, tuple[Example, ...]]:
+    return split_examples(read_text_task_file(path))
 
 
-def text_task_spec(name: str) -> TaskSpec:
-    return TaskSpec(name=name, kind="text", metric="exact_match", prompt=PROMPT, answer=ANSWER, max_new_tokens=10)
+def word_loaders(task_yaml: Path, cfg: Any) -> dict[str, Callable[[], list[Example] | tuple[Example, ...]]]:
+    """The split loaders of a ``loader: words`` task: ``cfg.file`` (relative to ``task_yaml``) cut by id
+    hash, then the seeded subsets ``cfg.train_size`` / ``eval_size`` / ``support_size``; read on first use."""
+    if not cfg.file:
+        raise UserError(f"task {cfg.name}: a `loader: words` task needs `file:` (its JSONL of "
+                        '{"id", "input", "answer"} rows, relative to the task YAML)')
+    path = (task_yaml.parent / cfg.file).expanduser()
+    sizes = {"support": cfg.support_size, "train": cfg.train_size, "eval": cfg.eval_size}
 
+    def load(split: str) -> list[Example] | tuple[Example, ...]:
+        examples = _splits(path.resolve(), path.stat().st_mtime_ns if path.is_file() else 0)[split]
+        size = sizes[split]
+        if size is None:
+            return examples
+        if size > len(examples):
+            raise UserError(f"task {cfg.name}: {split}_size asks for {size} examples but the {split} split has "
+                            f"{len(examples)}; pass {split}_size <= {len(examples)}")
+        return [examples[i] for i in seeded_order(len(examples), cfg.seed, split)[:size]]
 
-def make_text_task(name: str) -> Task:
-    """A ``Task`` for a built-in text task; files are read on first access to a split."""
-    if name not in TEXT_TASK_NAMES:
-        raise UserError(f"unknown built-in text task '{name}'; valid: {', '.join(TEXT_TASK_NAMES)}")
-    loaders = {split: (lambda split=split: load_text_task_splits(name)[split]) for split in ("support", "train", "eval")}
-    return Task(text_task_spec(name), loaders)
-
-
-def builtin_text_tasks() -> dict[str, Callable[[], Task]]:
-    """Registry entries: task name -> zero-argument factory."""
-    return {name: (lambda name=name: make_text_task(name)) for name in TEXT_TASK_NAMES}
+    return {split: (lambda split=split: load(split)) for split in sizes}

@@ -1,4 +1,5 @@
-"""User tasks: a YAML file naming local JSONL / JSON / CSV / Parquet files, read through ``datasets``.
+"""``loader: files`` (the default): a task YAML naming local JSONL / JSON / CSV / Parquet files, read
+through ``datasets``.
 
 Example (paths are relative to the YAML file; image paths relative to the data file)::
 
@@ -33,14 +34,16 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.config import ConfigError, UserError, load_config, opt
-from pipeline.tasks.base import SPLITS, Example, Task
+from pipeline.config import ConfigError, UserError
+from pipeline.tasks.base import SPLITS, Example
 from pipeline.tasks.faults import json_fault, json_kind, read_text
 from pipeline.tasks.official import ExampleView, check_first_images, column_values, seeded_order
+
+if TYPE_CHECKING:
+    from pipeline.tasks import TaskConfig
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 EXPECTED_CONTENT = {
@@ -54,42 +57,6 @@ FIELD_NAMES = {
     "answers": ("answers", "answer"),
     "image": ("image",),
 }
-DEFAULT_PROMPTS = {
-    "vqa": "Question:{question} Short answer:",
-    "caption": "Caption:",
-    "text": "Input:{question} Output:",
-}
-DEFAULT_METRICS = {"vqa": "vqa_accuracy", "caption": "cider", "text": "exact_match"}
-KINDS = tuple(DEFAULT_METRICS)
-METRICS = tuple(DEFAULT_METRICS.values())
-
-
-@dataclass(frozen=True)
-class UserTaskConfig:
-    """A user task YAML; every key can also be given as an option to ``load_task``."""
-
-    name: str = opt("", "Task name (default: the YAML file name).")
-    kind: str | None = opt(
-        None, "vqa | caption | text (default: vqa if rows have an image, else text).", KINDS
-    )
-    metric: str | None = opt(None, "vqa_accuracy | cider | exact_match (default by kind).", METRICS)
-    prompt: str | None = opt(None, "Query template with {question} (default by kind).")
-    answer: str = opt(" {answer}", "Answer template with {answer}.")
-    max_new_tokens: int = opt(10, "Generation budget.")
-    files: dict = opt({}, "One data file per split: {support: ..., train: ..., eval: ...}.")
-    file: str | None = opt(None, "One data file for all splits (with split_column or split_ratios).")
-    split_column: str | None = opt(None, "Column of `file` naming each row's split (support/train/eval).")
-    split_ratios: dict = opt(
-        {}, "Fractions of `file` per split after a seeded shuffle, e.g. {support: 0.8, eval: 0.2}."
-    )
-    fields: dict = opt({}, "Column names for id / question / answers (or answer) / image when they differ.")
-    answers_separator: str = opt("|", "Separator of several answers in one string cell (CSV).")
-    seed: int = opt(3407, "Seed of split_ratios and the train/eval subsets.")
-    train_size: int | None = opt(None, "Training queries: a seeded subset of that size (default: all).")
-    eval_size: int | None = opt(None, "Evaluation queries: a seeded subset of that size (default: all).")
-    cache_dir: str | None = opt(None, "HF datasets Arrow cache folder (default: the HF cache).")
-
-
 def row_place(path: Path, row: int) -> str:
     """Where row ``row`` (0-based) of a data file is, for messages: ``line N``, or ``row N`` in Parquet."""
     suffix = path.suffix.lower()
@@ -195,7 +162,7 @@ def _read(path: Path, cache_dir: str | None) -> Any:
         raise _read_error(path, builder, err) from err
 
 
-def _columns(path: Path, dataset: Any, cfg: UserTaskConfig, kind: str | None) -> dict[str, str | None]:
+def _columns(path: Path, dataset: Any, cfg: TaskConfig, kind: str | None) -> dict[str, str | None]:
     """Which column holds each field; a required one missing is a ``UserError`` at the first row."""
     found: dict[str, str | None] = {}
     for field, defaults in FIELD_NAMES.items():
@@ -358,7 +325,7 @@ def _check_types(path: Path, dataset: Any, columns: dict[str, str | None], kind:
 
 
 def _example_maker(
-    path: Path, columns: dict[str, str | None], cfg: UserTaskConfig
+    path: Path, columns: dict[str, str | None], cfg: TaskConfig
 ) -> Callable[[dict], Example]:
     q, a, img, ident = columns["question"], columns["answers"], columns["image"], columns["id"]
     # a string in an `answers` column (CSV) holds several answers; an `answer` column holds one
@@ -384,7 +351,7 @@ def _example_maker(
     return to_example
 
 
-def _check_layout(cfg: UserTaskConfig) -> None:
+def _check_layout(cfg: TaskConfig) -> None:
     errors = []
     if bool(cfg.files) == bool(cfg.file):
         errors.append("give either `files` (one file per split) or `file` (one file for all splits)")
@@ -416,11 +383,6 @@ def _check_layout(cfg: UserTaskConfig) -> None:
         for f in cfg.fields
         if f not in (*FIELD_NAMES, "answer")
     ]
-    errors += [
-        f"'{k}': got {v}, expected a positive integer"
-        for k, v in (("train_size", cfg.train_size), ("eval_size", cfg.eval_size))
-        if v is not None and v < 1
-    ]
     if errors:
         raise ConfigError(f"user task {cfg.name}:\n  - " + "\n  - ".join(errors))
 
@@ -436,7 +398,7 @@ def _check_utf8(path: Path, dataset: Any) -> None:
         raise UserError(f"data file {path}: {str(err).splitlines()[0]}; save it with UTF-8 encoding") from err
 
 
-def _load_file(path: Path, cfg: UserTaskConfig) -> tuple[Any, dict[str, str | None]]:
+def _load_file(path: Path, cfg: TaskConfig) -> tuple[Any, dict[str, str | None]]:
     """A checked data file as a Dataset with a ``__row__`` column, and its field -> column map."""
     dataset = _read(path, cfg.cache_dir)
     _check_utf8(path, dataset)
@@ -459,7 +421,7 @@ def _load_file(path: Path, cfg: UserTaskConfig) -> tuple[Any, dict[str, str | No
     return dataset.add_column("__row__", list(range(len(dataset))), new_fingerprint=stamp), columns
 
 
-def _split_rows(path: Path, dataset: Any, cfg: UserTaskConfig) -> dict[str, list[int]]:
+def _split_rows(path: Path, dataset: Any, cfg: TaskConfig) -> dict[str, list[int]]:
     """Row indices of each split of a single-file task (by split column or seeded ratios)."""
     if cfg.split_column:
         if cfg.split_column not in dataset.column_names:
@@ -500,7 +462,7 @@ def _subset(
     return view.select(seeded_order(len(view), seed, what)[:size])
 
 
-def _check_ratio_splits(path: Path, views: dict[str, ExampleView], cfg: UserTaskConfig, rows: int) -> None:
+def _check_ratio_splits(path: Path, views: dict[str, ExampleView], cfg: TaskConfig, rows: int) -> None:
     """A split given a ratio that rounds to no rows is an error (it would silently disappear)."""
     empty = [split for split in cfg.split_ratios if split not in views]
     if empty:
@@ -511,17 +473,14 @@ def _check_ratio_splits(path: Path, views: dict[str, ExampleView], cfg: UserTask
         )
 
 
-def load_user_task(path: Path, data: dict[str, Any], **options: Any) -> Task:
-    """A ``Task`` from a user YAML (already read into ``data``); options override its keys.
+def file_loaders(path: Path, cfg: TaskConfig) -> tuple[dict[str, Callable[[], ExampleView]], bool]:
+    """The split loaders of a ``loader: files`` task YAML at ``path``, and whether its rows have images.
 
     Every data file is read and checked at once: a row missing a required field, or holding an
     object where text is expected, is a ``UserError`` naming the file, the line and the field; an
-    unreadable file is a ``UserError`` naming the file (and the line, for JSON); unknown YAML keys
-    are one ``ConfigError``. Errors about splits give every split's size.
+    unreadable file is a ``UserError`` naming the file (and the line, for JSON). Errors about splits
+    give every split's size.
     """
-    from pipeline.tasks import task_spec
-
-    cfg = load_config(UserTaskConfig, {"name": path.stem, **data}, **options)
     _check_layout(cfg)
     views: dict[str, ExampleView] = {}
     has_image = False
@@ -553,14 +512,8 @@ def load_user_task(path: Path, data: dict[str, Any], **options: Any) -> Task:
     )
     if "eval" in views:
         views["eval"] = _subset(views, "eval", cfg.eval_size, cfg.seed, "eval_size", cfg.name)
+    if cfg.support_size is not None:
+        views["support"] = _subset(views, "support", cfg.support_size, cfg.seed, "support_size", cfg.name)
     for view in views.values():
         check_first_images(view)
-    kind = cfg.kind or ("vqa" if has_image else "text")
-    prompt = cfg.prompt or DEFAULT_PROMPTS[kind]
-    spec = task_spec(
-        cfg.name, kind, cfg.metric or DEFAULT_METRICS[kind], prompt, cfg.answer, cfg.max_new_tokens
-    )
-    task = Task(spec, {split: (lambda view=view: view) for split, view in views.items()})
-    for split in views:  # cheap (the views are built): lets a missing split's error give every size
-        task.split(split)
-    return task
+    return {split: (lambda view=view: view) for split, view in views.items()}, has_image

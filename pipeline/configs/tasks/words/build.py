@@ -1,4 +1,4 @@
-"""Regenerate the built-in text tasks' JSONL files: ``python pipeline/data/text_tasks/build.py``.
+"""Regenerate the built-in text tasks' JSONL files: ``python pipeline/configs/tasks/words/build.py``.
 
 Deterministic (no randomness but one seeded sample); every line is ``{"id", "input", "answer"}``.
 Pairs are curated to have one canonical answer (ambiguous items such as "right" or "old" as inputs,
