@@ -261,16 +261,8 @@ class MimicHeads(nn.Module):
             return torch.einsum("bhtd,hd->bht", q, self.f_weight.float()) + self.f_bias.float()[None, :, None]
         return torch.einsum("bhtd,d->bht", q, self.f_weight.float()) + self.f_bias.float()
 
-    def mu(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        scaling: float,
-        chunk_size: int = DEFAULT_CHUNK,
-        is_causal: bool = True,
-        backend: str = "chunked",
-    ) -> torch.Tensor:
+    def mu(self, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+           chunk_size: int = DEFAULT_CHUNK, is_causal: bool = True, backend: str = "chunked") -> torch.Tensor:
         """mu(q) = sigmoid(f(q) - log Z2(q)), zero on rows with no visible key: the reference
         implementation (``backend`` chunked) or with the flex log Z2 (CUDA). Returns (B, H, Tq) float32."""
         bsz, n_heads, q_len, _ = query.shape
@@ -305,14 +297,8 @@ class MimicHeads(nn.Module):
                      backend="flex" if path == "flex" else "chunked")
         return (mu[..., None] * self.shift.float()[None, :, None, :]).transpose(1, 2)
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        scaling: float,
-        is_causal: bool = True,
-    ) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+                is_causal: bool = True) -> torch.Tensor:
         """The term mu(q) v added to the head outputs, by the path ``self.kernels`` chooses. Returns
         (B, Tq, H, D) in float32. ``is_causal``: the module's causality, as ``sdpa_attention_forward``
         reads it (matters only without a mask)."""
@@ -320,15 +306,8 @@ class MimicHeads(nn.Module):
         path = self.kernels.choose(query, key, attention_mask, self.variant)
         return self._shift(path, query, key, attention_mask, scaling, is_causal)
 
-    def add_shift(
-        self,
-        out: torch.Tensor,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        scaling: float,
-        is_causal: bool = True,
-    ) -> torch.Tensor:
+    def add_shift(self, out: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                  attention_mask: torch.Tensor | None, scaling: float, is_causal: bool = True) -> torch.Tensor:
         """``out + mu(q) v`` for head outputs ``out`` (B, Tq, H, D), in ``out``'s dtype. The eager
         one-pass path adds in one ``addcmul`` (these small calls are bound by the number of ops)."""
         self._check(query)

@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from pipeline.adapters import (
@@ -31,6 +30,9 @@ def geometry_tuple(geometry: Any) -> tuple[int, int, int, int]:
     return (geometry.num_layers, geometry.num_heads, geometry.head_dim, geometry.hidden_size)
 
 
+_DELEGATED = frozenset({"trainable", "tensors", "load_tensors", "disabled"})
+
+
 @dataclass
 class Student:
     """A student of ``config.method`` attached to ``model`` through its method's ``attachment``."""
@@ -44,18 +46,12 @@ class Student:
         """The parameter module of methods that have one (MimIC, LIVE), else None (LoRA)."""
         return getattr(self.attachment, "module", None)
 
-    def trainable(self) -> list[tuple[str, nn.Parameter]]:
-        return self.attachment.trainable()
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return self.attachment.tensors()
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.attachment.load_tensors(tensors)
-
-    def disabled(self):
-        """Run the base model inside the block (teacher forwards, zero-shot baselines)."""
-        return self.attachment.disabled()
+    def __getattr__(self, name: str) -> Any:
+        """``trainable()``, ``tensors()``, ``load_tensors(t)``, ``disabled()`` (run the base model inside
+        the block: teacher forwards, zero-shot baselines) are the attachment's own."""
+        if name in _DELEGATED:
+            return getattr(self.attachment, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def train(self, mode: bool = True) -> Student:
         """The student's own modules in training (LoRA dropout on) or inference mode; the base model
