@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from pipeline.config import CONFIGS_DIR, UserError
+from pipeline.config import UserError
 from pipeline.families import attention_geometry, family_for
 
 
@@ -79,15 +78,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in choices:
         raise UserError(f"unknown dtype '{dtype}'; valid: auto, {', '.join(choices)}")
     return choices[dtype]
-
-
-def model_defaults(name: str) -> dict[str, Any]:
-    """``configs/models/<alias>.yaml`` for an alias or a matching hub id (shots, epochs), else {}."""
-    for path in sorted((CONFIGS_DIR / "models").glob("*.yaml")):
-        data = yaml.safe_load(path.read_text()) or {}
-        if name in (path.stem, data.get("id")):
-            return data
-    return {}
 
 
 def load_for_stage(

@@ -31,8 +31,9 @@ from pipeline.adapters import (
 from pipeline.config import ConfigError, UserError
 from pipeline.locks import dir_lock
 from pipeline.metrics import JavaNotFoundError, score
+from pipeline.provenance import resolve
 from pipeline.rundir import RunDir
-from pipeline.runtime import Loaded, check_task_fits_model, load_for_stage, model_defaults
+from pipeline.runtime import Loaded, check_task_fits_model, load_for_stage
 from pipeline.settings import MODES, EvalConfig
 from pipeline.students import geometry_tuple
 from pipeline.tasks import Hook, load_task
@@ -114,38 +115,25 @@ def read_run(path: Path) -> RunInfo:
     return RunInfo(path, adapter, store, train_config)
 
 
-def _from_runs(runs: list[RunInfo], *keys: str) -> set:
-    """Values of ``keys`` (first found per run) in each run's store fingerprint, then its config.yaml."""
-    found = set()
-    for run in runs:
-        sources = (run.adapter.store_fingerprint, run.train_config)
-        value = next((s.get(k) for s in sources for k in keys if s.get(k)), None)
-        if value is not None:
-            found.add(value)
-    return found
+def run_records(run: RunInfo) -> dict:
+    """What a run says it was made with: its store's attributes (recorded in the adapter), then its
+    training config (the model it used, its data root)."""
+    fingerprint = run.adapter.store_fingerprint
+    record = {k: v for k, v in run.train_config.items() if k in ("model", "data_root", "task")}
+    record.update({k: v for k, v in fingerprint.items() if v not in (None, "")})
+    record.setdefault("model", run.adapter.base_model or None)
+    return record
 
 
 def resolve_settings(config: EvalConfig, runs: list[RunInfo]) -> tuple[str, str | None, int, str | None]:
-    """(task, model, shots, data_root): explicit options first, then the runs' stores, then defaults."""
-    stores = [r.adapter.store_fingerprint for r in runs]
-    task = config.task
-    if task is None:
-        named = _from_runs(runs, "task_source", "task")
-        if len(named) > 1:
-            raise UserError(f"the runs were trained on different tasks ({', '.join(sorted(map(str, named)))}); "
-                            "evaluate them separately or pass --task")
-        if not named:
-            raise UserError("no task: pass --task (the runs do not record one)" if runs else
-                            "no task: pass --task NAME (or evaluate a student run, whose task is the default)")
-        task = str(named.pop())
-    model = config.model or next((s.get("model") or r.adapter.base_model for r, s in zip(runs, stores, strict=True)), None)
-    shots = config.shots
-    if shots is None:
-        shots = next((int(s["shots"]) for s in stores if s.get("shots")), None)
-    if shots is None:
-        shots = int(model_defaults(model or "").get("shots", 8))
-    data_root = config.data_root or next(iter(sorted(map(str, _from_runs(runs, "data_root")))), None)
-    return task, model, shots, data_root
+    """(task, model, shots, data_root): explicit options first, then the runs' stores (which must agree),
+    then the model's defaults (``pipeline.provenance.resolve``)."""
+    prov = resolve(task=config.task, model=config.model, shots=config.shots, data_root=config.data_root,
+                   records=[run_records(r) for r in runs], what="the runs")
+    if prov.task is None:
+        raise UserError("no task: pass --task (the runs do not record one)" if runs else
+                        "no task: pass --task NAME (or evaluate a student run, whose task is the default)")
+    return prov.task, prov.model, prov.shots, prov.data_root
 
 
 def eval_examples(task: Any, config: Any) -> list[Any]:

@@ -24,6 +24,7 @@ from pipeline.families import Encoded
 from pipeline.forward import TeacherRunner
 from pipeline.locks import held_on_rank0, store_lock
 from pipeline.prompts import DemoCache, Prompt, build_prompt, check_alignment
+from pipeline.provenance import default_shots
 from pipeline.runtime import (
     Loaded,
     Progress,
@@ -32,7 +33,6 @@ from pipeline.runtime import (
     default_store_path,
     dist_info,
     load_for_stage,
-    model_defaults,
 )
 from pipeline.settings import TeacherCacheConfig
 from pipeline.store import (
@@ -272,8 +272,7 @@ def collate_ahead(runner: TeacherRunner, shards: Any):
 def run(config: TeacherCacheConfig, loaded: Loaded | None = None, show_progress: bool = True) -> Path:
     """Write (or resume) the teacher store; returns its path."""
     rank, world, _ = dist_info()
-    defaults = model_defaults(config.model)
-    shots = config.shots if config.shots is not None else int(defaults.get("shots", 8))
+    shots = config.shots if config.shots is not None else default_shots(config.model)
     task = load_task(config.task, **({"data_root": config.data_root} if config.data_root else {}))
     if loaded is None:
         loaded = load_for_stage(config.model, config.device, config.dtype, config.revision, config.trust_remote_code)

@@ -22,8 +22,9 @@ from pipeline.config import UserError, config_to_dict
 from pipeline.locks import held_on_rank0
 from pipeline.methods import get_method
 from pipeline.plots import plot_losses
+from pipeline.provenance import default_epochs, resolve
 from pipeline.rundir import RunDir
-from pipeline.runtime import Loaded, barrier, dist_info, load_for_stage, model_defaults
+from pipeline.runtime import Loaded, barrier, dist_info, load_for_stage
 from pipeline.settings import TrainConfig
 from pipeline.store import open_store
 from pipeline.students import new_student
@@ -74,9 +75,15 @@ def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer:
         # silently wrong teacher states (a lost shard reads back as zeros)
         store.verify(full=True)
         attrs = store.attrs
-    model_name = config.model or attrs.get("model") or "smollm2-135m"
-    task_name = attrs.get("task_source") or attrs.get("task") or config.task
-    data_root = config.data_root or attrs.get("data_root")
+    stored = resolve(records=[attrs] if attrs else [], what="the store")
+    if attrs and config.task not in (None, stored.task):
+        raise UserError(f"--task {config.task} differs from the store's task {stored.task}: a store fixes its task; "
+                        "drop --task, or cache a store of that task with `pipeline teacher-cache`")
+    prov = resolve(task=config.task, model=config.model, data_root=config.data_root, records=[attrs] if attrs else [],
+                   what="the store")
+    if prov.model is None:
+        raise UserError("--online without a store needs --model (the teacher's and the student's model)")
+    model_name, task_name, data_root = prov.model, prov.task, prov.data_root
     task = load_task(task_name, **({"data_root": data_root} if data_root else {}))
     if loaded is None:
         loaded = load_for_stage(model_name, config.device, config.dtype, config.revision, config.trust_remote_code)
@@ -86,7 +93,7 @@ def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer:
             raise UserError(f"the store's prompt template {attrs.get('prompt_template')!r} differs from the "
                             f"task's {task.spec.prompt_id!r}; re-run teacher-cache")
     align = default_align(config)
-    epochs = config.epochs or int(model_defaults(model_name).get("epochs", 5))
+    epochs = config.epochs or default_epochs(model_name)
     # the run records (config.yaml) and compares (checkpoint) the values used, not "default"
     config = replace(config, lr=config.lr if config.lr is not None else get_method(config.method).default_lr, align=align,
                      epochs=epochs, model=model_name)

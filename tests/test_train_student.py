@@ -240,3 +240,15 @@ def test_ranks_take_the_same_number_of_steps(tmp_path, llama):
     assert sorted(set(seen)) == list(range(9)) and len(seen) == 10
     assert len(per_rank[0]) == 3  # ceil(ceil(9 / 2) / batch 1 / accum 2)
     trainer.student.detach()
+
+
+def test_store_fixes_the_task_and_online_needs_a_model(tmp_path, llama):
+    """The store's provenance is the default; an option that contradicts it is refused, not obeyed."""
+    store = make_store(tmp_path, llama, n=2)
+    trainer = setup(train_cfg(tmp_path, store, task="antonyms"), llama)  # the same task: accepted
+    assert trainer.data.task.name == "antonyms"
+    trainer.student.detach()
+    with pytest.raises(UserError, match="--task plurals differs from the store's task antonyms"):
+        setup(train_cfg(tmp_path, store, task="plurals"), llama)
+    with pytest.raises(UserError, match="--online without a store needs --model"):
+        setup(load_config(TrainConfig, online=True, task="antonyms", shots=2, runs_dir=str(tmp_path / "r")), llama)
