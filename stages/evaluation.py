@@ -49,6 +49,9 @@ from pipeline.tasks.sampling import sample_demonstrations
 
 PARTIAL_SUFFIX = ".partial.jsonl"
 RESULT_KIND = "mimic-evaluation"
+RESULTS_SCHEMA_VERSION = 1
+SCHEMA_KEY = "results_schema_version"
+"""Written into every result JSON; a result of a newer schema is refused by name, not misread."""
 """``kind`` of a results JSON (and of a partial file's header) written by `pipeline evaluate`."""
 TABLE_FILE = "table.md"
 TABLE_MARK = "<!-- written by `pipeline evaluate`; rewritten on every run: edits here are lost -->"
@@ -222,6 +225,10 @@ class ResultsFolder:
             data = _read_json(path)
             if not is_result(data):
                 continue  # not written by `pipeline evaluate` (e.g. notes someone saved here)
+            version = data.get(SCHEMA_KEY, RESULTS_SCHEMA_VERSION)
+            if not isinstance(version, int) or version > RESULTS_SCHEMA_VERSION:
+                raise ResultsError(f"{path} has {SCHEMA_KEY} {version!r}; this code reads up to "
+                                   f"{RESULTS_SCHEMA_VERSION}: upgrade the pipeline or move the file out of {self.path}")
             if data.get("task") != self.task_name:
                 raise ResultsError(
                     f"{path} holds results of task {data.get('task')!r}, not {self.task_name!r}; refusing to mix "
@@ -550,7 +557,8 @@ class Evaluation:
             record["score"] = value
         n = len(records)
         payload = {
-            "kind": RESULT_KIND, "task": self.task.name, "name": name, "mode": mode, "shots": shots,
+            "kind": RESULT_KIND, SCHEMA_KEY: RESULTS_SCHEMA_VERSION, "task": self.task.name, "name": name,
+            "mode": mode, "shots": shots,
             "split": self.config.split, "model": self.model_name, "metric": metric, "score": scored["score"], "n": n,
             "settings": self.settings,
             "mean_latency_ms": sum(r["latency_ms"] for r in records) / n,

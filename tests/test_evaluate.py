@@ -194,6 +194,19 @@ def test_results_of_another_task_are_not_mixed(evaluated, tmp_path):
                      loaded=loaded, show_progress=False)
 
 
+def test_results_of_a_newer_schema_are_refused_not_misread(evaluated, tmp_path):
+    root, _, loaded, _ = evaluated
+    results = tmp_path / "results"
+    shutil.copytree(root / "results", results)
+    saved = load_json(results / TASK / "zero-shot.json")
+    assert saved["results_schema_version"] == 1
+    saved["results_schema_version"] = 2
+    (results / TASK / "zero-shot.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match=r"zero-shot.json has results_schema_version 2; this code reads up to 1"):
+        evaluate.run(eval_config(root, modes=("zero-shot",), task=TASK, results_dir=str(results)),
+                     loaded=loaded, show_progress=False)
+
+
 def test_unscorable_queries_are_refused():
     spec = TaskSpec("t", "text", "exact_match", "{question} ->")
     no_answers = Task(spec, {"eval": lambda: [Example("a", "hot", ())]})
