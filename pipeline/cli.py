@@ -21,7 +21,7 @@ from typing import Any, Optional
 import typer
 
 from pipeline.config import ConfigError, UserError, bounds_text, load_config, read_yaml
-from pipeline.settings import DemoConfig, EvalConfig, TeacherCacheConfig, TrainConfig
+from pipeline.settings import DemoConfig, EvalConfig, InspectConfig, TeacherCacheConfig, TrainConfig
 
 app = typer.Typer(
     name="pipeline",
@@ -127,6 +127,21 @@ def _evaluate(config: EvalConfig) -> None:
     evaluate.run(config)
 
 
+def _inspect(config: InspectConfig) -> None:
+    from pipeline.inspection import run
+
+    run(config)
+
+
+def _with_argument(command: Callable[..., None], name: str, metavar: str, help: str) -> Callable[..., None]:
+    """The command with the field ``name`` taken as a required positional argument instead of an option."""
+    params = [p for p in command.__signature__.parameters.values() if p.name != name]  # type: ignore[attr-defined]
+    argument = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                                 default=typer.Argument(..., metavar=metavar, help=help, show_default=False))
+    command.__signature__ = inspect.Signature([argument, *params])  # type: ignore[attr-defined]
+    return command
+
+
 def run_demo(config: DemoConfig) -> dict:
     """Run the three stages on one loaded model; returns the evaluation summary.
 
@@ -181,6 +196,12 @@ app.command("train-student", help="Stage 2: train a MimIC (or LIVE / LoRA) stude
             "(resumable).")(_command(TrainConfig, _train_student))
 app.command("evaluate", help="Compare zero-shot, k-shot ICL and trained students with the official metrics; "
             "writes results/<task>/.")(_command(EvalConfig, _evaluate))
+app.command("inspect", help="See and verify what a stage produced: a teacher store (what made it, completeness, "
+            "size and compression, token lengths, per-layer norms; --verify checks every checksum) or a run "
+            "(method, parameters, whether its store still matches, losses, evaluations). Never writes into a "
+            "store or a run.")(_with_argument(
+                _command(InspectConfig, _inspect), "target", "STORE|RUN",
+                "A teacher store (e.g. cache/vqav2.zarr) or a run directory (e.g. runs/vqav2-mimic)."))
 app.command("demo", help="The whole pipeline offline on the embedded demo model: teacher-cache, train-student, "
             "evaluate.")(_command(DemoConfig, run_demo))
 

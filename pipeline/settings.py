@@ -139,3 +139,22 @@ class DemoConfig:
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto.")
     threads: int = opt(2, "CPU threads of torch. On a 2-core machine 2 halves the demo VLM's time (8-shot "
                           "prompts of ~200 tokens); 1 was faster for the text task's ~40-token prompts.", at_least=1)
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    """Options of `pipeline inspect STORE|RUN` (read-only: it never writes into a store or a run)."""
+
+    target: str = opt("", "A teacher store (cache/<task>.zarr) or a run directory (runs/<name>).")
+    verify: bool = opt(False, "Store: read every chunk of every array and check its checksum (dask, in parallel, "
+                              "bounded memory, progress bar on stderr); damage is a one-line error naming the "
+                              "arrays, shards and samples (exit 2).")
+    json: bool = opt(False, "Print the report as one JSON object on stdout (for scripts) instead of text.")
+    norms: bool = opt(True, "Store: compute the per-layer mean norm of the cached states (reads every hs chunk "
+                            "once; --no-norms for a quick look at a large store).")
+    png: str | None = opt(None, "Store: where to write the per-layer mean-norm plot; default "
+                                "<store without .zarr>.layer_norms.png beside the store (never inside it).")
+    results_dir: str = opt(EvalConfig.results_dir, "Run: where `pipeline evaluate` wrote results/<task>/*.json; the "
+                                      "evaluations of the run are looked up there.")
+    workers: int | None = opt(None, "Threads reading chunks for --verify and the norms; default min(8, CPUs).",
+                              at_least=1)

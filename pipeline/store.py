@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import json
 import math
 import queue
@@ -177,6 +178,26 @@ def _jsonable(attrs: dict) -> dict:
 
 def _fingerprint(attrs: dict) -> dict:
     return {k: v for k, v in attrs.items() if k not in RESERVED_ATTRS + VOLATILE_ATTRS}
+
+
+RUN_UNRECORDED_ATTRS = ("created", "query_example_ids")
+"""Store attributes a student's adapter does not copy (``store_settings``): the creation time, and one id
+per query (long; the identity below covers both)."""
+
+
+def store_settings(attrs: dict) -> dict:
+    """The store's attributes a student records in its adapter (what made the store, for messages)."""
+    return {k: v for k, v in attrs.items() if k not in RUN_UNRECORDED_ATTRS}
+
+
+def store_identity(attrs: dict) -> dict | None:
+    """What identifies the store a run trains on: its creation time and a digest of every attribute. A store
+    rebuilt (removed, or ``--overwrite`` with other settings) differs even with the same settings, and a
+    run's checkpoint must not be resumed against it. None for no store (``--online`` without one)."""
+    if not attrs:
+        return None
+    digest = hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"created": attrs.get("created"), "attrs_sha256": digest}
 
 
 def create_store(path: str | Path, layout: StoreLayout, attrs: dict) -> TeacherStore:

@@ -42,22 +42,22 @@ from pipeline.forward import forward_states, pad_states, to_device
 from pipeline.metrics import JavaNotFoundError
 from pipeline.plots import plot_layer_distances
 from pipeline.prompts import DemoCache, Prompt, build_prompt
+from pipeline.results import (
+    PARTIAL_SUFFIX,
+    PNG_MARK,
+    RESULT_KIND,
+    RESULTS_SCHEMA_VERSION,
+    SCHEMA_KEY,
+    TABLE_FILE,
+    TABLE_MARK,
+    is_result,
+    read_json,
+)
 from pipeline.runtime import Loaded, Progress
 from pipeline.store import open_store
 from pipeline.students import load_student_dir
 from pipeline.tasks.sampling import sample_demonstrations
 
-PARTIAL_SUFFIX = ".partial.jsonl"
-RESULT_KIND = "mimic-evaluation"
-RESULTS_SCHEMA_VERSION = 1
-SCHEMA_KEY = "results_schema_version"
-"""Written into every result JSON; a result of a newer schema is refused by name, not misread."""
-"""``kind`` of a results JSON (and of a partial file's header) written by `pipeline evaluate`."""
-TABLE_FILE = "table.md"
-TABLE_MARK = "<!-- written by `pipeline evaluate`; rewritten on every run: edits here are lost -->"
-"""First line of ``table.md``: the file is ours to rewrite."""
-PNG_MARK = ("Software", "pipeline evaluate")
-"""PNG text chunk of an L2 plot: the file is ours to rewrite."""
 SETTINGS_KEYS = ("model_fingerprint", "split", "n", "num_beams", "max_new_tokens", "dtype", "seed")
 """What identifies a result besides its name (the model alias is shown, the fingerprint compared)."""
 
@@ -167,13 +167,6 @@ def atomic_write(path: Path, data: str | bytes) -> Path:
     return path
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-
-
 def _partial_header(path: Path) -> dict | None:
     """The header of a partial records file, or None when the file is not one of ours."""
     try:
@@ -184,15 +177,6 @@ def _partial_header(path: Path) -> dict | None:
     if not isinstance(header, dict) or "fingerprint" not in header or header.get("kind", RESULT_KIND) != RESULT_KIND:
         return None
     return header
-
-
-def is_result(data: Any) -> bool:
-    """A results payload written by `pipeline evaluate` (its ``kind``) with every field the table shows."""
-    if not isinstance(data, dict) or data.get("kind") != RESULT_KIND:
-        return False
-    numbers = ("score", "n", "mean_latency_ms", "mean_prompt_tokens")
-    return (all(isinstance(data.get(k), str) for k in ("name", "mode", "metric"))
-            and all(isinstance(data.get(k), (int, float)) and not isinstance(data.get(k), bool) for k in numbers))
 
 
 class ResultsFolder:
@@ -222,7 +206,7 @@ class ResultsFolder:
         """Every result JSON of ours in the folder; one of another task is refused, never mixed in."""
         found = []
         for path in sorted(self.path.glob("*.json")):
-            data = _read_json(path)
+            data = read_json(path)
             if not is_result(data):
                 continue  # not written by `pipeline evaluate` (e.g. notes someone saved here)
             version = data.get(SCHEMA_KEY, RESULTS_SCHEMA_VERSION)
@@ -240,7 +224,7 @@ class ResultsFolder:
     def siblings(self, name: str) -> list[dict]:
         """Every saved result of ``name``, whatever its settings (their records may be reused)."""
         stems = {name} | {p.stem for p in self.path.glob(f"{glob_escape(name)}@*.json")}
-        payloads = [_read_json(self.path / f"{stem}.json") for stem in sorted(stems)]
+        payloads = [read_json(self.path / f"{stem}.json") for stem in sorted(stems)]
         return [p for p in payloads if is_result(p) and p["name"] == name]
 
     def _slot_state(self, stem: str, name: str, settings: dict) -> str:
@@ -248,7 +232,7 @@ class ResultsFolder:
         final, partial = self.path / f"{stem}.json", self.path / f"{stem}{PARTIAL_SUFFIX}"
         states = set()
         if final.exists():
-            data = _read_json(final)
+            data = read_json(final)
             same = is_result(data) and data["name"] == name and settings_key(settings_of(data)) == settings_key(settings)
             states.add("ours" if same else "taken")
         if partial.exists():
@@ -355,7 +339,7 @@ class RecordLog:
 
     def saved(self) -> dict | None:
         """The saved ``<stem>.json`` (ours, of this name and settings), whatever its fingerprint."""
-        data = _read_json(self.final) if self.final.is_file() else None
+        data = read_json(self.final) if self.final.is_file() else None
         if is_result(data) and data["name"] == self.name and settings_key(settings_of(data)) == settings_key(self.settings):
             return data
         return None

@@ -10,8 +10,6 @@ the comparison point for the offline design); everything else is shared.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from pipeline.provenance import default_epochs, resolve
 from pipeline.rundir import RunDir
 from pipeline.runtime import Loaded, barrier, dist_info, load_for_stage
 from pipeline.settings import TrainConfig
-from pipeline.store import open_store
+from pipeline.store import open_store, store_identity, store_settings
 from pipeline.students import new_student
 from pipeline.tasks import load_task
 from stages.trainer import Trainer
@@ -105,19 +103,10 @@ def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer:
     student = new_student(
         config.method, config.variant, loaded.model, loaded.geometry, base_model=loaded.source.recorded,
         base_revision=loaded.source.revision, base_fingerprint=loaded.source.fingerprint,
-        store_fingerprint={k: v for k, v in attrs.items() if k not in ("created", "query_example_ids")},
+        store_fingerprint=store_settings(attrs),
     )
     data = StudentData(config, task, loaded, attrs, store_path=config.cache)
     return Trainer(config, loaded, student, data, run_dir, epochs, align)
-
-
-def store_identity(attrs: dict) -> dict | None:
-    """What identifies the store a run trains on: a rebuilt store (``--overwrite``) has a new ``created``
-    even with the same settings, and the run's checkpoint must not be resumed against it."""
-    if not attrs:
-        return None
-    digest = hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {"created": attrs.get("created"), "attrs_sha256": digest}
 
 
 def save_outputs(trainer: Trainer) -> Path:

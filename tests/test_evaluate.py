@@ -22,7 +22,7 @@ from pipeline.runtime import wrap_model
 from pipeline.tasks import Example, Task, TaskSpec, load_task
 from pipeline.tasks.sampling import sample_demonstrations
 from stages import evaluate, teacher_cache, train_student
-from stages.evaluation import TABLE_MARK
+from pipeline.results import TABLE_MARK
 
 TASK, SHOTS, N_EVAL = "antonyms", 2, 6
 
