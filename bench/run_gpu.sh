@@ -2,6 +2,7 @@
 # The GPU calls behind docs/benchmarks.md, run from the repository root on the device machine:
 #   bash bench/run_gpu.sh check     # machine, imports, tiny smoke tests of every bench on the GPU
 #   bash bench/run_gpu.sh log_z2    # bench/log_z2.py
+#   bash bench/run_gpu.sh mu_paths  # bench/mu_paths.py (every mu path against float64, the auto choice)
 #   bash bench/run_gpu.sh attention # bench/attention.py
 #   bash bench/run_gpu.sh profile   # bench/profile_mimic.py (host vs device time of MimIC)
 #   bash bench/run_gpu.sh idefics2  # bench/suite.py, Idefics2-8B shape, 8-shot
@@ -29,6 +30,9 @@ case "$1" in
   log_z2)
     python3 log_z2.py --out "$OUT/log_z2.json" 2>&1 | tee "$OUT/log_z2.log" | grep -E "FAIL|Error|checks|^\|"
     ;;
+  mu_paths)
+    python3 mu_paths.py --out "$OUT/mu_paths.json" 2>&1 | tee "$OUT/mu_paths.log" | grep -E "FAIL|Error|PASS|mu paths"
+    ;;
   profile)
     python3 profile_mimic.py --model "${MODEL:-idefics2-8b}" --out "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log" | grep -E "FAIL|Error|^\|"
     ;;
@@ -45,5 +49,5 @@ case "$1" in
       --workers "${WORKERS:-8}" --sections "${SECTIONS:-stage1,stage2,overhead,infer,store}" --infer-batch "${INFER_BATCH:-4}" --out "$OUT/idefics1" \
       --work /tmp/bench-idefics1 2>&1 | tee "$OUT/idefics1.log" | grep -E "FAILED|Error|^\[|^\|"
     ;;
-  *) echo "usage: bash bench/run_gpu.sh check|log_z2|attention|idefics2|idefics1"; exit 2 ;;
+  *) echo "usage: bash bench/run_gpu.sh check|log_z2|mu_paths|attention|profile|idefics2|idefics1"; exit 2 ;;
 esac
