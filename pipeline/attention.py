@@ -14,12 +14,15 @@ Heads are attached by module identity to ``model.get_decoder().layers[i].self_at
 towers, the perceiver and Idefics1's gated cross-attention call the same function but carry no
 heads, so they pass through untouched. Parameters live outside the base model (a plain attribute
 in the module's ``__dict__``, not a registered submodule), so the base state dict never changes.
+Any heads with MimicHeads' ``add_shift(out, query, key, attention_mask, scaling, is_causal)`` attach
+the same way (``AttentionHeads``: HiFICL's ``pipeline.hificl.HificlHeads`` does).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -35,9 +38,16 @@ ATTN_NAME = "mimic"
 _STATE_KEY = "_mimic_state"
 
 
+class AttentionHeads(Protocol):
+    """What the attention function calls on a layer's heads: ``MimicHeads``, ``HificlHeads``."""
+
+    def add_shift(self, out: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                  attention_mask: torch.Tensor | None, scaling: float, is_causal: bool = True) -> torch.Tensor: ...
+
+
 @dataclass
 class _HeadState:
-    heads: MimicHeads
+    heads: MimicHeads | AttentionHeads
     switch: Switch
     calls: int = field(default=0)
 
@@ -118,9 +128,9 @@ def _call_check_hook(model: nn.Module, states: list[_HeadState]) -> object:
     return handle
 
 
-def attach_mimic(model: nn.Module, heads: Sequence[MimicHeads]) -> StudentHandle:
-    """Attach one ``MimicHeads`` per decoder layer by module identity; freeze the base model (until
-    ``detach()``, which restores each parameter's requires_grad).
+def attach_mimic(model: nn.Module, heads: Sequence[MimicHeads | AttentionHeads]) -> StudentHandle:
+    """Attach one ``MimicHeads`` (or other ``AttentionHeads`` module) per decoder layer by module
+    identity; freeze the base model (until ``detach()``, which restores each parameter's requires_grad).
 
     ``heads`` must have one entry per decoder layer, sized for that layer's heads.
     """

@@ -67,7 +67,8 @@ class TrainConfig(RuntimeOptions):
     """Options of `pipeline train-student` (YAML keys and CLI flags have the same names)."""
 
     cache: str | None = opt(None, "Teacher store written by `pipeline teacher-cache` (required unless --online with --task).")
-    method: str = opt("mimic", "Student method: mimic, live (one vector per layer), lora (PEFT), or a plug-in "
+    method: str = opt("mimic", "Student method: mimic, live (one vector per layer), lora (PEFT), hificl (low-rank "
+                               "virtual keys and values per head), mimic-lora (both, an lr each), or a plug-in "
                                "installed through the entry-point group mimic_pipeline.methods.")
     variant: str = opt("mimic", "MimIC variant: mimic, head_shared, query_independent, shift_only.", VARIANTS)
     align: str | None = opt(None, "Alignment loss: mse (official), l2sum (paper), kl (top-k logits), none. Default by method.", (*ALIGN_LOSSES, None))
@@ -77,6 +78,8 @@ class TrainConfig(RuntimeOptions):
     max_steps: int | None = opt(None, "Stop after this many optimiser steps (smoke tests, benchmarks).", at_least=1)
     lr: float | None = opt(None, "AdamW learning rate; default by method: 5e-3 for mimic and live (the official "
                                  "code), 1e-3 for lora (5e-3 diverged on SmolLM2, see docs/results.md).", above=0)
+    lora_lr: float = opt(1e-3, "AdamW learning rate of the LoRA part of --method mimic-lora (LoRA's default); "
+                               "--lr sets its MimIC part.", above=0)
     weight_decay: float = opt(1e-3, "AdamW weight decay (none on biases).", at_least=0)
     warmup_ratio: float = opt(0.1, "Fraction of steps of linear warm-up before the cosine decay.", at_least=0, at_most=1)
     grad_clip: float = opt(1.0, "Gradient norm clip.", above=0)

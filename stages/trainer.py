@@ -15,6 +15,7 @@ from pipeline.capture import StateCapture
 from pipeline.config import UserError
 from pipeline.forward import TeacherRunner, forward_states, pad_states
 from pipeline.losses import align_l2sum, align_mse, answer_ce, gather_positions, kl_topk
+from pipeline.methods import get_method
 from pipeline.rundir import Checkpoint, RunDir
 from pipeline.runtime import Loaded, Progress, dist_info
 from stages.training import Item, StudentData, collate_items
@@ -94,11 +95,18 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------
     def optimiser(self) -> tuple[torch.optim.Optimizer, Any]:
+        """AdamW over one (decay, no-decay on biases) pair of groups per learning rate: one pair unless
+        the method gives its parts their own (``MethodSpec.param_lr``, e.g. mimic-lora)."""
         named = self.student.trainable()
-        decay = [p for n, p in named if not n.endswith("bias")]
-        no_decay = [p for n, p in named if n.endswith("bias")]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.config.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.config.lr)
+        lr_of = get_method(self.config.method).param_lr
+        rates = [self.config.lr if lr_of is None else lr_of(self.config, self.config.lr, n) for n, _ in named]
+        groups = []
+        for lr in dict.fromkeys(rates):  # in order of first use: the first group's lr is the one logged
+            part = [(n, p) for (n, p), r in zip(named, rates, strict=True) if r == lr]
+            for decay in (True, False):  # no weight decay on biases
+                groups.append({"params": [p for n, p in part if n.endswith("bias") != decay], "lr": lr,
+                               "weight_decay": self.config.weight_decay if decay else 0.0})
+        opt = torch.optim.AdamW(groups, lr=self.config.lr)
         warmup = math.ceil(self.config.warmup_ratio * self.total_steps)
         return opt, get_cosine_schedule_with_warmup(opt, warmup, self.total_steps)
 

@@ -54,7 +54,7 @@ def logits(model, batch):
         return model(**batch).logits
 
 
-@pytest.mark.parametrize("method", ["mimic", "live", "lora"])
+@pytest.mark.parametrize("method", ["mimic", "live", "lora", "hificl", "mimic-lora"])
 def test_detach_restores_flags_and_logits(fam, synthetic_image, method):
     model = fam.model
     batch = batch_of(fam, synthetic_image, "left")

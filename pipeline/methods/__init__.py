@@ -1,11 +1,12 @@
 """Student methods as plug-ins: one module per method — its parameters, how it attaches to a model,
 its defaults — behind one registry (as peft's ``tuners/<method>/`` with its method registry).
 
-A method is a ``MethodSpec``. The built-in ones (``mimic``, ``live``, ``lora``) live in this package
-and are imported only when asked for. Another package adds one without touching this project:
-through the entry-point group ``mimic_pipeline.methods`` (entry name = method name, value =
-``module:SPEC``), or by calling ``register_method(spec)`` before the stages run. Training, saving,
-loading and evaluation then treat it like a built-in: ``pipeline train-student --method NAME``.
+A method is a ``MethodSpec``. The built-in ones (``mimic``, ``live``, ``lora``, ``hificl``,
+``mimic-lora``) live in this package and are imported only when asked for. Another package adds one
+without touching this project: through the entry-point group ``mimic_pipeline.methods`` (entry name =
+method name, value = ``module:SPEC``), or by calling ``register_method(spec)`` before the stages run.
+Training, saving, loading and evaluation then treat it like a built-in: ``pipeline train-student
+--method NAME``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pipeline.config import UserError
 
 ENTRY_POINT_GROUP = "mimic_pipeline.methods"
 BUILTIN = MappingProxyType(
-    {"mimic": "pipeline.methods.mimic", "live": "pipeline.methods.live", "lora": "pipeline.methods.lora"})
+    {"mimic": "pipeline.methods.mimic", "live": "pipeline.methods.live", "lora": "pipeline.methods.lora",
+     "hificl": "pipeline.methods.hificl", "mimic-lora": "pipeline.methods.mimic_lora"})
 """Built-in method name -> module holding its ``SPEC`` (imported on first use: torch and PEFT stay
 unimported for ``--help``)."""
 
@@ -52,6 +54,10 @@ class MethodSpec:
     settings(model, variant): the method's own entries of its ``AdapterConfig`` (e.g. ``variant``,
     ``lora``). check(config): what is wrong with those entries, or None. describe(config): a short
     name for messages. default_lr / default_align: the defaults of ``train-student``.
+    param_lr(train_config, lr, name): the learning rate of the trainable parameter ``name`` (as
+    ``Attachment.trainable`` names it) given the run's ``TrainConfig`` and its resolved ``--lr``; None
+    (the default): ``lr`` for every parameter. For methods of several parts (``mimic-lora``); the
+    optimiser makes one group per learning rate (and per weight decay).
     """
 
     name: str
@@ -64,6 +70,7 @@ class MethodSpec:
     describe: Callable[[Any], str] = field(default=lambda config: config.method)
     default_lr: float = 5e-3
     default_align: str = "mse"
+    param_lr: Callable[[Any, float, str], float] | None = None
 
     def shapes(self, config: Any, model: Any = None) -> dict[str, tuple[int | None, ...]]:
         """``expected_shapes``, or the state dict of ``build(config)`` made on the meta device (no
