@@ -6,11 +6,20 @@ saved one (in inference mode: no LoRA dropout, so evaluation is deterministic); 
 ``Student`` with ``trainable()``, ``disabled()`` (run the base model), ``train()`` / ``eval()``,
 ``save(dir)`` and ``detach()`` (the model is exactly the base model again, requires_grad flags
 included). What a method does is its ``MethodSpec``'s business; this module only delegates.
+
+Students are also Hub artifacts, in the style of ``huggingface_hub`` / PEFT:
+``Student.from_pretrained(directory_or_hub_id, model)`` (a hub id's two adapter files are downloaded,
+then loaded through ``load_student_dir`` with every check), ``student.save_pretrained(directory)``
+(the run directory's files, plus a ``README.md`` model card) and ``student.push_to_hub(repo_id)``
+(``save_pretrained`` into a temporary directory uploaded in one commit by ``HfApi.upload_folder``).
 """
 
 from __future__ import annotations
 
+import tempfile
+import warnings
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +28,13 @@ from torch import nn
 from pipeline.adapters import (
     AdapterConfig,
     check_fits,
+    locate_adapter,
     read_adapter_config,
     read_adapter_tensors,
     save_adapter,
+    save_model_card,
 )
+from pipeline.config import UserError
 from pipeline.methods import Attachment, get_method
 
 
@@ -68,11 +80,96 @@ class Student:
         return self.attachment.training
 
     def save(self, directory: str | Path, **info: Any) -> Path:
+        """Write the student's files (``pipeline.adapters``: ``adapter.safetensors`` +
+        ``adapter_config.json``, and ``peft/`` for LoRA) into ``directory``; ``info`` overrides config
+        entries. What ``pipeline train-student`` writes into its run directory."""
         return save_adapter(directory, replace(self.config, **info), self.tensors())
+
+    def num_parameters(self) -> int:
+        """How many numbers the student holds (what its files store)."""
+        return sum(t.numel() for t in self.tensors().values())
+
+    def save_pretrained(self, directory: str | Path, **info: Any) -> Path:
+        """``save(directory)`` plus a ``README.md`` model card (method, base model, parameter count, the
+        teacher store it was trained on); ``Student.from_pretrained(directory, model)`` loads it back."""
+        return self._save_pretrained(directory, None, **info)
+
+    def _save_pretrained(self, directory: str | Path, name: str | None, **info: Any) -> Path:
+        path = self.save(directory, **info)
+        save_model_card(path, replace(self.config, **info), self.num_parameters(), name)
+        return path
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                    commit_message: str | None = None, revision: str | None = None, create_pr: bool = False) -> Any:
+        """Upload ``save_pretrained``'s files to the Hub repository ``repo_id`` (created if missing, as
+        ``private`` asks) in one commit; returns ``huggingface_hub``'s ``CommitInfo``."""
+        import huggingface_hub
+        from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+        refused = (HfHubHTTPError, LocalTokenNotFoundError, ConnectionError, ValueError)
+        api = huggingface_hub.HfApi(token=token)
+        try:
+            repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
+        except refused as err:
+            raise _push_error(repo_id, err) from err
+        with tempfile.TemporaryDirectory(prefix="mimic-student-") as tmp:
+            self._save_pretrained(tmp, repo)
+            try:
+                return api.upload_folder(repo_id=repo, folder_path=tmp, repo_type="model", revision=revision,
+                                         commit_message=commit_message or f"Upload {self.config.describe()} student",
+                                         create_pr=create_pr)
+            except refused as err:
+                raise _push_error(repo_id, err) from err
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | Path, model: Any, *, revision: str | None = None,
+                        token: str | bool | None = None, cache_dir: str | Path | None = None) -> Student:
+        """Attach the saved student ``path_or_hub_id`` (a run directory, a ``save_pretrained``
+        directory or a Hub id, at ``revision``) to ``model`` in inference mode, with every check of
+        ``load_student_dir`` (shapes, tensor names, NaN). ``model``: the ``Loaded`` bundle of
+        ``pipeline.load_base_model`` (warns when its weights are not the ones the student was trained
+        on) or a transformers model (its attention is then routed through MimIC's function as
+        ``wrap_model`` does, and stays so after ``detach()``: the stock sdpa kernel, plus MimIC's shift
+        only where heads are attached)."""
+        from pipeline.attention import ATTN_NAME, route_attention
+        from pipeline.families import attention_geometry, family_for
+        from pipeline.families.base import decoder_layers
+
+        directory = locate_adapter(path_or_hub_id, revision=revision, token=token, cache_dir=cache_dir)
+        unroute = None
+        if isinstance(model, nn.Module):
+            module, source = model, None
+            name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+            routed = getattr(getattr(decoder_layers(model)[0].self_attn, "config", None), "_attn_implementation", None)
+            if routed != ATTN_NAME:
+                family = family_for(model.config)
+                route_attention(model, family.attn_implementation(ATTN_NAME))
+                unroute = partial(route_attention, model, family.attn_implementation(routed or "sdpa"))
+        else:  # a pipeline.runtime.Loaded
+            module, source = model.model, model.source
+            name = source.alias
+        try:
+            student = load_student_dir(directory, module, attention_geometry(module), name)
+        except BaseException:
+            if unroute is not None:  # a refused student leaves the model as it came
+                unroute()
+            raise
+        trained_on = student.config.base_fingerprint
+        if source is not None and trained_on and trained_on != source.fingerprint:
+            warnings.warn(f"the student {path_or_hub_id} was trained on {student.config.base_model} ({trained_on}), "
+                          f"but {name} is {source.fingerprint}: other weights", stacklevel=2)
+        return student
 
     def detach(self) -> None:
         """Remove the student; the model is the base model again."""
         self.attachment.detach()
+
+
+def _push_error(repo_id: str, err: BaseException) -> UserError:
+    lines = str(err).strip().splitlines()
+    reason = f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
+    return UserError(f"cannot push the student to hub repository '{repo_id}' ({reason}); check the id, log in "
+                     "with `hf auth login` or pass token=, and unset HF_HUB_OFFLINE")
 
 
 def new_student(method: str, variant: str, model: nn.Module, geometry: Any, base_model: str = "", **info: Any) -> Student:

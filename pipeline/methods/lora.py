@@ -3,6 +3,9 @@ module identity: never vision towers or cross-attention); trained with CE only.
 
 PEFT creates its layers in training mode whatever the model's mode, so ``train(False)`` must reach
 them: without it, dropout would run during evaluation and two scorings of one adapter would differ.
+
+A LoRA student is also saved in PEFT's own format (``to_peft``; written by ``pipeline.adapters`` into
+the ``peft/`` subdirectory), so that ``peft.PeftModel.from_pretrained(base, run_dir / "peft")`` loads it.
 """
 
 from __future__ import annotations
@@ -101,8 +104,29 @@ class LoraAttachment:
         self.undo.clear()
 
 
+def peft_config(config: Any, **extra: Any) -> Any:
+    """The ``peft.LoraConfig`` of a student's ``lora`` settings: the one ``attach`` injects and the one
+    its PEFT export records (so both compute the same layers)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora["r"], lora_alpha=config.lora["alpha"], lora_dropout=config.lora["dropout"],
+                      target_modules=config.lora["target_modules"], **extra)
+
+
+PEFT_PREFIX = "base_model.model."
+"""What ``PeftModel.save_pretrained`` puts before a module's name (``PeftModel.base_model`` is the
+``LoraModel``, whose ``model`` is the base model); our tensors are named from the base model itself."""
+
+
+def to_peft(config: Any, tensors: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A LoRA student in PEFT's own format: the ``LoraConfig`` ``PeftModel.save_pretrained`` would write
+    (inference mode, the base model recorded) and the tensors named as it names them."""
+    lora = peft_config(config, base_model_name_or_path=config.base_model or None, inference_mode=True)
+    return lora, {PEFT_PREFIX + name: tensor for name, tensor in tensors.items()}
+
+
 def attach(config: Any, model: nn.Module) -> LoraAttachment:
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import inject_adapter_in_model
 
     undo = [freeze_base(model)]  # before the injection, so the LoRA parameters keep requires_grad
     previous = model.__dict__.get("peft_config", _MISSING)
@@ -114,8 +138,7 @@ def attach(config: Any, model: nn.Module) -> LoraAttachment:
             model.__dict__["peft_config"] = previous
 
     undo.append(restore_peft_config)
-    lora = LoraConfig(r=config.lora["r"], lora_alpha=config.lora["alpha"], lora_dropout=config.lora["dropout"],
-                      target_modules=config.lora["target_modules"])
+    lora = peft_config(config)
     attachment = LoraAttachment(model, undo)
     try:
         inject_adapter_in_model(lora, model)
