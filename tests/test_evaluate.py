@@ -18,11 +18,11 @@ from conftest import tiny
 from pipeline.adapters import AdapterConfig, build_student, save_adapter
 from pipeline.config import ConfigError, UserError
 from pipeline.prompts import build_prompt
+from pipeline.results import TABLE_MARK
 from pipeline.runtime import wrap_model
 from pipeline.tasks import Example, Task, TaskSpec, load_task
 from pipeline.tasks.sampling import sample_demonstrations
 from stages import evaluate, teacher_cache, train_student
-from pipeline.results import TABLE_MARK
 
 TASK, SHOTS, N_EVAL = "antonyms", 2, 6
 
