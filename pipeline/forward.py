@@ -104,7 +104,7 @@ class TeacherRunner:
         self.loaded, self.topk, self.fixed_batch = loaded, topk, bool(batch_size)
         self.batch_size = batch_size or (16 if loaded.device.type == "cuda" else 4)
         accepts = inspect.signature(loaded.model.forward).parameters
-        self.keep_logits = "logits_to_keep" in accepts and not topk
+        self.keep_logits = "logits_to_keep" in accepts
         self.capture = StateCapture(loaded.model, layer_target)
         self.pin = loaded.device.type == "cuda"
 
@@ -125,12 +125,19 @@ class TeacherRunner:
         (values, indices) per prompt. ``batch``: the prompts already collated."""
         lengths = [len(p.encoded) for p in prompts]
         starts = [p.span_start for p in prompts]
-        extra = {"logits_to_keep": 1} if self.keep_logits else {}
+        # logits only where they are used: the last position (none needed), or with top-k the positions
+        # from the earliest span start on (right padding: every span lies in the last max(len) - min(start)),
+        # not over the demonstrations (an lm_head over all of them was ~20% of a small model's forward)
+        keep = (max(lengths) - min(starts)) if self.topk else 1
+        extra = {"logits_to_keep": keep} if self.keep_logits else {}
         run = forward_states(self.loaded, self.capture, prompts, batch, **extra)
         out, pos, states = run.output, run.positions, run.states.to(torch.bfloat16)
         topk = None
         if self.topk:
-            idx = pos[..., None].expand(-1, -1, out.logits.shape[-1])
+            offset = run.batch["input_ids"].shape[1] - out.logits.shape[1]  # 0 when every position has logits
+            if bool((pos[run.mask] < offset).any()):
+                raise RuntimeError(f"top-k logits kept from position {offset}, but a span starts before it")
+            idx = (pos - offset).clamp(min=0)[..., None].expand(-1, -1, out.logits.shape[-1])
             logp = torch.log_softmax(torch.gather(out.logits, 1, idx).float(), -1)
             topk = logp.topk(self.topk, dim=-1)
         move = (lambda t: t.cpu()) if to_cpu else (lambda t: t)

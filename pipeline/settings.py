@@ -53,7 +53,8 @@ class TeacherCacheConfig(RuntimeOptions):
     seed: int = opt(3407, "Seed of the demonstration sampler.", at_least=0)
     layer_target: str = opt("mlp", "Which state is aligned: mlp output, decoder layer output, attention output.", LAYER_TARGETS)
     batch_size: int = opt(0, "Teacher forwards per batch; 0 = auto (start high, halve on out-of-memory).", at_least=0)
-    topk: int = opt(0, "Also store the teacher's top-k answer log-probs per token (for KL students); 0 = off; at most the vocabulary size.", at_least=0)
+    topk: int = opt(20, "Also store the teacher's top-k answer log-probs per token (LIVE and --align kl train on them; "
+                        "~0.5% of the store); 0 = off; at most the vocabulary size.", at_least=0)
     shard_size: int | None = opt(None, "Samples per shard file; default by size (16 large, 64 small); fixed when the store is created.", at_least=1)
     max_length: int | None = opt(None, "Longest teacher prompt allowed; default the model's context length (more is refused).", at_least=1)
     data_root: str | None = opt(None, "Root of the official data files (or env MIMIC_DATA).")
@@ -74,7 +75,11 @@ class TrainConfig(RuntimeOptions):
     align: str | None = opt(None, "Alignment loss: mse (official), l2sum (paper), kl (top-k logits), none. Default by method.", (*ALIGN_LOSSES, None))
     lambda_gt: float = opt(0.5, "Weight of the cross-entropy term L_gt.", at_least=0)
     ce_tokens: str = opt("answer", "Cross-entropy on the answer tokens, or on all tokens (official code).", ("answer", "all"))
-    epochs: int | None = opt(None, "Epochs; default from configs/models (Idefics2 5, Idefics1 10).", at_least=1)
+    epochs: int | None = opt(None, "Epochs; default the model's (pipeline/configs/models: Idefics2 5, Idefics1 10), "
+                                    "raised on small data to reach --min-steps.", at_least=1)
+    min_steps: int = opt(300, "Without --epochs: train at least this many optimiser steps (more epochs on small "
+                              "data: 40 queries get 30 epochs, 1000 keep the model's); 0 = the model's epochs.",
+                         at_least=0)
     max_steps: int | None = opt(None, "Stop after this many optimiser steps (smoke tests, benchmarks).", at_least=1)
     lr: float | None = opt(None, "AdamW learning rate; default by method: 5e-3 for mimic and live (the official "
                                  "code), 1e-3 for lora (5e-3 diverged on SmolLM2, see docs/results.md).", above=0)

@@ -282,14 +282,24 @@ def group_table(rows: list[dict], metric: str, shots: int) -> list[str]:
     icl = [r for r in rows if r["mode"] == "icl"]
     ref = next((r for r in icl if r.get("shots") == shots), max(icl, key=lambda r: r.get("shots", 0), default=None))
     speed_head = f"speed-up vs {ref['shots']}-shot ICL" if ref else "speed-up vs ICL"
-    lines = [f"| mode | {metric} | n | ms/query | prompt tokens/query | {speed_head} |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"| mode | {metric} | n | ms/query | prompt tokens/query | {speed_head} | parameters | "
+             "mean L2 to teacher (zero-shot -> student) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in sorted(rows, key=_order):
         speed = f"{ref['mean_latency_ms'] / row['mean_latency_ms']:.2f}x" if ref and row["mean_latency_ms"] > 0 else "-"
         value = f"{row['score']:.2f}" if row["metric"] == metric else f"{row['score']:.2f} ({row['metric']})"
+        params = f"{row['parameters']:,}" if isinstance(row.get("parameters"), int) else "-"
         lines.append(f"| {_label(row)} | {value} | {row['n']} | {row['mean_latency_ms']:.1f} | "
-                     f"{row['mean_prompt_tokens']:.1f} | {speed} |")
+                     f"{row['mean_prompt_tokens']:.1f} | {speed} | {params} | {_l2_cell(row)} |")
     return lines
+
+
+def _l2_cell(row: dict) -> str:
+    """``a -> b``: the mean per-layer L2 distance to the cached teacher states without and with the student."""
+    mean = (row.get("l2") or {}).get("mean")
+    if not isinstance(mean, dict) or not all(isinstance(mean.get(k), (int, float)) for k in ("zero-shot", "student")):
+        return "-"
+    return f"{mean['zero-shot']:.3g} -> {mean['student']:.3g}"
 
 
 def results_table(rows: list[dict], task_name: str, shots: int) -> str:

@@ -569,6 +569,7 @@ class Evaluation:
         try:
             previous = self.log(run.name, fingerprint).previous()
             extra = {"run": str(run.path), "adapter": {"method": run.adapter.method, "variant": run.adapter.variant},
+                     "parameters": sum(p.numel() for _, p in student.trainable()),
                      "l2": self.l2(run, student, (previous or {}).get("l2"))}
             return self.mode(run.name, "student", 0, fingerprint, extra)
         finally:

@@ -18,7 +18,7 @@ from pipeline.losses import align_l2sum, align_mse, answer_ce, gather_positions,
 from pipeline.methods import get_method
 from pipeline.rundir import Checkpoint, RunDir
 from pipeline.runtime import Loaded, Progress, dist_info
-from stages.training import Item, StudentData, collate_items
+from stages.training import Item, StudentData, collate_items, steps_per_epoch
 
 
 class Trainer:
@@ -34,8 +34,7 @@ class Trainer:
         if config.online:
             self.teacher = TeacherRunner(loaded, data.layer_target, topk=20 if align == "kl" else 0,
                                          batch_size=config.batch_size)
-        per_rank = math.ceil(len(data) / self.world)
-        self.steps_per_epoch = math.ceil(math.ceil(per_rank / config.batch_size) / config.grad_accum)
+        self.steps_per_epoch = steps_per_epoch(len(data), config, self.world)
         total = self.steps_per_epoch * epochs
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
         self.stats = {"samples": 0, "data_s": 0.0, "compute_s": 0.0, "final_loss": float("nan"), "steps": 0}
@@ -213,4 +212,6 @@ class Trainer:
         elapsed = s.get("elapsed_s", 0.0) or 1e-9
         return {"steps": s["steps"], "final_loss": s["final_loss"],
                 "samples_per_s": s["samples"] / elapsed if s["samples"] else None,
-                "data_s": s["data_s"], "compute_s": s["compute_s"], "elapsed_s": elapsed, "align": self.align}
+                "data_s": s["data_s"], "compute_s": s["compute_s"], "elapsed_s": elapsed, "align": self.align,
+                "epochs": self.epochs, "steps_per_epoch": self.steps_per_epoch,
+                "epochs_from": s.get("epochs_from", "--epochs")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,12 @@ from pipeline.prompts import DemoCache, build_prompt, check_alignment
 from pipeline.runtime import Loaded
 from pipeline.store import open_store
 from pipeline.tasks.sampling import sample_demonstrations
+
+
+def steps_per_epoch(n_samples: int, config: Any, world: int = 1) -> int:
+    """Optimiser steps of one epoch: ``n_samples`` split over ``world`` ranks, micro-batches of
+    ``batch_size``, ``grad_accum`` micro-batches per step."""
+    return math.ceil(math.ceil(math.ceil(n_samples / world) / config.batch_size) / config.grad_accum)
 
 
 @dataclass
