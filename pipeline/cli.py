@@ -2,7 +2,9 @@
 
 Each command's options are generated from its stage's frozen config dataclass, so the dataclass
 field help is the `--help` text and YAML keys and flags share names. Precedence: defaults < the
-``--config`` YAML file < flags given on the command line.
+``--config`` YAML file < flags given on the command line. A list option takes its values after one
+flag (``--modes zero-shot icl``) or repeated (``--modes zero-shot --modes icl``). `pipeline --help`,
+``--version`` and shell completion never import torch.
 """
 
 from __future__ import annotations
@@ -19,17 +21,85 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
+from pipeline import __version__
 from pipeline.config import ConfigError, UserError, bounds_text, load_config, read_yaml
 from pipeline.settings import DemoConfig, EvalConfig, InspectConfig, TeacherCacheConfig, TrainConfig
+
+
+def _flags_without_type(params: list[Any]) -> list[Any]:
+    """A flag takes no value: help shows no ``<bool>`` after ``--help``, ``--verify/--no-verify``..."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
+
+class _Command(TyperCommand):
+    """A command whose list options also take several values after one flag: ``--modes zero-shot icl``
+    is read as ``--modes zero-shot --modes icl`` (Typer options take one value per flag). The values
+    run up to the next token starting with ``-``; positional arguments go before such a list."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        lists = {name for p in self.params if getattr(p, "multiple", False) for name in p.opts}
+        return super().parse_args(ctx, spread_list_values(args, lists))
+
+
+def spread_list_values(args: list[str], list_flags: set[str]) -> list[str]:
+    """``["--modes", "a", "b", "--x", "1"]`` -> ``["--modes", "a", "--modes", "b", "--x", "1"]`` for the
+    flags in ``list_flags`` (``--modes=a b`` too); nothing after ``--`` is touched."""
+    out: list[str] = []
+    flag: str | None = None  # the list flag whose values are being read
+    expect_value = False  # the token right after a bare list flag is its value, whatever it looks like
+    for i, token in enumerate(args):
+        if token == "--":
+            out += args[i:]
+            break
+        if expect_value:
+            out.append(token)
+            expect_value = False
+        elif flag is not None and not token.startswith("-"):
+            out += [flag, token]
+        else:
+            name = token.split("=", 1)[0]
+            flag = name if name in list_flags else None
+            expect_value = flag is not None and "=" not in token
+            out.append(token)
+    return out
+
 
 app = typer.Typer(
     name="pipeline",
     help="MimIC: cache k-shot ICL teacher states once, train tiny per-head students, evaluate.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
+    cls=_Group,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"mimic-pipeline {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Optional[bool] = typer.Option(  # noqa: UP045 (typer needs typing.Optional)
+        None, "--version", help="Print the version and exit.", is_eager=True, callback=_print_version,
+    ),
+) -> None:
+    """MimIC: cache k-shot ICL teacher states once, train tiny per-head students, evaluate."""
 
 
 def _cli_type(hint: Any) -> Any:
@@ -55,17 +125,31 @@ def _options(cls: type) -> list[inspect.Parameter]:
         decls = [f"{flag}/--no-{flag[2:]}"] if hint is bool else [flag]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         choices = f.metadata.get("choices")
+        cli_type = _cli_type(hint)
+        item = typing.get_args(typing.get_args(cli_type)[0])  # (item type,) of a list option, else ()
+        metavar = f"<{item[0].__name__}>..." if item else None  # one or more values
         # parentheses, not brackets: Rich reads "[default: 1000]" as markup and drops it
-        help_text = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, "", ()) else "")
+        shown = " ".join(map(str, default)) if isinstance(default, (tuple, list)) else default  # as typed
+        help_text = f.metadata.get("help", "") + (f" (default: {shown})" if default not in (None, "", ()) else "")
         if choices:
             help_text += f" (choices: {', '.join(str(c) for c in choices if c is not None)})"
         if f.metadata.get("bounds"):
             help_text += f" (must be {bounds_text(f.metadata['bounds'])})"
         params.append(inspect.Parameter(
-            f.name, inspect.Parameter.KEYWORD_ONLY, annotation=_cli_type(hint),
-            default=typer.Option(None, *decls, help=help_text, show_default=False),
+            f.name, inspect.Parameter.KEYWORD_ONLY, annotation=cli_type,
+            default=typer.Option(None, *decls, help=help_text, show_default=False, metavar=metavar,
+                                 autocompletion=_completer(choices) if choices else None),
         ))
     return params
+
+
+def _completer(choices: tuple[Any, ...]) -> Callable[[str], list[str]]:
+    """Shell completion of an option's choices (``pipeline evaluate --split <TAB>``)."""
+
+    def complete(incomplete: str) -> list[str]:
+        return [str(c) for c in choices if c is not None and str(c).startswith(incomplete)]
+
+    return complete
 
 
 def _command(cls: type, runner: Callable[[Any], Any]) -> Callable[..., None]:
@@ -190,19 +274,19 @@ def run_demo(config: DemoConfig) -> dict:
 
 
 # stages are imported inside their command: `--help` and refused options never load torch
-app.command("teacher-cache", help="Stage 1: run k-shot ICL once and cache per-layer query states in a Zarr store "
+app.command("teacher-cache", cls=_Command, help="Stage 1: run k-shot ICL once and cache per-layer query states in a Zarr store "
             "(resumable).")(_command(TeacherCacheConfig, _teacher_cache))
-app.command("train-student", help="Stage 2: train a MimIC (or LIVE / LoRA) student against a teacher store "
+app.command("train-student", cls=_Command, help="Stage 2: train a MimIC (or LIVE / LoRA) student against a teacher store "
             "(resumable).")(_command(TrainConfig, _train_student))
-app.command("evaluate", help="Compare zero-shot, k-shot ICL and trained students with the official metrics; "
+app.command("evaluate", cls=_Command, help="Compare zero-shot, k-shot ICL and trained students with the official metrics; "
             "writes results/<task>/.")(_command(EvalConfig, _evaluate))
-app.command("inspect", help="See and verify what a stage produced: a teacher store (what made it, completeness, "
+app.command("inspect", cls=_Command, help="See and verify what a stage produced: a teacher store (what made it, completeness, "
             "size and compression, token lengths, per-layer norms; --verify checks every checksum) or a run "
             "(method, parameters, whether its store still matches, losses, evaluations). Never writes into a "
             "store or a run.")(_with_argument(
                 _command(InspectConfig, _inspect), "target", "STORE|RUN",
                 "A teacher store (e.g. cache/vqav2.zarr) or a run directory (e.g. runs/vqav2-mimic)."))
-app.command("demo", help="The whole pipeline offline on the embedded demo model: teacher-cache, train-student, "
+app.command("demo", cls=_Command, help="The whole pipeline offline on the embedded demo model: teacher-cache, train-student, "
             "evaluate.")(_command(DemoConfig, run_demo))
 
 

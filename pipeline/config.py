@@ -9,6 +9,7 @@ raises one ``ConfigError`` that names every bad key.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -21,6 +22,35 @@ T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 """Built-in YAML: model aliases (``models/``) and tasks (``tasks/``); package data, installed with the code."""
+
+
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_YAML12_INT = r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+"
+_YAML12_FLOAT = r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"
+NUMBER_TEXT = re.compile(rf"(?:{_YAML12_INT}|{_YAML12_FLOAT})")
+"""A number as YAML 1.2 (core schema) writes one: ``5``, ``0x1f``, ``1e-3``, ``5.0e-3``, ``.5``, ``.inf``."""
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading numbers as YAML 1.2 does (the core schema). PyYAML follows YAML 1.1,
+    where ``1e-3`` (no dot) is a string, ``012`` is octal 10, ``1_000`` is 1000 and ``1:30`` is 90; here
+    they are the float 0.001, the int 12 and two strings. Everything else is ``yaml.safe_load``'s."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver(_INT_TAG, re.compile(rf"^(?:{_YAML12_INT})$"), list("-+0123456789"))
+YamlLoader.add_implicit_resolver(_FLOAT_TAG, re.compile(rf"^(?:{_YAML12_FLOAT})$"), list("-+0123456789."))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = str(loader.construct_scalar(node))
+    return int(text[2:], 8) if text.startswith("0o") else int(text, 0 if text.startswith("0x") else 10)
+
+
+YamlLoader.add_constructor(_INT_TAG, _construct_int)
 
 
 class ConfigError(ValueError):
@@ -61,14 +91,15 @@ def _out_of_bounds(value: Any, bounds: dict[str, float]) -> bool:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing or unreadable file, bad YAML or a non-mapping is a ``ConfigError``
-    naming the file (and the line, for a syntax error)."""
+    """Read a YAML mapping, numbers as YAML 1.2 reads them (``lr: 1e-3`` is a float; ``YamlLoader``); a
+    missing or unreadable file, bad YAML or a non-mapping is a ``ConfigError`` naming the file (and the
+    line, for a syntax error)."""
     path = Path(path)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise ConfigError(f"config file {path} {what}; give the path of a YAML file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=YamlLoader) or {}  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -99,11 +130,11 @@ def _check_type(value: Any, hint: Any) -> tuple[bool, Any]:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if hint is float:
-        if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string, the YAML 1.1 rule
-            try:
-                return True, float(value)
-            except ValueError:
+        # a number written as text (``"1e-3"``: YAML 1.1, PyYAML's rule, reads 1e-3 without a dot as a string)
+        if isinstance(value, str):
+            if not NUMBER_TEXT.fullmatch(value.strip()):
                 return False, value
+            return True, float(yaml.load(value.strip(), Loader=YamlLoader))  # noqa: S506 (a SafeLoader)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return ok, float(value) if ok else value
     if hint is str:

@@ -69,7 +69,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 DEMO_VLM_ALIAS = "smollm2-vlm"
 """A LLaVA built offline from SmolLM2 + the shipped CLIP tower and projector (pipeline.demo_vlm)."""
 CACHE_ENV = "MIMIC_CACHE"
-"""Environment variable replacing ``<repo>/cache``; converted models live in ``<cache>/models/<alias>``."""
+"""Environment variable replacing the default cache root (``cache_root``); converted models live in
+``<cache>/models/<alias>``."""
 CONVERSION_MARKER = "mimic_conversion.json"
 """Written last into a converted model directory; its presence means the conversion finished."""
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_model_name_or_path", "_commit_hash")
@@ -129,11 +130,26 @@ class _Located:
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """The cache root: ``cache_dir`` if given, else ``$MIMIC_CACHE``, else ``<repo>/cache``."""
+    """The cache root: ``cache_dir`` if given, else ``$MIMIC_CACHE``, else ``<repo>/cache`` when the code
+    runs from a source checkout (``make demo``, the tests), else the user's cache directory,
+    ``$XDG_CACHE_HOME/mimic-pipeline`` or ``~/.cache/mimic-pipeline`` (an installed wheel never writes
+    into site-packages)."""
     if cache_dir is not None:
         return Path(cache_dir)
     env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else REPO_ROOT / "cache"
+    if env:
+        return Path(env)
+    if _source_checkout():
+        return REPO_ROOT / "cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mimic-pipeline"
+
+
+def _source_checkout() -> bool:
+    """Whether the package sits in this project's source tree (its pyproject.toml beside it), not in site-packages."""
+    try:
+        return 'name = "mimic-pipeline"' in (REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def find_embedded_gguf(alias: str) -> Path:
@@ -585,7 +601,8 @@ def load_model(
     attn_implementation: e.g. ``"sdpa"``, ``"mimic"`` or ``{"text_config": "mimic"}`` (a per-sub-config
         mapping for multimodal models, so that only the language model's attention is rerouted).
     device: moved there after loading (``"cpu"``, ``"cuda"``, ``"cuda:1"``); None leaves it on CPU.
-    cache_dir: cache root for converted embedded models (default ``$MIMIC_CACHE`` or ``<repo>/cache``).
+    cache_dir: cache root for converted embedded models (default ``cache_root()``: ``$MIMIC_CACHE``, else
+        ``<repo>/cache`` in a source checkout, else ``~/.cache/mimic-pipeline``).
     Every fault of the files (config.json, weights, tokenizer) is a ``UserError`` naming the directory.
     """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText

@@ -4,7 +4,9 @@
                          settings it was made with; saved whole and swapped in (see ``Checkpoint``)
     train_log.jsonl      one JSON row per optimiser step (loss and its parts, lr, grad norm)
     config.yaml          the training options, with the values used (defaults resolved)
-    summary.json         steps, final loss, throughput
+    summary.json         steps, final loss, throughput, the versions of the tool, Python and the libraries
+    train.log            what the command printed (stdout and stderr lines; a progress bar's final state,
+                         not its redraws), appended by every run and resumption under a header line
     loss_curve.png       the loss curve, drawn from the log
     adapter.safetensors, adapter_config.json   the student (format owned by ``pipeline.adapters``)
     .lock                one writer at a time (``pipeline.locks``)
@@ -15,9 +17,12 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 import yaml
@@ -26,9 +31,12 @@ from safetensors.torch import load_file, save_file
 from pipeline.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from pipeline.config import UserError, changed_keys
 from pipeline.locks import DirLock, dir_lock
+from pipeline.versions import library_versions
 
 RUN_SCHEMA_VERSION = 1
 LOG_FILE, CONFIG_FILE, SUMMARY_FILE, CURVE_FILE = "train_log.jsonl", "config.yaml", "summary.json", "loss_curve.png"
+OUTPUT_LOG = "train.log"
+VERSIONS_KEY = "versions"
 SCHEMA_KEY = "run_schema_version"
 RESUMABLE_KEYS = ("max_steps", "num_workers", "checkpoint_every", "overwrite", "force", "device", "runs_dir", "name")
 """Options that may change between a run and its resumption (the rest must match the checkpoint's)."""
@@ -37,7 +45,7 @@ RESUMABLE_KEYS = ("max_steps", "num_workers", "checkpoint_every", "overwrite", "
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_WEIGHTS, CHECKPOINT_STATE, CHECKPOINT_CONFIG = "student.safetensors", "state.pt", "config.json"
 CHECKPOINT_COMPLETE = "COMPLETE"  # written last: a checkpoint directory without it is torn
-RUN_OUTPUTS = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, CONFIG_FILE, SUMMARY_FILE, CURVE_FILE, LOG_FILE)
+RUN_OUTPUTS = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, CONFIG_FILE, SUMMARY_FILE, CURVE_FILE, LOG_FILE, OUTPUT_LOG)
 """Every file stage 2 writes into ``runs/<name>/`` (besides the checkpoint directories and the lock):
 ``--overwrite`` deletes these and nothing else."""
 _TMP, _OLD = ".tmp", ".old"
@@ -159,6 +167,10 @@ class RunDir:
     def curve_path(self) -> Path:
         return self.path / CURVE_FILE
 
+    @property
+    def output_log_path(self) -> Path:
+        return self.path / OUTPUT_LOG
+
     def lock(self) -> DirLock:
         return dir_lock(self.path)
 
@@ -170,7 +182,9 @@ class RunDir:
                                                               sort_keys=False))
 
     def write_summary(self, summary: dict) -> None:
-        _write_atomic(self.path / SUMMARY_FILE, json.dumps({SCHEMA_KEY: RUN_SCHEMA_VERSION, **summary}, indent=2))
+        """``summary.json``: ``summary`` plus the versions of the tool, Python and the libraries that wrote it."""
+        _write_atomic(self.path / SUMMARY_FILE, json.dumps(
+            {SCHEMA_KEY: RUN_SCHEMA_VERSION, **summary, VERSIONS_KEY: library_versions()}, indent=2))
 
     def read_config(self) -> dict:
         """The training options of the run (without the schema key), or {} when it has no config.yaml."""
@@ -212,6 +226,107 @@ class RunDir:
 
     def remove_outputs(self) -> list[Path]:
         return remove_run_outputs(self.path)
+
+
+class OutputLog:
+    """Copy what a command prints (``sys.stdout`` and ``sys.stderr``) into a run's ``train.log``.
+
+    ``with OutputLog(enabled) as out:`` holds the lines in memory until ``out.attach(path)`` names the
+    file (the run directory is known, locked and checked only after setup); they are written then, under
+    a header with the time, the command line and the versions, and every later line as it is printed.
+    A carriage return ends a redraw: only what follows the last one on a line is kept, so a progress
+    bar leaves its final state, not its redraws. An exception leaving the block is logged as one
+    ``error:`` line. Output of other processes and of handlers holding the original stream is not seen.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._held: list[str] = []
+        self._file: TextIO | None = None
+        self._saved: tuple[Any, Any] | None = None
+
+    def __enter__(self) -> OutputLog:
+        if self.enabled:
+            self._saved = (sys.stdout, sys.stderr)
+            sys.stdout, sys.stderr = _Tee(sys.stdout, self), _Tee(sys.stderr, self)
+        return self
+
+    def attach(self, path: Path) -> None:
+        """Append the held lines and every later one to ``path``."""
+        if not self.enabled or self._file is not None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a", encoding="utf-8", buffering=1)  # line-buffered: nothing held at a fork
+        argv = shlex.join(sys.argv)  # the process's command line
+        versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
+        self._file.write(f"=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} {argv} ({versions})\n")
+        for line in self._held:
+            self._file.write(line)
+        self._held = []
+
+    def line(self, text: str) -> None:
+        if self._file is not None:
+            self._file.write(text)
+        else:
+            self._held.append(text)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.enabled:
+            return
+        for tee in (sys.stdout, sys.stderr):
+            if isinstance(tee, _Tee) and tee.log is self:
+                tee.flush_line()
+        if exc_type is not None:
+            message = str(exc).splitlines()[0] if str(exc) else ""
+            self.line(f"error: {exc_type.__name__}{': ' + message if message else ''}\n")
+        out, err = self._saved
+        if isinstance(sys.stdout, _Tee) and sys.stdout.log is self:
+            sys.stdout = out
+        if isinstance(sys.stderr, _Tee) and sys.stderr.log is self:
+            sys.stderr = err
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class _Tee:
+    """A text stream writing through to ``stream`` and, line by line, into an ``OutputLog``; asks
+    ``stream`` everything else (``isatty``, ``fileno``, ``encoding``), so a progress bar behaves as on it."""
+
+    def __init__(self, stream: Any, log: OutputLog):
+        self.stream, self.log, self._pending = stream, log, ""
+
+    def write(self, text: str) -> int:
+        n = self.stream.write(text)
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            self.log.line(line.rsplit("\r", 1)[-1] + "\n")
+        self._pending = self._pending.rsplit("\r", 1)[-1]  # a redraw replaces the line: memory stays one line
+        return len(text) if n is None else n
+
+    def flush_line(self) -> None:
+        if self._pending.strip():
+            self.log.line(self._pending + "\n")
+        self._pending = ""
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str | None:
+        return getattr(self.stream, "encoding", None)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def _write_atomic(path: Path, text: str) -> None:

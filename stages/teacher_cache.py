@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from pipeline import __version__
 from pipeline.config import UserError
 from pipeline.families import Encoded
 from pipeline.forward import TeacherRunner
@@ -46,6 +45,7 @@ from pipeline.store import (
 )
 from pipeline.tasks import load_task
 from pipeline.tasks.sampling import sample_demonstrations
+from pipeline.versions import library_versions
 
 
 @dataclass
@@ -124,7 +124,9 @@ def store_attrs(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: in
         "query_example_ids": query_ids,
         "support_fingerprint": hashlib.sha256("\n".join(support_ids).encode()).hexdigest()[:16],
         "topk": config.topk,
-        "code_version": __version__,
+        # volatile (pipeline.store.VOLATILE_ATTRS): recorded, never compared, so a library upgrade leaves a
+        # store reusable: {"mimic-pipeline", "python", "torch", "transformers", "peft", "zarr"} -> version
+        "code_version": library_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

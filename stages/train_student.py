@@ -10,6 +10,7 @@ the comparison point for the offline design); everything else is shared.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,14 +22,14 @@ from pipeline.locks import held_on_rank0
 from pipeline.methods import get_method
 from pipeline.plots import plot_losses
 from pipeline.provenance import default_epochs, resolve
-from pipeline.rundir import RunDir
+from pipeline.rundir import OutputLog, RunDir
 from pipeline.runtime import Loaded, barrier, dist_info, load_for_stage
 from pipeline.settings import TrainConfig
 from pipeline.store import open_store, store_identity, store_settings
 from pipeline.students import new_student
 from pipeline.tasks import load_task
 from stages.trainer import Trainer
-from stages.training import StudentData
+from stages.training import StudentData, steps_per_epoch
 
 
 def default_align(config: TrainConfig) -> str:
@@ -91,12 +92,13 @@ def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer:
             raise UserError(f"the store's prompt template {attrs.get('prompt_template')!r} differs from the "
                             f"task's {task.spec.prompt_id!r}; re-run teacher-cache")
     align = default_align(config)
-    epochs = config.epochs or default_epochs(model_name)
+    if align == "kl" and attrs and not attrs.get("topk"):
+        raise UserError("the kl alignment needs teacher logits: re-run teacher-cache with --topk 20")
+    data = StudentData(config, task, loaded, attrs, store_path=config.cache)
+    epochs, source = training_epochs(config, model_name, len(data))
     # the run records (config.yaml) and compares (checkpoint) the values used, not "default"
     config = replace(config, lr=config.lr if config.lr is not None else get_method(config.method).default_lr, align=align,
                      epochs=epochs, model=model_name)
-    if align == "kl" and attrs and not attrs.get("topk"):
-        raise UserError("the kl alignment needs teacher logits: re-run teacher-cache with --topk 20")
     name = run_name(config, attrs)
     run_dir = Path(config.runs_dir) / name
     torch.manual_seed(config.seed)
@@ -105,8 +107,23 @@ def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer:
         base_revision=loaded.source.revision, base_fingerprint=loaded.source.fingerprint,
         store_fingerprint=store_settings(attrs),
     )
-    data = StudentData(config, task, loaded, attrs, store_path=config.cache)
-    return Trainer(config, loaded, student, data, run_dir, epochs, align)
+    trainer = Trainer(config, loaded, student, data, run_dir, epochs, align)
+    trainer.stats["epochs_from"] = source
+    return trainer
+
+
+def training_epochs(config: TrainConfig, model: str, n_samples: int) -> tuple[int, str]:
+    """(epochs, where they came from): ``--epochs``; else the model's epochs (pipeline/configs/models),
+    raised to reach ``--min-steps`` optimiser steps when the data is small. 40 queries at batch 2 x 2 are
+    10 steps an epoch: the model's 5 epochs (50 steps) left MimIC's loss still falling on such tasks."""
+    if config.epochs is not None:
+        return config.epochs, "--epochs"
+    base = default_epochs(model)
+    per_epoch = steps_per_epoch(n_samples, config, dist_info()[1])
+    needed = math.ceil(config.min_steps / per_epoch) if config.min_steps else 0
+    if needed > base:
+        return needed, f"--min-steps {config.min_steps} ({per_epoch} steps an epoch; the model's {base} epochs give {base * per_epoch})"
+    return base, f"the model's default ({model})"
 
 
 def save_outputs(trainer: Trainer) -> Path:
@@ -118,7 +135,14 @@ def save_outputs(trainer: Trainer) -> Path:
 
 
 def run(config: TrainConfig, loaded: Loaded | None = None, show_progress: bool = True) -> Path:
-    """Train (or resume) a student; returns the run directory."""
+    """Train (or resume) a student; returns the run directory. Rank 0 copies what the command prints into
+    ``runs/<name>/train.log`` (``pipeline.rundir.OutputLog``: held from the start, written once the run
+    directory is checked, so a refused run writes nothing)."""
+    with OutputLog(enabled=dist_info()[0] == 0) as output:
+        return _run(config, loaded, show_progress, output)
+
+
+def _run(config: TrainConfig, loaded: Loaded | None, show_progress: bool, output: OutputLog) -> Path:
     rank, world, _ = dist_info()
     trainer = setup(config, loaded)
     try:
@@ -128,7 +152,11 @@ def run(config: TrainConfig, loaded: Loaded | None = None, show_progress: bool =
             checkpoint = run.checkpoint({**config_to_dict(trainer.config), "store": store_identity(store)})
             if rank == 0:
                 checkpoint.check_config(config.overwrite)
+                output.attach(run.output_log_path)  # after --overwrite removed the old one
             barrier()  # no rank reads the checkpoint while rank 0 may still be removing it
+            if show_progress and rank == 0:
+                print(f"training {trainer.total_steps} steps: {trainer.epochs} epochs of {trainer.steps_per_epoch} "
+                      f"(epochs from {trainer.stats['epochs_from']})")
             trainer.train(checkpoint, show_progress=show_progress and rank == 0)
             if rank == 0:
                 finish(trainer, show_progress, world)
@@ -150,3 +178,27 @@ def finish(trainer: Trainer, show_progress: bool, world: int) -> None:
         return
     print(f"wrote {trainer.run_dir}: {summary['steps']} steps, final loss {summary['final_loss']:.4g}, "
           f"{summary['samples_per_s']:.2f} samples/s with {world} process{'es' if world > 1 else ''}")
+    falling = still_falling([row["loss"] for row in RunDir(trainer.run_dir).read_log()])
+    if falling:
+        print(f"warning: {falling}; the student may be undertrained: train longer (--epochs, or a larger "
+              "--min-steps) and compare")
+
+
+FALLING_WINDOW, FALLING_DROP = 0.1, 0.1
+"""``still_falling`` compares the mean loss of the last 10% of steps with the 10% before them; a drop of
+more than 10% means the run stopped while still improving."""
+
+
+def still_falling(losses: list[float]) -> str | None:
+    """Why the loss curve looks unfinished (the last window's mean more than ``FALLING_DROP`` below the one
+    before), or None. Needs at least 20 steps; non-finite losses are left out."""
+    values = [v for v in losses if isinstance(v, (int, float)) and math.isfinite(v)]
+    width = max(1, int(len(values) * FALLING_WINDOW))
+    if len(values) < 20:
+        return None
+    before, last = values[-2 * width : -width], values[-width:]
+    a, b = sum(before) / len(before), sum(last) / len(last)
+    if a > 0 and (a - b) / a > FALLING_DROP:
+        return (f"the loss was still falling at the end ({a:.4g} -> {b:.4g}, -{100 * (a - b) / a:.0f}% over the "
+                f"last {width} steps)")
+    return None
