@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import CONFIGS_DIR, UserError
+from pipeline.config import CONFIGS_DIR, UserError, YamlLoader
 
 DEFAULT_SHOTS = 8
 """Demonstrations per query when neither an option, a store nor the model's YAML gives them (Idefics2's)."""
@@ -29,7 +29,7 @@ name or YAML path the store was made from, ``task`` its name."""
 
 @cache
 def _model_yaml() -> tuple[tuple[str, dict[str, Any]], ...]:
-    return tuple((path.stem, yaml.safe_load(path.read_text()) or {})
+    return tuple((path.stem, yaml.load(path.read_text(), Loader=YamlLoader) or {})  # noqa: S506 (safe)
                  for path in sorted((CONFIGS_DIR / "models").glob("*.yaml")))
 
 

@@ -209,3 +209,13 @@ def test_a_hooked_task_runs_through_the_cli(tmp_path):
     res = pipeline("train-student", "--cache", store, "--device", "cpu", "--epochs", 1, ok=False)
     assert "prompt template" in res.stderr and "re-run teacher-cache" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_task_yaml_numbers_read_as_yaml_1_2(tmp_path):
+    """`1e3` in a task file is a number (YAML 1.2), as in every other YAML the tool reads."""
+    path = write_task(tmp_path, "file: data.jsonl\nsplit_ratios: {support: 1.0}\nmax_new_tokens: 1e1\n")
+    with pytest.raises(ConfigError, match="'max_new_tokens': got 10.0"):  # a float where an int is wanted
+        load_task(str(path))
+    path.write_text("file: data.jsonl\nsplit_ratios: {support: 5e-1, eval: 5e-1}\n")
+    task = load_task(str(path))
+    assert len(task.split("support")) == len(task.split("eval")) == len(ROWS) // 2

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import UserError
+from pipeline.config import UserError, YamlLoader
 
 TAG = "!function"
 INCLUDE_KEY = "include"
@@ -108,10 +108,11 @@ def describe(value: Any) -> Any:
 def _loader(source: Path) -> type:
     import yaml
 
-    class TaskYamlLoader(yaml.SafeLoader):
-        """Safe YAML plus ``!function module.name`` (a ``Hook`` resolved later, relative to ``source``)."""
+    class TaskYamlLoader(YamlLoader):
+        """Safe YAML (numbers as YAML 1.2 reads them) plus ``!function module.name`` (a ``Hook`` resolved
+        later, relative to ``source``)."""
 
-    def function(loader: yaml.SafeLoader, node: yaml.Node) -> Hook:
+    def function(loader: YamlLoader, node: yaml.Node) -> Hook:
         ref = loader.construct_scalar(node)
         if not isinstance(ref, str) or not ref.strip():
             raise yaml.constructor.ConstructorError(None, None, f"{TAG} needs module.function", node.start_mark)
