@@ -28,7 +28,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from pipeline.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from pipeline.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_CONFIG, PEFT_DIR, PEFT_WEIGHTS
 from pipeline.config import UserError, changed_keys
 from pipeline.locks import DirLock, dir_lock
 from pipeline.versions import library_versions
@@ -64,6 +64,14 @@ def remove_run_outputs(run_dir: Path) -> list[Path]:
             if path.is_file():
                 path.unlink()
                 gone.append(path)
+    peft = run_dir / PEFT_DIR  # a LoRA student's PEFT copy: our two files; the folder only if nothing else is in it
+    for name in (PEFT_CONFIG, PEFT_WEIGHTS):
+        if (peft / name).is_file():
+            (peft / name).unlink()
+            gone.append(peft / name)
+    if peft.is_dir() and not any(peft.iterdir()):
+        peft.rmdir()
+        gone.append(peft)
     return gone
 
 

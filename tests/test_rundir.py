@@ -44,3 +44,17 @@ def test_remove_outputs_deletes_only_what_stage_2_writes(tmp_path):
     (tmp_path / "mine").mkdir()
     run.remove_outputs()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "my_analysis.png", "notes.txt"]
+
+
+def test_remove_outputs_deletes_the_peft_copy_but_not_foreign_files_in_it(tmp_path):
+    run = RunDir(tmp_path)
+    (tmp_path / "peft").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / "peft" / name).write_text("x")
+    run.remove_outputs()
+    assert not (tmp_path / "peft").exists()
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_model.safetensors").write_text("x")
+    (tmp_path / "peft" / "mine.txt").write_text("x")
+    run.remove_outputs()
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["mine.txt"]
