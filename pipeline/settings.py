@@ -123,8 +123,10 @@ class EvalConfig(RuntimeOptions):
     num_beams: int = opt(3, "Beams of the beam search (3 as the paper's harness).")
     seed: int = opt(3407, "Seed of the demonstration sampler (the same sampler as teacher-cache).")
     results_dir: str = opt("results", "Where results/<task>/ is written (results of other settings are kept beside earlier ones).")
-    l2: bool = opt(True, "Per-layer L2 distance of zero-shot and student states to the cached teacher states (when the run's store exists).")
-    l2_queries: int = opt(32, "Cached training queries used by the L2 analysis (the first N of the store).")
+    l2: bool = opt(True, "Per-layer L2 distance of zero-shot and student states to the k-shot teacher's, on held-out "
+                         "queries (when the run's store exists: its shots, seed and layer target).")
+    l2_queries: int = opt(32, "Held-out queries of the L2 analysis (the first N of the evaluated split; the teacher "
+                              "runs on them as teacher-cache ran it for the run's store).")
     data_root: str | None = opt(None, "Root of the official data files (or env MIMIC_DATA); default the store's.")
 
 

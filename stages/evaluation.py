@@ -38,10 +38,10 @@ from pipeline.adapters import ADAPTER_WEIGHTS
 from pipeline.capture import StateCapture
 from pipeline.config import UserError, config_to_dict
 from pipeline.families.base import pad_token_id, tokenizer_of
-from pipeline.forward import forward_states, pad_states, to_device
+from pipeline.forward import forward_states, to_device
 from pipeline.metrics import JavaNotFoundError
 from pipeline.plots import plot_layer_distances
-from pipeline.prompts import DemoCache, Prompt, build_prompt
+from pipeline.prompts import DemoCache, Prompt, build_prompt, check_alignment
 from pipeline.results import (
     PARTIAL_SUFFIX,
     PNG_MARK,
@@ -427,25 +427,40 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def student_prompt(loaded: Loaded, task: Any, record: Any, where: str) -> Prompt:
-    """BOS + query + teacher-forced answer of a cached sample; its tokens must be the store's."""
-    query = task.split("train")[record.query_id]
-    prompt = build_prompt(loaded.family, loaded.processor, task.spec, query, [], [], task.demo_answer(query))
-    if prompt.input_ids[prompt.span_start :] != [int(t) for t in record.token_ids]:
-        raise UserError(f"{where} (query {query.id}): the student tokens differ from the store's; the task data "
-                        "or tokenizer changed since teacher-cache")
-    return prompt
+def l2_prompts(loaded: Loaded, task: Any, attrs: dict, queries: Sequence[Any], demo_cache: DemoCache
+               ) -> tuple[list[Prompt], list[Prompt]]:
+    """(teacher, student) prompts of held-out queries, as teacher-cache builds them: the store's shots,
+    demonstration seed and strategy over the support split; the answer teacher-forced in both."""
+    support = task.split("support")
+    teachers, students = [], []
+    for query in queries:
+        answer = task.demo_answer(query)
+        picks = sample_demonstrations(support, query, int(attrs["shots"]), int(attrs["demo_seed"]),
+                                      attrs.get("demo_strategy", "random"))
+        demos = [support[i] for i in picks]
+        teacher = build_prompt(loaded.family, loaded.processor, task.spec, query, demos,
+                               [task.demo_answer(d) for d in demos], answer, demo_cache)
+        student = build_prompt(loaded.family, loaded.processor, task.spec, query, [], [], answer)
+        try:
+            check_alignment(teacher, student, query.id)
+        except ValueError as err:
+            raise UserError(str(err)) from err
+        teachers.append(teacher)
+        students.append(student)
+    return teachers, students
 
 
 def layer_distances(
-    loaded: Loaded, task: Any, student: Any, store_path: str | Path, n_queries: int, batch_size: int
+    loaded: Loaded, task: Any, student: Any, store_path: str | Path, queries: Sequence[Any], batch_size: int
 ) -> dict:
-    """Mean L2 distance per layer to the cached k-shot teacher states (the paper's L2 figure).
+    """Mean L2 distance per layer to the k-shot teacher's states (the paper's L2 figure), on held-out
+    queries: ``queries`` are the evaluated split's, which the student never trained on.
 
-    For the first ``n_queries`` cached training queries: student prompt = BOS + query + teacher-
-    forced answer (no demonstrations), right padding, states of the store's layer target at the
-    aligned positions. Returns ``{"zero-shot": [L], "student": [L]}`` (mean over every aligned token),
-    plus ``"mean"`` over layers per curve, ``"queries"`` and ``"layer_target"``.
+    The teacher runs here as teacher-cache ran it for the run's store (its shots, demonstration seed and
+    strategy, layer target; ``l2_prompts``), with the student switched off; zero-shot and student states
+    come from BOS + query + teacher-forced answer. States at the aligned positions, right padding.
+    Returns ``{"zero-shot": [L], "student": [L]}`` (mean over every aligned token), plus ``"mean"`` over
+    layers per curve, ``"queries"``, ``"queries_from"`` and ``"layer_target"``.
     """
     store = open_store(store_path)
     store.validate()
@@ -453,15 +468,14 @@ def layer_distances(
     if attrs.get("task") != task.name:
         raise UserError(f"the store {store_path} holds task {attrs.get('task')!r}, not {task.name!r}")
     capture = StateCapture(loaded.model, attrs["layer_target"])
-    n = min(n_queries, len(store))
+    demo_cache = DemoCache()
     sums = {"zero-shot": 0.0, "student": 0.0}
     tokens = 0
-    for start in range(0, n, batch_size):
-        records = [store.read(i) for i in range(start, min(n, start + batch_size))]
-        prompts = [student_prompt(loaded, task, r, f"sample {i} of {store_path}") for i, r in enumerate(records, start)]
+    for start in range(0, len(queries), batch_size):
+        teachers, prompts = l2_prompts(loaded, task, attrs, queries[start : start + batch_size], demo_cache)
+        with student.disabled(), torch.inference_mode():
+            teacher = forward_states(loaded, capture, teachers).states.float()  # (B, S, L, D)
         collated = loaded.family.collate([p.encoded for p in prompts], loaded.processor, "right")
-        width = max(len(p.encoded) - p.span_start for p in prompts)
-        teacher = pad_states([r.hs.to(loaded.device, torch.float32) for r in records], width)  # (B, S, L, D)
         for name, context in (("zero-shot", student.disabled()), ("student", nullcontext())):
             with context, torch.inference_mode():
                 run = forward_states(loaded, capture, prompts, collated)
@@ -470,7 +484,8 @@ def layer_distances(
             sums[name] = sums[name] + dist.sum((0, 1)).cpu()
         tokens += int(mask.sum())
     curves = {name: (s / max(tokens, 1)).tolist() for name, s in sums.items()}
-    return {**curves, "mean": {k: sum(v) / len(v) for k, v in curves.items()}, "queries": n,
+    return {**curves, "mean": {k: sum(v) / len(v) for k, v in curves.items()}, "queries": len(queries),
+            "queries_from": "the evaluated split (held out from training)",
             "layer_target": attrs["layer_target"], "store": str(store_path)}
 
 
@@ -585,8 +600,8 @@ class Evaluation:
         if previous and previous.get("requested") == self.config.l2_queries and png.is_file():
             return previous  # same adapter and model (the fingerprint matched): same distances
         try:
-            result = layer_distances(self.loaded, self.task, student, run.store, self.config.l2_queries,
-                                     self.config.batch_size)
+            result = layer_distances(self.loaded, self.task, student, run.store,
+                                     list(self.examples[: self.config.l2_queries]), self.config.batch_size)
         except UserError as err:
             return self.skip_l2(run, str(err))
         curves = {"zero-shot": result["zero-shot"], run.name: result["student"]}

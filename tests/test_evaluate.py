@@ -130,6 +130,55 @@ def test_batched_generation_matches_unpadded_generate(evaluated):
         assert record["prompt_tokens"] == ids.shape[1]
 
 
+def test_l2_is_measured_on_held_out_queries_against_a_teacher_run_here(evaluated):
+    """The L2 analysis against an independent computation: for each of the first 4 evaluated (held-out)
+    queries, the 2-shot ICL prompt the store's sampler picks, a separate forward with hooks written here
+    (teacher: student off; student: attached), per-layer ||h_student - h_teacher|| averaged over tokens."""
+    from pipeline.students import load_student_dir
+    from stages.evaluate import eval_examples
+
+    root, run_dir, loaded, out = evaluated
+    l2 = out["results"][run_dir.name]["l2"]
+    task = load_task(TASK)
+    queries = eval_examples(task, eval_config(root))[:4]
+    train_ids = {e.id for e in task.split("train")}
+    assert not {q.id for q in queries} & train_ids  # held out: never a training query
+    support = task.split("support")
+    layers = loaded.model.get_decoder().layers
+
+    def mlp_states(prompt):
+        got = {}
+        hooks = [layer.mlp.register_forward_hook(lambda _m, _a, o, i=i: got.__setitem__(i, o))
+                 for i, layer in enumerate(layers)]
+        batch = loaded.family.collate([prompt.encoded], loaded.processor, "right")
+        with torch.no_grad():
+            loaded.model(**batch, use_cache=False)
+        for h in hooks:
+            h.remove()
+        return torch.stack([got[i][0, prompt.span_start :].double() for i in range(len(layers))], dim=1)
+
+    student = load_student_dir(run_dir, loaded.model, loaded.geometry, "tiny-llama")
+    try:
+        sums, tokens = {"zero-shot": 0, "student": 0}, 0
+        for q in queries:
+            demos = [support[i] for i in sample_demonstrations(support, q, SHOTS, 3407)]
+            answer = task.demo_answer(q)
+            teacher_prompt = build_prompt(loaded.family, loaded.processor, task.spec, q, demos,
+                                          [task.demo_answer(d) for d in demos], answer)
+            alone = build_prompt(loaded.family, loaded.processor, task.spec, q, [], [], answer)
+            with student.disabled():
+                teacher, zero = mlp_states(teacher_prompt), mlp_states(alone)
+            mine = mlp_states(alone)
+            sums["zero-shot"] = sums["zero-shot"] + (zero - teacher).norm(dim=-1).sum(0)
+            sums["student"] = sums["student"] + (mine - teacher).norm(dim=-1).sum(0)
+            tokens += teacher.shape[0]
+    finally:
+        student.detach()
+    assert l2["queries"] == 4 and "held out" in l2["queries_from"]
+    for name in ("zero-shot", "student"):
+        torch.testing.assert_close(torch.tensor(l2[name], dtype=torch.float64), sums[name] / tokens, rtol=1e-4, atol=1e-5)
+
+
 def test_l2_analysis(evaluated):
     root, run_dir, _, out = evaluated
     l2 = out["results"][run_dir.name]["l2"]
