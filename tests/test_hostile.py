@@ -2,10 +2,12 @@
 stderr that names the problem, and no traceback — never in a silent wrong result.
 
 One module fixture saves a tiny Llama, writes a store with `teacher-cache` and trains a run with
-`train-student` (all as subprocesses, as a user would); each case then damages a copy of what it
-needs. The cases run two at a time in a thread pool (each is a separate process); every case is
-its own test that asserts on its own outcome. Store faults must be refused before the first
-training step: the case's run directory must hold no training log.
+`train-student` (all as processes of their own, as a user would); each case then damages a copy of
+what it needs. The cases run two at a time in a thread pool (each is a separate process, forked by
+conftest's ``warm_pipeline`` from a server that has already imported torch: `python -m pipeline`
+without the seconds of imports); every case is its own test that asserts on its own outcome. Store
+faults must be refused before the first training step: the case's run directory must hold no
+training log.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,9 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "COLUMNS": "200"}
 
 
-def pipeline(*args: object, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], env=ENV, cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+def pipeline(warm, *args: object, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m pipeline ARGS`` in a process of its own (see conftest's ``warm_pipeline``)."""
+    return warm.run(list(args), cwd=cwd, env=ENV, timeout=300)
 
 
 @dataclass
@@ -344,7 +345,8 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path, World]]:
+def outcomes(tmp_path_factory, warm_pipeline) -> dict[str, tuple[subprocess.CompletedProcess, Path, World]]:
+    warm_pipeline.prestart(ENV, 2)  # the servers import torch while the models are saved
     root = tmp_path_factory.mktemp("hostile")
     fam = tiny("llama")
     model = root / "model"
@@ -354,18 +356,18 @@ def outcomes(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, P
     vlm.model.save_pretrained(root / "vlm")
     vlm.processor.save_pretrained(root / "vlm")
     store = root / "store.zarr"
-    res = pipeline("teacher-cache", "--task", "antonyms", "--model", model, "--shots", 2, "--n-queries", 6,
-                   "--shard-size", 4, "--out", store, "--device", "cpu", cwd=root)
+    res = pipeline(warm_pipeline, "teacher-cache", "--task", "antonyms", "--model", model, "--shots", 2,
+                   "--n-queries", 6, "--shard-size", 4, "--out", store, "--device", "cpu", cwd=root)
     assert res.returncode == 0, res.stderr[-3000:]
-    res = pipeline("train-student", "--cache", store, "--max-steps", 2, "--checkpoint-every", 1, "--device", "cpu",
-                   "--runs-dir", root / "runs", "--name", "base", cwd=root)
+    res = pipeline(warm_pipeline, "train-student", "--cache", store, "--max-steps", 2, "--checkpoint-every", 1,
+                   "--device", "cpu", "--runs-dir", root / "runs", "--name", "base", cwd=root)
     assert res.returncode == 0, res.stderr[-3000:]
     world = World(root, model, store, root / "runs" / "base")
 
     def one(case: Case) -> tuple[str, tuple]:
         d = root / case.id
         d.mkdir()
-        return case.id, (pipeline(*case.make(world, d), cwd=d), d, world)
+        return case.id, (pipeline(warm_pipeline, *case.make(world, d), cwd=d), d, world)
 
     with ThreadPoolExecutor(2) as pool:
         return dict(pool.map(one, CASES))

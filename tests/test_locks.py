@@ -32,7 +32,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH"
 SLOW = """
 import os, sys, time
 import stages.teacher_cache as tc, stages.trainer as tr
-hold, calls = os.environ["HOLD"], {"n": 0}
+hold, calls = HOLD, {"n": 0}
 def held(fn, free):
     def wrapper(self, *a, **k):
         calls["n"] += 1
@@ -47,14 +47,15 @@ app(args=sys.argv[1:], prog_name="pipeline")
 """
 
 
-def cli(*args, hold=None, cwd=REPO):
-    cmd = [sys.executable, "-c", SLOW] if hold else [sys.executable, "-m", "pipeline"]
-    return [*cmd, *map(str, args)], dict(env={**ENV, "HOLD": str(hold)} if hold else ENV, cwd=cwd)
+def start(warm, *args, hold):
+    """``python -c SLOW ARGS`` in a process of its own (forked by conftest's ``warm_pipeline`` from a
+    server that has imported torch), holding while the file ``hold`` exists."""
+    return warm.popen(list(args), cwd=REPO, env=ENV, code=SLOW.replace("HOLD", repr(str(hold)), 1))
 
 
-def run(*args, **kw):
-    cmd, opts = cli(*args, **kw)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **opts)
+def run(warm, *args):
+    """``python -m pipeline ARGS`` in a process of its own, to its end."""
+    return warm.run(list(args), cwd=REPO, env=ENV, timeout=300)
 
 
 def run_here(*args):
@@ -70,14 +71,15 @@ def wait_for(predicate, proc, what, timeout=120):
     end = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
-            raise AssertionError(f"the first process ended before {what}: {proc.stderr.read()[-2000:]}")
+            raise AssertionError(f"the first process ended before {what}: {proc.stderr()[-2000:]}")
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tmp_path_factory, warm_pipeline):
+    warm_pipeline.prestart(ENV, 2)  # the servers import torch while the model is saved
     d = tmp_path_factory.mktemp("lock-model")
     fam = tiny("llama")
     fam.model.save_pretrained(d)
@@ -95,25 +97,25 @@ def store_arrays(path):
     return {name: group[name][:] for name in group.array_keys()}
 
 
-def test_second_store_writer_is_refused_and_takes_over_after_sigkill(tmp_path, model_dir):
+def test_second_store_writer_is_refused_and_takes_over_after_sigkill(tmp_path, model_dir, warm_pipeline):
+    warm = warm_pipeline
     store = tmp_path / "s.zarr"
     hold = tmp_path / "hold"
     hold.touch()
-    cmd, opts = cli(*tc_args(model_dir, store), hold=hold)
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **opts)
+    first = start(warm, *tc_args(model_dir, store), hold=hold)
     try:
         done = store / "done"
         wait_for(lambda: any(done.rglob("c/*")), first, "the first shard was written")
-        second = run(*tc_args(model_dir, store))
+        second = run(warm, *tc_args(model_dir, store))
         assert second.returncode == 2, second.stderr[-2000:]
         assert "Traceback" not in second.stderr
         assert f"pid {first.pid}" in second.stderr and "in use by another process" in second.stderr
         # --overwrite is no way around a running writer either
-        assert run(*tc_args(model_dir, store), "--overwrite", "--seed", 1).returncode == 2
+        assert run(warm, *tc_args(model_dir, store), "--overwrite", "--seed", 1).returncode == 2
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    resumed = run(*tc_args(model_dir, store))
+    resumed = run(warm, *tc_args(model_dir, store))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     clean = tmp_path / "clean.zarr"
     run_here(*tc_args(model_dir, clean))
@@ -123,19 +125,19 @@ def test_second_store_writer_is_refused_and_takes_over_after_sigkill(tmp_path, m
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-def test_second_run_writer_is_refused_and_takes_over_after_sigkill(tmp_path, model_dir):
+def test_second_run_writer_is_refused_and_takes_over_after_sigkill(tmp_path, model_dir, warm_pipeline):
+    warm = warm_pipeline
     store = tmp_path / "s.zarr"
     run_here(*tc_args(model_dir, store))
     train = ["train-student", "--cache", store, "--epochs", 4, "--batch-size", 1, "--grad-accum", 1,
              "--checkpoint-every", 2, "--device", "cpu", "--name", "r"]
     hold = tmp_path / "hold"
     hold.touch()
-    cmd, opts = cli(*train, "--runs-dir", tmp_path / "a", hold=hold)
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **opts)
+    first = start(warm, *train, "--runs-dir", tmp_path / "a", hold=hold)
     try:
         ckpt = tmp_path / "a" / "r" / "checkpoint" / "state.pt"
         wait_for(ckpt.exists, first, "the first checkpoint")
-        second = run(*train, "--runs-dir", tmp_path / "a")
+        second = run(warm, *train, "--runs-dir", tmp_path / "a")
         assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
         assert f"pid {first.pid}" in second.stderr
     finally:
@@ -143,7 +145,7 @@ def test_second_run_writer_is_refused_and_takes_over_after_sigkill(tmp_path, mod
         first.wait()
     steps_at_kill = len((tmp_path / "a" / "r" / "train_log.jsonl").read_text().splitlines())
     assert steps_at_kill == 2, "the first run must be killed while it holds its run directory, after a checkpoint"
-    assert run(*train, "--runs-dir", tmp_path / "a").returncode == 0
+    assert run(warm, *train, "--runs-dir", tmp_path / "a").returncode == 0
     run_here(*train, "--runs-dir", tmp_path / "b")
     a = load_file(str(tmp_path / "a" / "r" / "adapter.safetensors"))
     b = load_file(str(tmp_path / "b" / "r" / "adapter.safetensors"))
@@ -153,24 +155,25 @@ def test_second_run_writer_is_refused_and_takes_over_after_sigkill(tmp_path, mod
     assert log_a == log_b
 
 
-def test_overwrite_keeps_foreign_files_and_a_rebuilt_store_is_not_resumed(tmp_path, model_dir):
+def test_overwrite_keeps_foreign_files_and_a_rebuilt_store_is_not_resumed(tmp_path, model_dir, warm_pipeline):
+    warm = warm_pipeline
     store = tmp_path / "s.zarr"
     run_here(*tc_args(model_dir, store))
     train = ["train-student", "--cache", store, "--max-steps", 2, "--device", "cpu", "--runs-dir", tmp_path / "runs",
              "--name", "r"]
-    assert run(*train).returncode == 0
+    assert run(warm, *train).returncode == 0
     run_dir = tmp_path / "runs" / "r"
     (run_dir / "notes.txt").write_text("mine\n")
     # the same command again: already trained, and it says so with the loss it reached
-    again = run(*train)
+    again = run(warm, *train)
     assert again.returncode == 0 and "already trained" in again.stdout, again.stdout + again.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["final_loss"] == summary["final_loss"]  # not nan
     # the store rebuilt: the run is stale and refused, naming why
     run_here(*tc_args(model_dir, store), "--overwrite", "--seed", 7)
-    stale = run(*train)
+    stale = run(warm, *train)
     assert stale.returncode == 2 and "store" in stale.stderr and "--overwrite" in stale.stderr, stale.stderr
-    retrained = run(*train, "--overwrite")
+    retrained = run(warm, *train, "--overwrite")
     assert retrained.returncode == 0, retrained.stderr[-2000:]
     assert "wrote" in retrained.stdout
     assert (run_dir / "notes.txt").read_text() == "mine\n"

@@ -108,8 +108,9 @@ def test_resume_and_refusals(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def tiny_dir(tmp_path_factory, warm_pipeline):
     """The tiny Llama saved to disk, so subprocesses load it by path like a real model."""
+    warm_pipeline.prestart(cli()[1], 1)  # the server imports torch while the model is saved
     fam = tiny("llama")
     d = tmp_path_factory.mktemp("tiny-llama")
     fam.model.save_pretrained(d)
@@ -118,8 +119,17 @@ def tiny_dir(tmp_path_factory):
 
 
 def cli(*args, env_extra=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "COLUMNS": "200",
+           **(env_extra or {})}
     return [sys.executable, "-m", "pipeline", *args], env
+
+
+def warm_run(warm, args):
+    """``python -m pipeline ARGS`` in a process of its own (forked by conftest's ``warm_pipeline`` from a
+    server that has imported torch); raises like ``subprocess.run(..., check=True)``."""
+    res = warm.run(list(args), cwd=REPO, env=cli()[1])
+    if res.returncode != 0:
+        raise subprocess.CalledProcessError(res.returncode, res.args, res.stdout, res.stderr)
 
 
 def store_args(model_dir, out, n=24):
@@ -135,28 +145,25 @@ def assert_same_store(a, b):
         assert np.array_equal(sa.read_array(k), sb.read_array(k)), k
 
 
-def test_sigkill_and_resume_gives_the_same_store(tmp_path, tiny_dir):
+def test_sigkill_and_resume_gives_the_same_store(tmp_path, tiny_dir, warm_pipeline):
     ref = tmp_path / "ref.zarr"
-    cmd, env = cli(*store_args(tiny_dir, ref))
-    subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=REPO)
+    warm_run(warm_pipeline, store_args(tiny_dir, ref))
     out = tmp_path / "killed.zarr"
-    cmd, env = cli(*store_args(tiny_dir, out))
     rng = random.Random(1234)
     for _ in range(2):
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+        proc = warm_pipeline.popen(list(store_args(tiny_dir, out)), cwd=REPO, env=cli()[1])  # a process of its own
         while not (out / "done").exists() and proc.poll() is None:  # wait until writing has begun
             time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 0.6))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=REPO)
+    warm_run(warm_pipeline, store_args(tiny_dir, out))
     assert_same_store(ref, out)
 
 
-def test_two_gloo_processes_write_the_same_store(tmp_path, tiny_dir):
+def test_two_gloo_processes_write_the_same_store(tmp_path, tiny_dir, warm_pipeline):
     one = tmp_path / "one.zarr"
-    cmd, env = cli(*store_args(tiny_dir, one, n=8))
-    subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=REPO)
+    warm_run(warm_pipeline, store_args(tiny_dir, one, n=8))
     two = tmp_path / "two.zarr"
     args = store_args(tiny_dir, two, n=8)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -176,3 +183,28 @@ def test_foreign_directory_is_refused_not_wiped(tmp_path):
     with pytest.raises(UserError, match="not a usable teacher store.*--overwrite"):
         cache(tmp_path, loaded, task="antonyms")
     assert (tmp_path / "s.zarr" / "precious.txt").read_text() == "user data"
+
+
+@pytest.mark.parametrize("family", ["llama", "idefics2"])
+def test_topk_logits_of_a_batch_equal_a_full_forward_of_each_prompt(family):
+    """Top-k log-probs are computed from logits kept only from the earliest span on (logits_to_keep); each
+    must equal log_softmax of a plain full forward of that prompt alone, at its own span positions."""
+    from pipeline.forward import TeacherRunner
+
+    fam = tiny(family)
+    loaded = wrap_model(fam.model, fam.processor, f"tiny-{family}")
+    task = load_task("shapes_vqa" if family == "idefics2" else "antonyms")
+    support, queries = task.split("support"), task.split("train")
+    # 0, 1 and 2 demonstrations: spans start at very different positions in one right-padded batch
+    prompts = [build_prompt(loaded.family, loaded.processor, task.spec, queries[i], support[:i],
+                            [task.demo_answer(d) for d in support[:i]], task.demo_answer(queries[i]))
+               for i in range(3)]
+    runner = TeacherRunner(loaded, "mlp", topk=4)
+    got = runner.forward(prompts)
+    for prompt, (_, values, indices) in zip(prompts, got, strict=True):
+        batch = loaded.family.collate([prompt.encoded], loaded.processor, "right")
+        with torch.no_grad():
+            logits = loaded.model(**batch, use_cache=False).logits[0].float()
+        want = torch.log_softmax(logits[prompt.span_start : len(prompt.encoded)], -1).topk(4, dim=-1)
+        assert torch.equal(indices, want.indices)
+        torch.testing.assert_close(values, want.values, rtol=1e-4, atol=1e-5)

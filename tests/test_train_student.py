@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import tiny
 from safetensors.torch import load_file
 
@@ -128,8 +129,9 @@ def test_refusals(tmp_path, llama):
     object.__setattr__(impostor.source, "fingerprint", "0000")
     with pytest.raises(UserError, match="pass --force"):
         setup(train_cfg(tmp_path, store), impostor)
+    without_topk = make_store(tmp_path / "no-topk", llama, topk=0)
     with pytest.raises(UserError, match="--topk"):
-        setup(train_cfg(tmp_path, store, method="live"), llama)
+        setup(train_cfg(tmp_path, without_topk, method="live"), llama)
 
 
 def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, llama, monkeypatch):
@@ -152,34 +154,47 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, llama, monkeypatch):
     assert state["step"] == 2
 
 
-def store_from_the_cli(tmp_path, llama, n=8):
+def cli_env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+
+
+def warm_run(warm, args):
+    """``python -m pipeline ARGS`` in a process of its own (forked by conftest's ``warm_pipeline`` from a
+    server that has imported torch); raises like ``subprocess.run(..., check=True)``."""
+    res = warm.run(args, cwd=REPO, env=cli_env())
+    if res.returncode != 0:
+        raise subprocess.CalledProcessError(res.returncode, res.args, res.stdout, res.stderr)
+    return res
+
+
+def store_from_the_cli(tmp_path, llama, warm, n=8):
     """The tiny Llama saved to disk and an 8-query store written by `pipeline teacher-cache`, so
     subprocesses load both like a user's: returns (command prefix, environment, store path)."""
+    warm.prestart(cli_env(), 1)  # the server imports torch while the model is saved
     model_dir = tmp_path / "model"
     llama.model.save_pretrained(model_dir)
     llama.processor.save_pretrained(model_dir)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = cli_env()
     py = [sys.executable, "-m", "pipeline"]
     store = tmp_path / "s.zarr"
-    subprocess.run([*py, "teacher-cache", "--task", "antonyms", "--model", str(model_dir), "--shots", "2",
-                    "--n-queries", str(n), "--out", str(store), "--device", "cpu"], env=env, check=True, cwd=REPO,
-                   capture_output=True)
+    warm_run(warm, ["teacher-cache", "--task", "antonyms", "--model", str(model_dir), "--shots", "2",
+                    "--n-queries", str(n), "--out", str(store), "--device", "cpu"])
     return py, env, store
 
 
-def test_sigkill_during_training_resumes_to_the_same_adapter(tmp_path, llama):
-    py, env, store = store_from_the_cli(tmp_path, llama)
+def test_sigkill_during_training_resumes_to_the_same_adapter(tmp_path, llama, warm_pipeline):
+    py, env, store = store_from_the_cli(tmp_path, llama, warm_pipeline)
     args = ["train-student", "--cache", str(store), "--epochs", "6", "--checkpoint-every", "2", "--device", "cpu"]
-    subprocess.run([*py, *args, "--runs-dir", str(tmp_path / "a")], env=env, check=True, cwd=REPO, capture_output=True)
-    cmd = [*py, *args, "--runs-dir", str(tmp_path / "b")]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    warm_run(warm_pipeline, [*args, "--runs-dir", str(tmp_path / "a")])
+    cmd = [*args, "--runs-dir", str(tmp_path / "b")]
+    proc = warm_pipeline.popen(cmd, cwd=REPO, env=env)  # a process of its own, to be killed
     ckpt = tmp_path / "b" / "s-mimic" / "checkpoint" / "state.pt"
     while not ckpt.exists() and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it was killed; the test needs a longer run"
     assert ckpt.exists(), "the run ended before its first checkpoint; the test needs a longer run"
-    subprocess.run(cmd, env=env, check=True, cwd=REPO, capture_output=True)
+    warm_run(warm_pipeline, cmd)
     a = load_file(str(tmp_path / "a" / "s-mimic" / "adapter.safetensors"))
     b = load_file(str(tmp_path / "b" / "s-mimic" / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -201,13 +216,12 @@ def test_reloaded_student_reproduces_trained_logits(tmp_path, llama):
     assert not torch.allclose(base, trained)
 
 
-def test_two_gloo_processes_match_one_process(tmp_path, llama):
+def test_two_gloo_processes_match_one_process(tmp_path, llama, warm_pipeline):
     """DDP by gradient all-reduce: 2 ranks x (batch 1, accum 2) == 1 rank x (batch 1, accum 4)."""
-    py, env, store = store_from_the_cli(tmp_path, llama)
+    py, env, store = store_from_the_cli(tmp_path, llama, warm_pipeline)
     common = ["train-student", "--cache", str(store), "--epochs", "2", "--batch-size", "1", "--device", "cpu",
               "--name", "r"]
-    subprocess.run([*py, *common, "--grad-accum", "4", "--runs-dir", str(tmp_path / "one")], env=env, check=True,
-                   cwd=REPO, capture_output=True)
+    warm_run(warm_pipeline, [*common, "--grad-accum", "4", "--runs-dir", str(tmp_path / "one")])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(30500 + os.getpid() % 1000), "-m", "pipeline", *common, "--grad-accum", "2",
                 "--runs-dir", str(tmp_path / "two")]
@@ -252,3 +266,43 @@ def test_store_fixes_the_task_and_online_needs_a_model(tmp_path, llama):
         setup(train_cfg(tmp_path, store, task="plurals"), llama)
     with pytest.raises(UserError, match="--online without a store needs --model"):
         setup(load_config(TrainConfig, online=True, task="antonyms", shots=2, runs_dir=str(tmp_path / "r")), llama)
+
+
+@pytest.mark.parametrize(("n", "given", "min_steps", "want_epochs", "source"), [
+    (40, None, 300, 30, "--min-steps 300"),   # 10 steps an epoch (batch 2 x accumulation 2): 30 epochs
+    (41, None, 300, 28, "--min-steps 300"),   # 11 steps an epoch: ceil(300 / 11) = 28
+    (1000, None, 300, 5, "the model's default"),  # 250 steps an epoch: the model's 5 epochs are 1250 steps
+    (40, None, 0, 5, "the model's default"),
+    (40, 3, 300, 3, "--epochs"),
+])
+def test_default_training_length_reaches_min_steps_on_small_data(n, given, min_steps, want_epochs, source):
+    from stages.train_student import training_epochs
+
+    cfg = load_config(TrainConfig, epochs=given, min_steps=min_steps, batch_size=2, grad_accum=2)
+    epochs, why = training_epochs(cfg, "smollm2-135m", n)  # pipeline/configs/models/smollm2-135m.yaml: 5 epochs
+    assert (epochs, why.startswith(source)) == (want_epochs, True), why
+
+
+def test_a_loss_still_falling_at_the_end_is_named():
+    from stages.train_student import still_falling
+
+    flat = [1.0] * 50
+    assert still_falling(flat) is None
+    assert still_falling([10.0 - 0.1 * i for i in range(50)]) is None  # -0.5 over 5 steps of ~5.6: 9%, finished enough
+    steep = [10.0 * 0.9**i for i in range(50)]  # last 5 steps' mean vs the 5 before: -41%
+    message = still_falling(steep)
+    assert message is not None and "-41%" in message and "last 5 steps" in message
+    assert still_falling(steep[:19]) is None  # too short to judge
+    assert still_falling([float("nan")] * 30 + flat) is None
+
+
+def test_run_records_the_epochs_it_used_and_why(tmp_path, llama):
+    store = make_store(tmp_path, llama, n=4)
+    cfg = load_config(TrainConfig, cache=str(store), runs_dir=str(tmp_path / "runs"), min_steps=6, batch_size=1,
+                      grad_accum=1, device="cpu")
+    run = Path(train_run(cfg, loaded=llama, show_progress=False))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    # 4 queries, batch 1: 4 steps an epoch; the model's (tiny-llama: none) 5 epochs = 20 steps >= 6
+    assert (config["epochs"], config["min_steps"], summary["steps"], summary["steps_per_epoch"]) == (5, 6, 20, 4)
+    assert summary["epochs_from"].startswith("the model's default")
