@@ -154,6 +154,7 @@ class Progress:
         self.bar = tqdm(total=total, desc=desc, unit=unit, disable=not enabled or self.plain, dynamic_ncols=True,
                         file=self.stream)
         self.start = self.printed = time.perf_counter()
+        self.printed_n = 0  # units done at the last plain line: the closing line is not printed twice
         self.samples = 0
         self.tokens = 0
         self.postfix: dict[str, Any] = {}
@@ -176,7 +177,7 @@ class Progress:
         self.bar.update(n)
 
     def _line(self) -> None:
-        self.printed = time.perf_counter()
+        self.printed, self.printed_n = time.perf_counter(), self.n
         elapsed = int(self.printed - self.start)
         done = f"{self.n}/{self.total}" + (f" ({100 * self.n / self.total:.0f}%)" if self.total else "")
         rest = "".join(f", {k} {v}" for k, v in self.postfix.items())
@@ -184,7 +185,7 @@ class Progress:
               f"{rest}", file=self.stream, flush=True)
 
     def close(self) -> float:
-        if self.plain and self.n:
+        if self.plain and self.n and self.n != self.printed_n:
             self._line()
         self.bar.close()
         return time.perf_counter() - self.start
