@@ -196,6 +196,9 @@ def build_task(path: Path, data: dict[str, Any], **options: Any) -> Task:
         options = {**options, "data_root": os.environ[DATA_ROOT_ENV]}
     cfg = load_config(TaskConfig, {"name": path.stem, **data}, **options)
     _check(cfg)
+    for hook in (cfg.prompt, cfg.postprocess, cfg.metric):
+        if isinstance(hook, Hook):
+            hook.resolve()  # a missing or broken hook is refused now, before any model is loaded
     loaders, has_image = _loaders(cfg, path)
     kind = cfg.kind or ("text" if has_image is False else "vqa")
     spec = task_spec(cfg.name, kind, cfg.metric or DEFAULT_METRICS[kind], cfg.prompt or DEFAULT_PROMPTS[kind],
