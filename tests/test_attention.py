@@ -112,6 +112,15 @@ def frozen(model):
             p.requires_grad_(flag)
 
 
+def base_logits(model, batch):
+    """(stock, stock_frozen): the base model's logits with the requires_grad flags as it came (what detach
+    must give back) and with every flag False (what an attached, switched-off student runs with)."""
+    with torch.no_grad():
+        stock = model(**batch).logits
+        with frozen(model):
+            return stock, model(**batch).logits
+
+
 def batch_of(fam, synthetic_image, padding_side):
     """Two encodings of different lengths (with images where the family has them)."""
     proc, family = fam.processor, fam.family
@@ -150,9 +159,7 @@ def test_zero_shift_is_exact_and_random_matches_reference(routed, synthetic_imag
     flags = grad_flags(model)
     with torch.no_grad():
         route_attention(model, fam.family.attn_implementation("sdpa"))
-        stock = model(**batch).logits  # the flags as the model came: what detach must give back
-        with frozen(model):
-            stock_frozen = model(**batch).logits  # the flags an attached student runs with
+        stock, stock_frozen = base_logits(model, batch)
         route_attention(model, fam.family.attn_implementation(ATTN_NAME))
         heads = build_student(AdapterConfig(method="mimic", **dict(zip(
             ("num_layers", "num_heads", "head_dim", "hidden_size"),

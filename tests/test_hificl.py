@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import yaml
 from conftest import tiny
 from safetensors.torch import load_file
-from test_attention import batch_of, frozen, grad_flags
+from test_attention import base_logits, batch_of, frozen, grad_flags
 
 from pipeline.adapters import AdapterConfig, AdapterError, build_student, read_adapter_config
 from pipeline.attention import ATTN_NAME, register_mimic_attention, route_attention
@@ -124,10 +124,8 @@ def test_trained_student_matches_the_float64_reference_and_detaches(routed, synt
     batch = batch_of(fam, synthetic_image, padding_side)
     real = batch["attention_mask"].bool()
     flags = grad_flags(model)
+    stock, stock_frozen = base_logits(model, batch)
     with torch.no_grad():
-        stock = model(**batch).logits
-        with frozen(model):
-            stock_frozen = model(**batch).logits
         student = new_student("hificl", "mimic", model, attention_geometry(model))
         try:
             assert not any(grad_flags(model)), "attach freezes the base model"

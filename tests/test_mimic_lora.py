@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_attention import batch_of, frozen, grad_flags
+from test_attention import base_logits, batch_of, grad_flags
 from test_hificl import (
     IDS,
     evaluate_student,
@@ -43,10 +43,8 @@ def test_fresh_student_is_the_base_model_and_acts_once_trained(routed, synthetic
     fam, model = routed, routed.model
     batch = batch_of(fam, synthetic_image, "left")
     flags = grad_flags(model)
+    stock, stock_frozen = base_logits(model, batch)
     with torch.no_grad():
-        stock = model(**batch).logits
-        with frozen(model):
-            stock_frozen = model(**batch).logits
         student = new_student("mimic-lora", "mimic", model, attention_geometry(model))
         try:
             split = parts(student)
