@@ -74,15 +74,14 @@ def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer:
         # silently wrong teacher states (a lost shard reads back as zeros)
         store.verify(full=True)
         attrs = store.attrs
-    stored = resolve(records=[attrs] if attrs else [], what="the store")
-    if attrs and config.task not in (None, stored.task):
-        raise UserError(f"--task {config.task} differs from the store's task {stored.task}: a store fixes its task; "
+    # the store's task is not an option's default but fixed: resolved without --task, then compared with it
+    prov = resolve(model=config.model, data_root=config.data_root, records=[attrs] if attrs else [], what="the store")
+    if attrs and config.task not in (None, prov.task):
+        raise UserError(f"--task {config.task} differs from the store's task {prov.task}: a store fixes its task; "
                         "drop --task, or cache a store of that task with `pipeline teacher-cache`")
-    prov = resolve(task=config.task, model=config.model, data_root=config.data_root, records=[attrs] if attrs else [],
-                   what="the store")
     if prov.model is None:
         raise UserError("--online without a store needs --model (the teacher's and the student's model)")
-    model_name, task_name, data_root = prov.model, prov.task, prov.data_root
+    model_name, task_name, data_root = prov.model, prov.task or config.task, prov.data_root
     task = load_task(task_name, **({"data_root": data_root} if data_root else {}))
     if loaded is None:
         loaded = load_for_stage(model_name, config.device, config.dtype, config.revision, config.trust_remote_code)
