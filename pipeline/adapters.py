@@ -81,7 +81,7 @@ def _config_problem(config: AdapterConfig) -> str | None:
             return f"'{key}' is {getattr(config, key)!r}, expected a string"
     if config.base_revision is not None and not isinstance(config.base_revision, str):
         return f"'base_revision' is {config.base_revision!r}, expected a string or null"
-    for key in ("store_fingerprint", "lora"):
+    for key in ("store_fingerprint", "lora", "settings"):
         if not isinstance(getattr(config, key), dict):
             return f"'{key}' is {getattr(config, key)!r}, expected a mapping"
     if not _is_int(config.format_version):
@@ -96,13 +96,15 @@ def _config_problem(config: AdapterConfig) -> str | None:
 class AdapterConfig:
     """What a student is and what it was made for.
 
-    method: a registered method (mimic, live, lora, hificl, mimic-lora, plug-ins). variant: the MimIC
+    method: a registered method (mimic, live, lora, hificl, mimic-lora, tv, fv, plug-ins). variant: the MimIC
     variant (``mimic`` for the others).
     num_layers, num_heads, head_dim, hidden_size: the decoder geometry it was built for.
     base_model: the model id or alias; base_revision / base_fingerprint: what exactly was loaded.
     store_fingerprint: the teacher store's fingerprint (empty for students trained online).
     lora: the method's own settings: PEFT LoRA's (r, alpha, dropout, target modules) for ``lora`` and
     ``mimic-lora``, HiFICL's (n virtual keys, rank) for ``hificl``.
+    settings: other methods' own settings (the layer of a Task Vector; the layer and heads of a Function
+    Vector); absent ({}) in files written before it existed.
     """
 
     method: str
@@ -116,6 +118,7 @@ class AdapterConfig:
     base_fingerprint: str = ""
     store_fingerprint: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
     format_version: int = ADAPTER_FORMAT_VERSION
 
     def __post_init__(self):

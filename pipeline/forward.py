@@ -9,12 +9,14 @@ analysis for zero-shot and student states. Also the host <-> device moves they s
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pipeline.capture import StateCapture, span_positions
+from pipeline.families.base import pad_token_id, tokenizer_of
 from pipeline.runtime import Loaded
 
 
@@ -176,3 +178,25 @@ class TeacherRunner:
                 torch.cuda.empty_cache()
                 self.batch_size //= 2
         return [results[j] for j in range(len(prompts))]
+
+
+def model_dtype(model: Any) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def generate_batch(loaded: Loaded, prompts: Sequence[Any], max_new_tokens: int, num_beams: int) -> list[str]:
+    """Raw generated text (new tokens only) per prompt: left padding (every prompt ends at the last position
+    of the first forward), ``num_beams`` beams without sampling, the family's stop strings. Evaluation and
+    the layer sweep of the training-free methods generate through it."""
+    batch = loaded.family.collate([p.encoded for p in prompts], loaded.processor, "left")
+    batch.pop("position_ids", None)  # generate derives the same cumsum(mask) - 1 and extends it per step
+    batch = to_device(batch, loaded.device, model_dtype(loaded.model))
+    tokenizer = tokenizer_of(loaded.processor)
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            **batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+            num_return_sequences=1, stop_strings=list(loaded.family.stop_strings), tokenizer=tokenizer,
+            pad_token_id=pad_token_id(loaded.processor),
+        )
+    new_tokens = out[:, batch["input_ids"].shape[1]:]
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -8,6 +8,7 @@
     train.log            what the command printed (stdout and stderr lines; a progress bar's final state,
                          not its redraws), appended by every run and resumption under a header line
     loss_curve.png       the loss curve, drawn from the log
+    fit.json             training-free methods (tv, fv): the layer sweep and what the fit chose
     adapter.safetensors, adapter_config.json   the student (format owned by ``pipeline.adapters``)
     .lock                one writer at a time (``pipeline.locks``)
 
@@ -36,6 +37,8 @@ from pipeline.versions import library_versions
 RUN_SCHEMA_VERSION = 1
 LOG_FILE, CONFIG_FILE, SUMMARY_FILE, CURVE_FILE = "train_log.jsonl", "config.yaml", "summary.json", "loss_curve.png"
 OUTPUT_LOG = "train.log"
+FIT_FILE = "fit.json"
+"""What a training-free method's fit chose and measured (its layer sweep; FV's head effects)."""
 VERSIONS_KEY = "versions"
 SCHEMA_KEY = "run_schema_version"
 RESUMABLE_KEYS = ("max_steps", "num_workers", "checkpoint_every", "overwrite", "force", "device", "runs_dir", "name")
@@ -45,7 +48,7 @@ RESUMABLE_KEYS = ("max_steps", "num_workers", "checkpoint_every", "overwrite", "
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_WEIGHTS, CHECKPOINT_STATE, CHECKPOINT_CONFIG = "student.safetensors", "state.pt", "config.json"
 CHECKPOINT_COMPLETE = "COMPLETE"  # written last: a checkpoint directory without it is torn
-RUN_OUTPUTS = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, CONFIG_FILE, SUMMARY_FILE, CURVE_FILE, LOG_FILE, OUTPUT_LOG)
+RUN_OUTPUTS = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, CONFIG_FILE, SUMMARY_FILE, CURVE_FILE, LOG_FILE, OUTPUT_LOG, FIT_FILE)
 """Every file stage 2 writes into ``runs/<name>/`` (besides the checkpoint directories and the lock):
 ``--overwrite`` deletes these and nothing else."""
 _TMP, _OLD = ".tmp", ".old"

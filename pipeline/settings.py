@@ -69,8 +69,10 @@ class TrainConfig(RuntimeOptions):
 
     cache: str | None = opt(None, "Teacher store written by `pipeline teacher-cache` (required unless --online with --task).")
     method: str = opt("mimic", "Student method: mimic, live (one vector per layer), lora (PEFT), hificl (low-rank "
-                               "virtual keys and values per head), mimic-lora (both, an lr each), or a plug-in "
-                               "installed through the entry-point group mimic_pipeline.methods.")
+                               "virtual keys and values per head), mimic-lora (both, an lr each), the training-free "
+                               "tv (Task Vector) and fv (Function Vector), fitted from the store with the layer "
+                               "chosen on held-out training queries, or a plug-in installed through the "
+                               "entry-point group mimic_pipeline.methods.")
     variant: str = opt("mimic", "MimIC variant: mimic, head_shared, query_independent, shift_only.", VARIANTS)
     align: str | None = opt(None, "Alignment loss: mse (official), l2sum (paper), kl (top-k logits), none. Default by method.", (*ALIGN_LOSSES, None))
     lambda_gt: float = opt(0.5, "Weight of the cross-entropy term L_gt.", at_least=0)
@@ -99,7 +101,9 @@ class TrainConfig(RuntimeOptions):
     task: str | None = opt(None, "--online without a store: the task.")
     model: str | None = opt(None, "Model; default the store's model.")
     shots: int | None = opt(None, "--online without a store: demonstrations per query (required there).", at_least=1)
-    n_queries: int = opt(1000, "--online without a store: training queries.", at_least=1)
+    n_queries: int | None = opt(None, "Training queries: the first N of the store (default all of them; the "
+                                      "data-efficiency curve of one store), or with --online and no store the "
+                                      "first N of the train split (default 1000).", at_least=1)
     layer_target: str = opt("mlp", "--online without a store: the aligned state.", LAYER_TARGETS)
     data_root: str | None = opt(None, "Root of the official data files (or env MIMIC_DATA).")
     num_workers: int = opt(0, "DataLoader worker processes reading the store.", at_least=0)

@@ -37,8 +37,7 @@ import torch
 from pipeline.adapters import ADAPTER_WEIGHTS
 from pipeline.capture import StateCapture
 from pipeline.config import UserError, config_to_dict
-from pipeline.families.base import pad_token_id, tokenizer_of
-from pipeline.forward import forward_states, to_device
+from pipeline.forward import forward_states, generate_batch, model_dtype
 from pipeline.metrics import JavaNotFoundError
 from pipeline.plots import plot_layer_distances
 from pipeline.prompts import DemoCache, Prompt, build_prompt, check_alignment
@@ -57,6 +56,7 @@ from pipeline.runtime import Loaded, Progress
 from pipeline.store import open_store
 from pipeline.students import load_student_dir
 from pipeline.tasks.sampling import sample_demonstrations
+from pipeline.vectors import prompt_ends
 
 SETTINGS_KEYS = ("model_fingerprint", "split", "n", "num_beams", "max_new_tokens", "dtype", "seed")
 """What identifies a result besides its name (the model alias is shown, the fingerprint compared)."""
@@ -95,26 +95,6 @@ def build_queries(task: Any, loaded: Loaded, examples: Sequence[Any], shots: int
                               [task.demo_answer(d) for d in demos], None, demo_cache)
         queries.append(Query(example, prompt, [str(d.id) for d in demos]))
     return queries
-
-
-def model_dtype(model: Any) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
-def generate_batch(loaded: Loaded, prompts: Sequence[Prompt], max_new_tokens: int, num_beams: int) -> list[str]:
-    """Raw generated text (new tokens only) per prompt; left padding, beams, stop strings."""
-    batch = loaded.family.collate([p.encoded for p in prompts], loaded.processor, "left")
-    batch.pop("position_ids", None)  # generate derives the same cumsum(mask) - 1 and extends it per step
-    batch = to_device(batch, loaded.device, model_dtype(loaded.model))
-    tokenizer = tokenizer_of(loaded.processor)
-    with torch.inference_mode():
-        out = loaded.model.generate(
-            **batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-            num_return_sequences=1, stop_strings=list(loaded.family.stop_strings), tokenizer=tokenizer,
-            pad_token_id=pad_token_id(loaded.processor),
-        )
-    new_tokens = out[:, batch["input_ids"].shape[1]:]
-    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
 def dtype_name(dtype: Any) -> str:
@@ -476,7 +456,10 @@ def layer_distances(
         with student.disabled(), torch.inference_mode():
             teacher = forward_states(loaded, capture, teachers).states.float()  # (B, S, L, D)
         collated = loaded.family.collate([p.encoded for p in prompts], loaded.processor, "right")
-        for name, context in (("zero-shot", student.disabled()), ("student", nullcontext())):
+        # a student acting at one position (tv, fv) is told where each right-padded prompt ends
+        at = getattr(student.attachment, "at_positions", None)
+        ends = at(torch.tensor(prompt_ends(prompts), device=loaded.device)) if at else nullcontext()
+        for name, context in (("zero-shot", student.disabled()), ("student", ends)):
             with context, torch.inference_mode():
                 run = forward_states(loaded, capture, prompts, collated)
             states, mask = run.states.float(), run.mask  # (B, S, L, D), (B, S)

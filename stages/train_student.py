@@ -28,6 +28,7 @@ from pipeline.settings import TrainConfig
 from pipeline.store import open_store, store_identity, store_settings
 from pipeline.students import new_student
 from pipeline.tasks import load_task
+from stages.fitting import Fitter
 from stages.trainer import Trainer
 from stages.training import StudentData, steps_per_epoch
 
@@ -59,7 +60,7 @@ def check_model_matches(attrs: dict, loaded: Loaded, force: bool) -> None:
         )
 
 
-def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer:
+def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer | Fitter:
     """Everything the loop needs; resumes from ``runs/<name>/checkpoint`` when present."""
     get_method(config.method)  # an unknown method is refused before anything loads
     if config.cache is None and not (config.online and config.task):
@@ -100,12 +101,16 @@ def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer:
                      epochs=epochs, model=model_name)
     name = run_name(config, attrs)
     run_dir = Path(config.runs_dir) / name
+    info = {"base_model": loaded.source.recorded, "base_revision": loaded.source.revision,
+            "base_fingerprint": loaded.source.fingerprint, "store_fingerprint": store_settings(attrs)}
+    spec = get_method(config.method)
+    if spec.fit is not None:
+        if config.online or not attrs:
+            raise UserError(f"--method {config.method} is fitted from a teacher store's queries and demonstrations: "
+                            "give --cache STORE (not --online)")
+        return Fitter(replace(config, epochs=0), loaded, data, run_dir, task, spec, info)
     torch.manual_seed(config.seed)
-    student = new_student(
-        config.method, config.variant, loaded.model, loaded.geometry, base_model=loaded.source.recorded,
-        base_revision=loaded.source.revision, base_fingerprint=loaded.source.fingerprint,
-        store_fingerprint=store_settings(attrs),
-    )
+    student = new_student(config.method, config.variant, loaded.model, loaded.geometry, **info)
     trainer = Trainer(config, loaded, student, data, run_dir, epochs, align)
     trainer.stats["epochs_from"] = source
     return trainer
@@ -125,7 +130,7 @@ def training_epochs(config: TrainConfig, model: str, n_samples: int) -> tuple[in
     return base, f"the model's default ({model})"
 
 
-def save_outputs(trainer: Trainer) -> Path:
+def save_outputs(trainer: Trainer | Fitter) -> Path:
     run = RunDir(trainer.run_dir)
     trainer.student.save(run.path)
     run.write_config(config_to_dict(trainer.config))
@@ -154,22 +159,25 @@ def _run(config: TrainConfig, loaded: Loaded | None, show_progress: bool, output
                 output.attach(run.output_log_path)  # after --overwrite removed the old one
             barrier()  # no rank reads the checkpoint while rank 0 may still be removing it
             if show_progress and rank == 0:
-                print(f"training {trainer.total_steps} steps: {trainer.epochs} epochs of {trainer.steps_per_epoch} "
-                      f"(epochs from {trainer.stats['epochs_from']})")
+                print(trainer.start_message())
             trainer.train(checkpoint, show_progress=show_progress and rank == 0)
             if rank == 0:
                 finish(trainer, show_progress, world)
     finally:
-        trainer.student.detach()  # a model passed in leaves as it came
+        if trainer.student is not None:
+            trainer.student.detach()  # a model passed in leaves as it came
     return trainer.run_dir
 
 
-def finish(trainer: Trainer, show_progress: bool, world: int) -> None:
+def finish(trainer: Trainer | Fitter, show_progress: bool, world: int) -> None:
     """Write the adapter, config, loss curve and summary; say what was done."""
     save_outputs(trainer)
     summary = trainer.summary()
     RunDir(trainer.run_dir).write_summary(summary)
     if not show_progress:
+        return
+    if isinstance(trainer, Fitter):
+        print(trainer.done_message(summary))
         return
     if trainer.stats["resumed_at"] >= trainer.total_steps:
         print(f"{trainer.run_dir} is already trained ({summary['steps']} steps, final loss "

@@ -39,6 +39,10 @@ class Trainer:
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
         self.stats = {"samples": 0, "data_s": 0.0, "compute_s": 0.0, "final_loss": float("nan"), "steps": 0}
 
+    def start_message(self) -> str:
+        return (f"training {self.total_steps} steps: {self.epochs} epochs of {self.steps_per_epoch} "
+                f"(epochs from {self.stats['epochs_from']})")
+
     # ---- data order -------------------------------------------------------------------------
     def epoch_groups(self, epoch: int) -> list[list[list[int]]]:
         """This rank's micro-batches of one epoch, grouped per optimiser step (seeded shuffle)."""
@@ -210,7 +214,7 @@ class Trainer:
     def summary(self) -> dict:
         s = self.stats
         elapsed = s.get("elapsed_s", 0.0) or 1e-9
-        return {"steps": s["steps"], "final_loss": s["final_loss"],
+        return {"steps": s["steps"], "final_loss": s["final_loss"], "training_queries": len(self.data),
                 "samples_per_s": s["samples"] / elapsed if s["samples"] else None,
                 "data_s": s["data_s"], "compute_s": s["compute_s"], "elapsed_s": elapsed, "align": self.align,
                 "epochs": self.epochs, "steps_per_epoch": self.steps_per_epoch,

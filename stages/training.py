@@ -21,6 +21,10 @@ def steps_per_epoch(n_samples: int, config: Any, world: int = 1) -> int:
     return math.ceil(math.ceil(math.ceil(n_samples / world) / config.batch_size) / config.grad_accum)
 
 
+ONLINE_QUERIES = 1000
+"""Training queries of ``--online`` without a store when ``--n-queries`` is not given."""
+
+
 @dataclass
 class Item:
     """One training sample: the student prompt and, offline, the cached teacher states."""
@@ -43,13 +47,14 @@ class StudentData(torch.utils.data.Dataset):
         self.demo_cache = DemoCache() if config.online else None  # teacher prompts are built in the main process
         if store_path:
             store = open_store(store_path)
-            self.query_index = [int(q) for q in store.read_array("query_ids")]
-            self.demos = [[int(d) for d in row if d >= 0] for row in store.read_array("icd_ids")]
+            keep = slice(None, config.n_queries)  # the first N of the store (``--n-queries``), else all
+            self.query_index = [int(q) for q in store.read_array("query_ids")][keep]
+            self.demos = [[int(d) for d in row if d >= 0] for row in store.read_array("icd_ids")][keep]
             self.demo_seed, self.shots = int(attrs["demo_seed"]), int(attrs["shots"])
             self.layer_target = attrs["layer_target"]
         else:
             queries = task.split("train")
-            self.query_index = list(range(min(config.n_queries, len(queries))))
+            self.query_index = list(range(min(config.n_queries or ONLINE_QUERIES, len(queries))))
             self.demo_seed, self.shots, self.layer_target = config.seed, config.shots or 0, config.layer_target
             self.demos = [self.sample_demos(i, 0) for i in range(len(self.query_index))]
 

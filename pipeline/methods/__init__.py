@@ -2,7 +2,7 @@
 its defaults — behind one registry (as peft's ``tuners/<method>/`` with its method registry).
 
 A method is a ``MethodSpec``. The built-in ones (``mimic``, ``live``, ``lora``, ``hificl``,
-``mimic-lora``) live in this package and are imported only when asked for. Another package adds one
+``mimic-lora``; the training-free ``tv`` and ``fv``) live in this package and are imported only when asked for. Another package adds one
 without touching this project: through the entry-point group ``mimic_pipeline.methods`` (entry name =
 method name, value = ``module:SPEC``), or by calling ``register_method(spec)`` before the stages run.
 Training, saving, loading and evaluation then treat it like a built-in: ``pipeline train-student
@@ -23,7 +23,8 @@ from pipeline.config import UserError
 ENTRY_POINT_GROUP = "mimic_pipeline.methods"
 BUILTIN = MappingProxyType(
     {"mimic": "pipeline.methods.mimic", "live": "pipeline.methods.live", "lora": "pipeline.methods.lora",
-     "hificl": "pipeline.methods.hificl", "mimic-lora": "pipeline.methods.mimic_lora"})
+     "hificl": "pipeline.methods.hificl", "mimic-lora": "pipeline.methods.mimic_lora",
+     "tv": "pipeline.methods.task_vector", "fv": "pipeline.methods.function_vector"})
 """Built-in method name -> module holding its ``SPEC`` (imported on first use: torch and PEFT stay
 unimported for ``--help``)."""
 
@@ -58,6 +59,9 @@ class MethodSpec:
     ``Attachment.trainable`` names it) given the run's ``TrainConfig`` and its resolved ``--lr``; None
     (the default): ``lr`` for every parameter. For methods of several parts (``mimic-lora``); the
     optimiser makes one group per learning rate (and per weight decay).
+    fit(config, data): for training-free methods (Task Vector, Function Vector), computes the student from
+    the model's own forwards instead of an optimiser: ``data`` is a ``pipeline.methods.base.FitData``,
+    the result a ``FitResult`` (tensors, settings, record); ``attach`` then builds it from the settings.
     """
 
     name: str
@@ -71,6 +75,7 @@ class MethodSpec:
     default_lr: float = 5e-3
     default_align: str = "mse"
     param_lr: Callable[[Any, float, str], float] | None = None
+    fit: Callable[[Any, Any], Any] | None = None
 
     def shapes(self, config: Any, model: Any = None) -> dict[str, tuple[int | None, ...]]:
         """``expected_shapes``, or the state dict of ``build(config)`` made on the meta device (no

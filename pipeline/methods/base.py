@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -114,3 +115,52 @@ def attach_output_hooks(model: nn.Module, module: nn.Module, targets: Sequence[n
 
         undo.append(target.register_forward_hook(hook).remove)
     return ModuleAttachment(module, StudentHandle(model, switch, undo))
+
+
+@dataclass
+class FitData:
+    """What a training-free method (``MethodSpec.fit``) fits on, built by ``pipeline train-student`` from
+    the teacher store: the store's queries with the store's demonstrations, split into a fitting part and a
+    held-out part of the training split (never the evaluation split).
+
+    loaded: the model (``pipeline.runtime.Loaded``). prompts: k-shot ICL prompts of the fitting queries,
+    their answers teacher-forced. shuffled: the same prompts with the demonstrations' answers permuted
+    (no demonstration keeps its own), for Function Vector's causal indirect effects. score(attachment):
+    the task's metric on the held-out queries, run alone (zero-shot prompts, greedy generation) with
+    that attachment on the model. batch_size: forwards per batch. progress(total, desc): a progress bar.
+    """
+
+    loaded: Any
+    prompts: list[Any]
+    shuffled: list[Any]
+    score: Callable[[Any], float]
+    batch_size: int
+    progress: Callable[[int, str], Any]
+    held_out: int = 0
+
+
+@dataclass
+class FitResult:
+    """A fitted student: its tensors, its ``adapter_config.json`` settings, and a record of how it was
+    chosen (written to the run's ``fit.json``)."""
+
+    tensors: dict[str, torch.Tensor]
+    settings: dict[str, Any]
+    record: dict[str, Any]
+
+
+def sweep_layers(data: FitData, layers: Sequence[int], attach: Callable[[int], Any], what: str) -> tuple[int, list[float]]:
+    """(best layer, held-out score of each layer of ``layers``): ``attach(layer)`` puts the student on the
+    model at that layer, ``data.score`` measures it, then it is detached. Ties go to the earlier layer."""
+    scores = []
+    progress = data.progress(len(layers), f"{what}: layer sweep")
+    for layer in layers:
+        attachment = attach(layer)
+        try:
+            scores.append(float(data.score(attachment)))
+        finally:
+            attachment.detach()
+        progress.update(1)
+    progress.close()
+    best = max(range(len(layers)), key=lambda i: (scores[i], -i))
+    return layers[best], scores
