@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 MODELS = ("idefics-9b", "idefics2-8b")
-METHODS = ("mimic", "live", "lora", "hificl", "mimic-lora")
+METHODS = ("mimic", "live", "lora", "hificl", "mimic-lora", "tv", "fv")
 PAPER = {("mimic", "idefics-9b"): "0.26M (MimIC paper)", ("hificl", "idefics-9b"): "2.2M (HiFICL paper)"}
 """The figures the papers report, by (method, model)."""
 
