@@ -530,7 +530,7 @@ def render_run(r: dict) -> str:
     m, p, st, t = r["method"], r["parameters"], r["store"], r["training"]
     params = ("-" if p is None else f"unreadable ({p['error']})" if "error" in p
               else f"{p['count']:,} in {p['tensors']} tensors ({human_bytes(p['bytes'])}, {p['file']})")
-    variant = f" / {m['variant']}" if m.get("variant") and m["variant"] != m["method"] else ""
+    variant = f" / {m['variant']}" if m.get("variant") and m["method"] == "mimic" and m["variant"] != "mimic" else ""
     method = f"{m['describe']}{variant}" + (f" (adapter_config.json unreadable: {m['adapter_error']})"
                                             if m.get("adapter_error") else "")
     last, first = t["last"] or {}, t["first"] or {}

@@ -409,6 +409,19 @@ def test_refusals_are_one_line(tmp_path, store_and_model):
             replace(fv, settings={"layer": 0, "heads": bad})
 
 
+def test_function_vector_without_demonstrations_is_refused_in_one_line(fv_setting):
+    from pipeline.adapters import AdapterConfig
+
+    loaded = fv_setting[0]
+    config = AdapterConfig(method="fv", num_layers=2, num_heads=4, head_dim=8, hidden_size=32,
+                           settings={"layer": 0, "heads": []})
+    data = FitData(loaded=loaded, prompts=fv_setting[2], shuffled=[], score=lambda a: 0.0, batch_size=4,
+                   progress=lambda total, desc: _Quiet(), held_out=1)
+    with pytest.raises(UserError, match="needs a store of at least 2 shots") as err:
+        get_method("fv").fit(config, data)
+    assert "\n" not in str(err.value)
+
+
 def test_derangement_moves_every_demonstration():
     from stages.fitting import derangement
 
@@ -416,3 +429,19 @@ def test_derangement_moves_every_demonstration():
         for seed in range(20):
             order = derangement(n, random.Random(seed))
             assert sorted(order) == list(range(n)) and all(i != j for i, j in enumerate(order))
+
+
+def test_n_queries_trains_on_the_first_n_of_the_store(tmp_path, store_and_model):
+    from pipeline.store import open_store
+    from stages.train_student import setup
+
+    store, loaded = store_and_model
+    ids = [int(q) for q in open_store(store).read_array("query_ids")]
+    trainer = setup(fit_config(store, tmp_path, "mimic", n_queries=3, max_steps=1), loaded)
+    try:
+        assert trainer.data.query_index == ids[:3] and len(trainer.data) == 3
+        assert trainer.summary()["training_queries"] == 3
+    finally:
+        trainer.student.detach()
+    fitter = setup(fit_config(store, tmp_path, "tv", n_queries=5), loaded)
+    assert fitter.data.query_index == ids[:5]  # the training-free methods take the same subset

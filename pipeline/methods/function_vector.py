@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from pipeline.config import UserError
 from pipeline.methods import MethodSpec
 from pipeline.methods.base import FitData, FitResult, sweep_layers
 from pipeline.vectors import (
@@ -55,7 +56,8 @@ def attach(config: Any, model: nn.Module) -> VectorAttachment:
 def fit(config: Any, data: FitData) -> FitResult:
     loaded = data.loaded
     if not data.shuffled:
-        raise ValueError("a Function Vector needs ICL prompts of at least 2 demonstrations (shuffled answers)")
+        raise UserError("--method fv needs a store of at least 2 shots (its head effects are measured on prompts whose "
+                        "demonstrations' answers are shuffled); cache one with `pipeline teacher-cache --shots 8`")
     means = mean_head_outputs(loaded, data.prompts, data.batch_size)  # (L, H, Dh)
     shuffled = data.shuffled[:CIE_PROMPTS]
     progress = data.progress(len(shuffled), "function vector: causal indirect effects")
