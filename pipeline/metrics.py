@@ -223,3 +223,152 @@ def score(metric_name: str, predictions: Sequence[str], answers: Sequence[Sequen
         per_sample = [one(p, a) for p, a in zip(predictions, answers, strict=True)]
         corpus = sum(per_sample) / len(per_sample)
     return {"metric": metric_name, "score": 100.0 * corpus, "per_sample": [100.0 * s for s in per_sample]}
+
+
+# --- Benchmark scorers: MME, SEED-Bench (image), VQAv2 / OK-VQA by answer type ------------------------
+
+# MME (Fu et al. 2023). The rules follow the official eval tool ``eval_tool/calculation.py`` shipped with
+# the MME release (read in the verbatim copy zjunlp/Deco eval_tool/calculation.py; a LLaVA-based copy
+# has the same rules): its ``eval_type_dict``, ``parse_pred_ans`` and the acc / acc_plus sums.
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+                  "artwork", "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+
+
+def mme_parse(prediction: str) -> str:
+    """Official ``parse_pred_ans`` on the lower-cased response: "yes" / "no" when the whole response
+    is that word, else "yes" if "yes" occurs in its first 4 characters, else "no" if "no" does, else
+    "other" (always wrong). Quirks kept: no stripping (" yes" parses, "  yes" is "other"), "no"
+    anywhere in the first 4 characters counts ("not sure" and "none" are "no"), "yes" wins over "no"."""
+    text = prediction.lower()
+    if text in ("yes", "no"):
+        return text
+    prefix = text[:4]
+    if "yes" in prefix:
+        return "yes"
+    return "no" if "no" in prefix else "other"
+
+
+def _mme_group(records: Sequence[dict]) -> dict[str, dict[str, list[bool]]]:
+    """subtask -> image -> per-question correctness, validating names, answers and pairs."""
+    valid = MME_PERCEPTION + MME_COGNITION
+    groups: dict[str, dict[str, list[bool]]] = {}
+    for i, rec in enumerate(records):
+        subtask, answer = rec["subtask"], str(rec["answer"]).lower()
+        if subtask not in valid:
+            raise ValueError(f"mme_scores: record {i} has unknown subtask {subtask!r}; official names: "
+                             f"{', '.join(valid)}.")
+        if answer not in ("yes", "no"):  # the official tool asserts gt in ["yes", "no"]
+            raise ValueError(f"mme_scores: record {i} has answer {rec['answer']!r}; expected Yes or No.")
+        groups.setdefault(subtask, {}).setdefault(str(rec["image"]), []).append(
+            mme_parse(rec["prediction"]) == answer)
+    for subtask, images in groups.items():
+        for image, marks in images.items():
+            if len(marks) != 2:  # the official tool asserts len(img_items) == 2
+                raise ValueError(f"mme_scores: {subtask} image {image!r} has {len(marks)} questions; MME "
+                                 f"asks exactly 2 per image (acc+ needs both).")
+    return groups
+
+
+def mme_scores(records: Sequence[dict]) -> dict:
+    """MME scores from records ``{subtask, image, prediction, answer}`` (two questions per image).
+
+    Per subtask (official names, ``MME_PERCEPTION`` / ``MME_COGNITION``): ``acc`` = % questions right,
+    ``acc_plus`` = % images with both questions right, ``score`` = acc + acc_plus (0-200), ``n`` =
+    questions. "perception" / "cognition" sum the scores of the subtasks present (a missing one adds
+    0, as LLaVA's copy of the tool skips a missing result file), "total" is their sum.
+    """
+    if len(records) == 0:
+        raise ValueError("mme_scores: no records.")
+    out: dict = {}
+    for subtask, images in _mme_group(records).items():
+        marks = [m for pair in images.values() for m in pair]
+        acc = 100.0 * sum(marks) / len(marks)
+        acc_plus = 100.0 * sum(all(pair) for pair in images.values()) / len(images)
+        out[subtask] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus, "n": len(marks)}
+    out["perception"] = sum(out[s]["score"] for s in MME_PERCEPTION if s in out)
+    out["cognition"] = sum(out[s]["score"] for s in MME_COGNITION if s in out)
+    out["total"] = out["perception"] + out["cognition"]
+    return out
+
+
+# SEED-Bench (Li et al. 2023), image part, options A-D. The official SEED-Bench eval.py ranks options by
+# likelihood and parses no text; lmms-eval (tasks/seedbench/utils.py, seed_process_result) keeps only the
+# first character of the stripped generation, so "(B)" and "The answer is B" score wrong. seed_letter
+# instead uses VLMEvalKit's option matching (vlmeval/utils/matching_util.py, can_infer_option): the
+# characters .()[],:;!*#{} become spaces, the text is split on whitespace and a standalone capital
+# letter counts; exactly one distinct letter -> that letter. Two rules run first: a letter opening the
+# response ("B", "(B)", "B. a cat") and a letter right after "answer/option/choice (is)(:)".
+# The article "A": VLMEvalKit only warns about it (and an older copy rejects any response with a token
+# "A" among more than 3 tokens, losing "The answer is A"); lmms-eval reads "A cat ..." as option A. Here
+# a capital "A" that opens the response or a sentence and is followed by a space and a lower-case
+# letter ("A cat is ...", "B. A cat") is an article, not an option; "A", "A.", "(A) cat", "A: cat" and
+# "The answer is A" stay option A. Letters are case-sensitive (a lone "b" is not B), as in both tools.
+_SEED_OPTIONS = ("A", "B", "C", "D")
+_SEED_ARTICLE_A = re.compile(r"(^|[.!?]\s+)A(?=\s+[a-z])")
+_SEED_LEADING = re.compile(r"^\s*[(\[]?([A-D])(?=[)\].:,;!]|\s|$)")
+_SEED_PHRASE = re.compile(r"(?i:answer|option|choice)\s*(?i:is)?\s*:?\s*[(\[]?([A-D])(?![A-Za-z0-9])")
+_SEED_SPLIT_CHARS = ".()[],:;!*#{}"
+
+
+def seed_letter(text: str) -> str | None:
+    """The option letter (A-D) a generation answers, or None when there is none or it is ambiguous."""
+    text = _SEED_ARTICLE_A.sub(r"\1", text)
+    for pattern in (_SEED_LEADING, _SEED_PHRASE):
+        match = pattern.search(text)
+        if match:
+            return match.group(1)
+    for mark in _SEED_SPLIT_CHARS:
+        text = text.replace(mark, " ")
+    found = {tok for tok in text.split() if tok in _SEED_OPTIONS}
+    return found.pop() if len(found) == 1 else None
+
+
+def seed_accuracy(records: Sequence[dict]) -> dict:
+    """SEED-Bench accuracy from records ``{question_type, prediction, answer}``, in %.
+
+    Returns ``{"overall": %, "per_type": {question_type: %}, "n": questions}``; "overall" pools all
+    questions (LLaVA's convert_seed_for_submission.py: total correct / total count), ``per_type`` keeps
+    the types as given (str or int) in first-seen order. An unparsable prediction counts as wrong.
+    """
+    if len(records) == 0:
+        raise ValueError("seed_accuracy: no records.")
+    per_type: dict = {}
+    for i, rec in enumerate(records):
+        answer = str(rec["answer"]).strip()
+        if answer not in _SEED_OPTIONS:
+            raise ValueError(f"seed_accuracy: record {i} has answer {rec['answer']!r}; "
+                             f"expected A, B, C or D.")
+        per_type.setdefault(rec["question_type"], []).append(seed_letter(rec["prediction"]) == answer)
+    total = sum(len(marks) for marks in per_type.values())
+    correct = sum(sum(marks) for marks in per_type.values())
+    return {"overall": 100.0 * correct / total,
+            "per_type": {t: 100.0 * sum(m) / len(m) for t, m in per_type.items()}, "n": total}
+
+
+VQA_ANSWER_TYPES = ("yes/no", "number", "other")
+
+
+def vqa_accuracy_by_type(predictions: Sequence[str], answers: Sequence[Sequence[str]],
+                         answer_types: Sequence[str]) -> dict[str, float]:
+    """VQA accuracy overall and per answer type, in % (unrounded), as the official ``vqaEval.py``.
+
+    Each question scores ``vqa_accuracy``; "overall" is the mean over all questions and each type the
+    mean over its questions (``setAccuracy``: 100 * sum / len; the tool then rounds to 2 decimals).
+    Types without questions are left out. Keys: "overall", then "yes/no", "number", "other" when
+    present, then any other type string in first-seen order (the official code keeps any type).
+    """
+    _check_corpus(predictions, answers, "vqa_accuracy_by_type")
+    if isinstance(answer_types, str) or len(answer_types) != len(predictions):
+        raise ValueError(f"vqa_accuracy_by_type: need one answer type per question ({len(predictions)}), "
+                         f"got {len(answer_types) if not isinstance(answer_types, str) else 'a string'}.")
+    per_type: dict[str, list[float]] = {}
+    scores = []
+    for pred, gts, kind in zip(predictions, answers, answer_types, strict=True):
+        scores.append(vqa_accuracy(pred, gts))
+        per_type.setdefault(kind, []).append(scores[-1])
+    out = {"overall": 100.0 * sum(scores) / len(scores)}
+    order = [t for t in VQA_ANSWER_TYPES if t in per_type]
+    order += [t for t in per_type if t not in VQA_ANSWER_TYPES]
+    out.update({t: 100.0 * sum(per_type[t]) / len(per_type[t]) for t in order})
+    return out
