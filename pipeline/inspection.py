@@ -356,7 +356,8 @@ def training(run: RunDir, checkpoint_step: int | None) -> dict:
     return {"finished": bool(summary), "steps": summary.get("steps", log[-1]["step"] if log else None),
             "logged_steps": len(log), "checkpoint_step": checkpoint_step, "final_loss": summary.get("final_loss"),
             "first": first, "last": last, "align": summary.get("align"),
-            "samples_per_s": summary.get("samples_per_s"), "elapsed_s": summary.get("elapsed_s")}
+            "samples_per_s": summary.get("samples_per_s"), "elapsed_s": summary.get("elapsed_s"),
+            "fit": summary.get("fit") if isinstance(summary.get("fit"), dict) else None}
 
 
 def evaluations(run: Path, results_dir: Path, adapter_sha: str | None) -> list[dict]:
@@ -538,6 +539,13 @@ def render_run(r: dict) -> str:
               f"first step {_num(first.get('loss'))}") if t["last"] else "-"
     steps = (f"{_num(t['steps'])}" + ("" if t["finished"] else " logged (no summary.json: unfinished or killed)")
              + f", checkpoint at step {_num(t['checkpoint_step'])}")
+    fit = t.get("fit")
+    if fit:  # a training-free method: what its fit chose instead of steps and losses
+        sweep = fit.get("sweep") or []
+        layer = fit.get("layer")
+        best = sweep[layer] if isinstance(layer, int) and 0 <= layer < len(sweep) else None
+        steps = (f"fitted (no training): layer {_num(layer)} of {len(sweep)} tried, held-out score {_num(best, '.2f')}, "
+                 f"on {_num(fit.get('fitting_prompts'))} prompts ({_num(fit.get('held_out_queries'))} held out); fit.json")
     rows = [("method", method), ("parameters", params),
             ("store", f"{st['path'] or '-'}: {st['status'].upper() if st['status'] != 'matches' else 'matches'}"
                       f" ({st['detail']})"),

@@ -384,6 +384,11 @@ def test_fit_saves_loads_resumes_and_evaluates(tmp_path, store_and_model, monkey
     with torch.no_grad():
         assert not torch.equal(loaded.model(**ids).logits, again), "the vector must change the last position"
 
+    from pipeline.inspection import render_run, run_report
+
+    report = render_run(run_report(straight, tmp_path / "results"))
+    assert f"fitted (no training): layer {record['layer']} of {config.num_layers} tried" in report
+
     result = evaluate_student(straight, loaded, tmp_path)
     assert result["adapter"]["method"] == method and result["parameters"] == config.hidden_size
     assert result["l2"]["mean"]["student"] != result["l2"]["mean"]["zero-shot"]
