@@ -78,6 +78,15 @@ def remove_run_outputs(run_dir: Path) -> list[Path]:
     return gone
 
 
+def _legacy(old: dict, now: dict) -> dict:
+    """A checkpoint config of an earlier version, read as this one means it: a run from a store recorded
+    ``n_queries: 1000``, the option's old default, which only ``--online`` read (a store run trained on all
+    of the store's queries, what ``None`` means now)."""
+    if old.get("cache") and old.get("n_queries") == 1000 and now.get("n_queries") is None:
+        return {**old, "n_queries": None}
+    return old
+
+
 class Checkpoint:
     """``runs/<name>/checkpoint``: student tensors (safetensors) + optimiser/scheduler/RNG + step.
 
@@ -122,7 +131,7 @@ class Checkpoint:
             old = json.loads(saved.read_text())
         except (OSError, ValueError) as err:
             old = {"unreadable checkpoint config": str(err)}
-        diff = "; ".join(changed_keys(old, self.config, "the run's", "now"))
+        diff = "; ".join(changed_keys(_legacy(old, self.config), self.config, "the run's", "now"))
         if diff and not overwrite:
             raise UserError(f"{self.dir.parent} holds a run with other settings ({diff}); pass --overwrite to "
                             "start over or --name for a new run")

@@ -58,3 +58,21 @@ def test_remove_outputs_deletes_the_peft_copy_but_not_foreign_files_in_it(tmp_pa
     (tmp_path / "peft" / "mine.txt").write_text("x")
     run.remove_outputs()
     assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["mine.txt"]
+
+
+def test_a_store_run_of_an_earlier_version_resumes_despite_the_old_n_queries_default(tmp_path):
+    """Before --n-queries applied to stores, a store run recorded its old default 1000 (and trained on the
+    whole store): that reads as today's None. The same value on an --online run, which did use it, does not."""
+    run = RunDir(tmp_path / "r")
+    checkpoint_dir = run.path / "checkpoint"
+    checkpoint_dir.mkdir(parents=True)
+    for old, now, refused in (({"cache": "s.zarr", "n_queries": 1000}, {"cache": "s.zarr", "n_queries": None}, False),
+                              ({"cache": "s.zarr", "n_queries": 50}, {"cache": "s.zarr", "n_queries": None}, True),
+                              ({"cache": None, "n_queries": 1000}, {"cache": None, "n_queries": None}, True)):
+        (checkpoint_dir / "config.json").write_text(json.dumps(old))
+        checkpoint = run.checkpoint(now)
+        if refused:
+            with pytest.raises(UserError, match="n_queries"):
+                checkpoint.check_config(overwrite=False)
+        else:
+            checkpoint.check_config(overwrite=False)
