@@ -312,7 +312,22 @@ def results_table(rows: list[dict], task_name: str, shots: int) -> str:
     lines = [f"## {task_name}"]
     for key in sorted(groups, key=lambda k: [_sortable(v) for v in (settings_of(groups[k][0]).get("model"), *k)]):
         lines += ["", settings_title(settings_of(groups[key][0])), "", *group_table(groups[key], metric, shots)]
+        lines += answer_type_table(groups[key])
     return "\n".join(lines) + "\n"
+
+
+def answer_type_table(rows: list[dict]) -> list[str]:
+    """The VQA accuracy by answer type of the rows that have it (official VQAv2 / OK-VQA annotations)."""
+    typed = [r for r in sorted(rows, key=_order) if isinstance(r.get("by_answer_type"), dict)]
+    if not typed:
+        return []
+    kinds = list(dict.fromkeys(k for r in typed for k in r["by_answer_type"]))
+    lines = ["", "By answer type (VQA accuracy, as the official evaluation prints it):", "",
+             "| mode | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+    for r in typed:
+        cells = [f"{r['by_answer_type'][k]:.2f}" if k in r["by_answer_type"] else "-" for k in kinds]
+        lines.append(f"| {_label(r)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_table(folder: ResultsFolder, shots: int) -> str:

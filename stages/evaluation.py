@@ -38,7 +38,7 @@ from pipeline.adapters import ADAPTER_WEIGHTS
 from pipeline.capture import StateCapture
 from pipeline.config import UserError, config_to_dict
 from pipeline.forward import forward_states, generate_batch, model_dtype
-from pipeline.metrics import JavaNotFoundError
+from pipeline.metrics import JavaNotFoundError, vqa_accuracy_by_type
 from pipeline.plots import plot_layer_distances
 from pipeline.prompts import DemoCache, Prompt, build_prompt, check_alignment
 from pipeline.results import (
@@ -402,6 +402,15 @@ def generate_records(
     return [keep[q.key] for q in queries], len(todo)
 
 
+def answer_type_scores(metric: str, examples: Sequence[Any], records: Sequence[dict]) -> dict | None:
+    """VQA accuracy overall and per answer type (yes/no, number, other), as the official evaluation script
+    prints it, when every example carries its ``answer_type`` (official VQAv2 / OK-VQA annotations); else None."""
+    types = [(getattr(e, "meta", None) or {}).get("answer_type") for e in examples]
+    if metric != "vqa_accuracy" or not types or not all(isinstance(t, str) for t in types):
+        return None
+    return vqa_accuracy_by_type([r["prediction"] for r in records], [r["answers"] for r in records], types)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -537,6 +546,9 @@ class Evaluation:
                             "re-run to score them without generating again)") from err
         for record, value in zip(records, scored["per_sample"], strict=True):
             record["score"] = value
+        by_type = answer_type_scores(metric, [q.example for q in queries], records)
+        if by_type:
+            extra = {**(extra or {}), "by_answer_type": by_type}
         n = len(records)
         payload = {
             "kind": RESULT_KIND, SCHEMA_KEY: RESULTS_SCHEMA_VERSION, "task": self.task.name, "name": name,

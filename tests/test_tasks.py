@@ -130,6 +130,31 @@ def test_vqav2_official(tmp_path, hf_cache):
     assert len(ev) == 2 and set(ev.ids()) <= {str(5000 + k) for k in range(4)}
     assert "val2014" in ev[0].image
     assert [e.id for e in support[1:3]] == ["1001", "1002"] and support[-1].id == "1005"
+    assert first.meta == {"answer_type": "other"}  # the annotation's answer type, for the per-type report
+
+
+def test_vqa_accuracy_by_answer_type_reaches_the_payload_and_the_table():
+    from pipeline.tasks.base import Example
+    from stages.evaluate import answer_type_table
+    from stages.evaluation import answer_type_scores
+
+    examples = [Example("1", "q", ("yes",) * 10, meta={"answer_type": "yes/no"}),
+                Example("2", "q", ("2",) * 10, meta={"answer_type": "number"}),
+                Example("3", "q", ("red",) * 3 + ("blue",) * 7, meta={"answer_type": "other"}),
+                Example("4", "q", ("no",) * 10, meta={"answer_type": "yes/no"})]
+    records = [{"prediction": p, "answers": list(e.answers)} for p, e in zip(("yes", "3", "red", "yes"), examples, strict=True)]
+    scores = answer_type_scores("vqa_accuracy", examples, records)
+    # yes/no: (100 + 0) / 2 = 50; number: 0; other: "red" is 3 of the 10 answers, and the official accuracy
+    # averages min(1, matches / 3) over the ten leave-one-out subsets: the 7 that drop a "blue" keep 3 reds
+    # (1 each), the 3 that drop a "red" keep 2 (2/3 each): (7 + 2) / 10 = 0.9 -> 90;
+    # overall (100 + 0 + 90 + 0) / 4 = 47.5
+    assert scores == pytest.approx({"overall": 47.5, "yes/no": 50.0, "number": 0.0, "other": 90.0})
+    assert answer_type_scores("exact_match", examples, records) is None
+    untyped = [Example("5", "q", ("yes",))]
+    assert answer_type_scores("vqa_accuracy", untyped, records[:1]) is None
+    table = answer_type_table([{"mode": "zero-shot", "name": "zero-shot", "by_answer_type": scores}])
+    assert table[3] == "| mode | overall | yes/no | number | other |"
+    assert table[5].endswith("| 47.50 | 50.00 | 0.00 | 90.00 |")
 
 
 def test_okvqa_keeps_doubled_answers(tmp_path, hf_cache):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import UserError
@@ -35,12 +35,15 @@ class Example:
     question: the input text (a VQA question, a text task's input; "" for captioning).
     answers: every reference answer (VQAv2: the ten human answers; captions: all references).
     image: a path to an image file, a decoded ``PIL.Image.Image`` (HF datasets), or None (text only).
+    meta: what an evaluation reports by, when the source gives it (VQAv2 / OK-VQA official annotations:
+    ``{"answer_type": "yes/no" | "number" | "other"}``); None otherwise. Not part of equality.
     """
 
     id: str
     question: str
     answers: tuple[str, ...]
     image: Any = None
+    meta: dict[str, Any] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

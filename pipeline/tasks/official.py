@@ -212,6 +212,7 @@ def vqa_view(root: Path, files: dict[str, str], cfg: Any) -> ExampleView:
             question=row["question"],
             answers=tuple(a["answer"] for a in row["answers"]),
             image=checked_image(path, f"{where}, question {row['question_id']}"),
+            meta={"answer_type": row["answer_type"]} if row.get("answer_type") else None,
         )
 
     return check_first_images(ExampleView(dataset, to_example, "question_id"))
