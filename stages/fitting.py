@@ -19,7 +19,7 @@ from pipeline.adapters import AdapterConfig, AdapterError
 from pipeline.config import UserError
 from pipeline.forward import generate_batch
 from pipeline.methods.base import FitData, FitResult
-from pipeline.prompts import DemoCache, build_prompt
+from pipeline.prompts import build_prompt
 from pipeline.rundir import FIT_FILE, Checkpoint
 from pipeline.runtime import Loaded, Progress
 from pipeline.students import Student, geometry_tuple, load_student_dir
@@ -74,19 +74,10 @@ class Fitter:
             raise UserError(f"--method {self.spec.name} needs at least 2 training queries (some to fit, one held "
                             f"out to choose the layer); the store has {n}")
         dev = held_out(n)
-        queries, support = task.split("train"), task.split("support")
-        cache = DemoCache()
-        prompts, shuffled = [], []
-        for i in range(n - dev):
-            query = queries[data.query_index[i]]
-            demos = [support[j] for j in data.demos[i]]
-            answers = [task.demo_answer(d) for d in demos]
-            prompts.append(build_prompt(loaded.family, loaded.processor, task.spec, query, demos, answers,
-                                        task.demo_answer(query), cache))
-            if len(demos) >= 2:
-                order = derangement(len(demos), random.Random(self.config.seed + i))
-                shuffled.append(build_prompt(loaded.family, loaded.processor, task.spec, query, demos,
-                                             [answers[j] for j in order], task.demo_answer(query), cache))
+        prompts = [data.icl_prompt(i, data.demos[i]) for i in range(n - dev)]  # the teacher's prompts
+        shuffled = [data.icl_prompt(i, data.demos[i], order=derangement(len(data.demos[i]), random.Random(self.config.seed + i)))
+                    for i in range(n - dev) if len(data.demos[i]) >= 2]
+        queries = task.split("train")
         held = [queries[data.query_index[i]] for i in range(n - dev, n)]
         held_prompts = [build_prompt(loaded.family, loaded.processor, task.spec, q, [], [], None) for q in held]
         order = sorted(range(len(held)), key=lambda i: len(held_prompts[i].encoded))

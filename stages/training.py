@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +45,7 @@ class StudentData(torch.utils.data.Dataset):
         self.store_attrs = attrs  # the teacher store's attributes ({} online)
         self._store = None
         self.online = config.online
-        self.demo_cache = DemoCache() if config.online else None  # teacher prompts are built in the main process
+        self.demo_cache = DemoCache()  # ICL prompts (--online, fits) are built in the main process; workers get it empty
         if store_path:
             store = open_store(store_path)
             keep = slice(None, config.n_queries)  # the first N of the store (``--n-queries``), else all
@@ -83,18 +84,27 @@ class StudentData(torch.utils.data.Dataset):
         topk = (record.topk_values, record.topk_indices) if record.topk_values is not None else None
         return Item(i, prompt, record.hs, topk)
 
+    def icl_prompt(self, i: int, demo_ids: Sequence[int], answer_offset: int | None = None,
+                   order: Sequence[int] | None = None) -> Any:
+        """The k-shot prompt of training sample ``i`` with the support examples ``demo_ids`` as demonstrations,
+        its answer teacher-forced. ``order``: demonstration j gets the answer of demonstration ``order[j]``
+        (Function Vector's shuffled-label prompts). ``answer_offset``: see ``build_prompt``."""
+        query, support = self.task.split("train")[self.query_index[i]], self.task.split("support")
+        demos = [support[j] for j in demo_ids]
+        answers = [self.task.demo_answer(d) for d in demos]
+        if order is not None:
+            answers = [answers[j] for j in order]
+        return build_prompt(self.family, self.processor, self.task.spec, query, demos, answers,
+                            self.task.demo_answer(query), self.demo_cache, answer_offset=answer_offset)
+
     def teacher_prompts(self, items: list[Item], epoch: int) -> list[Any]:
         """--online: the k-shot teacher prompts of a batch (demonstrations per epoch)."""
-        queries, support = self.task.split("train"), self.task.split("support")
         prompts = []
         for it in items:
-            query = queries[self.query_index[it.index]]
+            query = self.task.split("train")[self.query_index[it.index]]
             demo_ids = self.demos[it.index] if epoch == 0 or not self.config.resample_demos else self.sample_demos(it.index, epoch)
-            demos = [support[j] for j in demo_ids]
             student = it.prompt  # same query and answer: its answer offset spares encoding the prompt alone
-            teacher = build_prompt(self.family, self.processor, self.task.spec, query, demos,
-                                   [self.task.demo_answer(d) for d in demos], self.task.demo_answer(query),
-                                   self.demo_cache, answer_offset=student.answer_start - student.span_start)
+            teacher = self.icl_prompt(it.index, demo_ids, answer_offset=student.answer_start - student.span_start)
             try:
                 check_alignment(teacher, student, query.id)
             except ValueError as err:
