@@ -286,28 +286,41 @@ def llama():
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21], [2, 6, 10, 14, 18, 22]])
 
 
+def saved_logits(student, prepare, path):
+    """``prepare()`` the attached student (set its tensors), then its logits on IDS; it is saved to ``path``
+    and detached whatever happens."""
+    try:
+        prepare()
+        with torch.no_grad():
+            trained = student.model(input_ids=IDS).logits
+        student.save(path)
+    finally:
+        student.detach()
+    return trained
+
+
+def reloaded_logits(path, model, geometry, check=None):
+    """The logits on IDS of the student saved in ``path``, loaded onto ``model`` (``check(loaded)`` first)."""
+    loaded = load_student_dir(path, model, geometry, "tiny-llama")
+    try:
+        if check is not None:
+            check(loaded)
+        with torch.no_grad():
+            return model(input_ids=IDS).logits
+    finally:
+        loaded.detach()
+
+
 def test_save_load_round_trip_gives_identical_logits(llama, tmp_path):
     model = llama.model
     geometry = attention_geometry(model)
     student = new_student("hificl", "mimic", model, geometry, base_model="tiny-llama")
-    try:
-        randomise(student, seed=3)
-        with torch.no_grad():
-            trained = model(input_ids=IDS).logits
-        student.save(tmp_path)
-    finally:
-        student.detach()
+    trained = saved_logits(student, lambda: randomise(student, seed=3), tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["method"] == "hificl" and config["lora"] == {"n": DEFAULT_TOKENS, "rank": DEFAULT_RANK}
     tensors = load_file(str(tmp_path / "adapter.safetensors"))
     assert set(tensors) == {f"{i}.{p}" for i in range(2) for p in ("key_a", "key_b", "value_a", "value_b")}
-    loaded = load_student_dir(tmp_path, model, geometry, "tiny-llama")
-    try:
-        with torch.no_grad():
-            again = model(input_ids=IDS).logits
-    finally:
-        loaded.detach()
-    assert torch.equal(again, trained)
+    assert torch.equal(reloaded_logits(tmp_path, model, geometry), trained)
 
 
 def test_other_sizes_are_rebuilt_from_the_config_and_bad_ones_refused(llama, tmp_path):
@@ -317,20 +330,13 @@ def test_other_sizes_are_rebuilt_from_the_config_and_bad_ones_refused(llama, tmp
     config = replace(fresh.config, lora={"n": 3, "rank": 2})
     fresh.detach()
     student = Student(config, model, get_method("hificl").attach(config, model))
-    try:
+
+    def prepare():
         assert {n: tuple(p.shape) for n, p in student.trainable()}["0.key_a"] == (4, 3, 2)
         randomise(student, seed=4)
-        with torch.no_grad():
-            trained = model(input_ids=IDS).logits
-        student.save(tmp_path)
-    finally:
-        student.detach()
-    loaded = load_student_dir(tmp_path, model, geometry, "tiny-llama")
-    try:
-        with torch.no_grad():
-            assert torch.equal(model(input_ids=IDS).logits, trained)
-    finally:
-        loaded.detach()
+
+    trained = saved_logits(student, prepare, tmp_path)
+    assert torch.equal(reloaded_logits(tmp_path, model, geometry), trained)
 
     for bad, match in (({"n": 0, "rank": 2}, r"'lora.n' \(virtual tokens per head\) is 0"),
                        ({"n": 3, "rank": 2.5}, r"'lora.rank' .* is 2.5, expected a positive integer"),

@@ -14,17 +14,18 @@ import yaml
 from safetensors.torch import load_file
 from test_attention import base_logits, batch_of, grad_flags
 from test_hificl import (
-    IDS,
     evaluate_student,
     interrupted_and_resumed_equals_uninterrupted,
     randomise,
+    reloaded_logits,
     routed_copy,
+    saved_logits,
     store_and_model,  # noqa: F401 - a module-scoped fixture of this module too
 )
 
 from pipeline.config import load_config
 from pipeline.families import attention_geometry
-from pipeline.students import load_student_dir, new_student
+from pipeline.students import new_student
 
 
 @pytest.fixture(scope="module", params=["llama", "idefics2", "qwen2_vl"])
@@ -128,26 +129,20 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path):
     fam = routed_copy("llama")
     model, geometry = fam.model, attention_geometry(fam.model)
     student = new_student("mimic-lora", "mimic", model, geometry, base_model="tiny-llama")
-    try:
+    def prepare():
         randomise(student, seed=6)
         student.eval()  # no LoRA dropout: the logits a loaded student must reproduce
-        with torch.no_grad():
-            trained = model(input_ids=IDS).logits
-        student.save(tmp_path)
-    finally:
-        student.detach()
+
+    trained = saved_logits(student, prepare, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["method"] == "mimic-lora" and config["variant"] == "mimic" and config["lora"]["r"] == 16
     tensors = load_file(str(tmp_path / "adapter.safetensors"))
     assert {k.partition(".")[0] for k in tensors} == {"mimic", "lora"}
     assert "mimic.0.shift" in tensors and "lora.model.layers.0.self_attn.q_proj.lora_A.weight" in tensors
-    loaded = load_student_dir(tmp_path, model, geometry, "tiny-llama")
-    try:
+    def inference_mode(loaded):
         assert not loaded.training
-        with torch.no_grad():
-            assert torch.equal(model(input_ids=IDS).logits, trained)
-    finally:
-        loaded.detach()
+
+    assert torch.equal(reloaded_logits(tmp_path, model, geometry, inference_mode), trained)
 
 
 def test_killed_run_resumes_to_the_same_adapter_and_evaluates(tmp_path, store_and_model, monkeypatch):  # noqa: F811
