@@ -105,8 +105,7 @@ class TeacherRunner:
         per batch; 0 = auto (16 on CUDA, 4 on CPU, halved on out-of-memory)."""
         self.loaded, self.topk, self.fixed_batch = loaded, topk, bool(batch_size)
         self.batch_size = batch_size or (16 if loaded.device.type == "cuda" else 4)
-        accepts = inspect.signature(loaded.model.forward).parameters
-        self.keep_logits = "logits_to_keep" in accepts
+        self.keep_logits = keeps_logits(loaded.model)
         self.capture = StateCapture(loaded.model, layer_target)
         self.pin = loaded.device.type == "cuda"
 
@@ -178,6 +177,11 @@ class TeacherRunner:
                 torch.cuda.empty_cache()
                 self.batch_size //= 2
         return [results[j] for j in range(len(prompts))]
+
+
+def keeps_logits(model: Any) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` (logits only for the last positions)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def model_dtype(model: Any) -> torch.dtype:

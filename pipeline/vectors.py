@@ -24,7 +24,6 @@ Head outputs are read and patched inside the attention function MimIC registers 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from torch import nn
 from pipeline.attention import attach_mimic
 from pipeline.capture import StateCapture
 from pipeline.families.base import decoder_layers
-from pipeline.forward import model_dtype, to_device
+from pipeline.forward import keeps_logits, model_dtype, to_device
 from pipeline.methods.base import ModuleAttachment, attach_output_hooks
 
 MODES = ("replace", "add")
@@ -165,7 +164,7 @@ def _forward(loaded: Any, prompts: Sequence[Any], keep_from: int | None = None) 
     batch = to_device(batch, loaded.device, model_dtype(loaded.model))
     width = batch["input_ids"].shape[1]
     extra = {}
-    if keep_from is not None and "logits_to_keep" in inspect.signature(loaded.model.forward).parameters:
+    if keep_from is not None and keeps_logits(loaded.model):
         extra = {"logits_to_keep": width - keep_from}
     return loaded.model(**batch, use_cache=False, **extra), width
 
