@@ -72,7 +72,7 @@ class Fitter:
         n = len(data)
         if n < 2:
             raise UserError(f"--method {self.spec.name} needs at least 2 training queries (some to fit, one held "
-                            f"out to choose the layer); the store has {n}")
+                            f"out to choose the layer); it has {n} (the store's queries, or the first --n-queries of them)")
         dev = held_out(n)
         prompts = [data.icl_prompt(i, data.demos[i]) for i in range(n - dev)]  # the teacher's prompts
         shuffled = [data.icl_prompt(i, data.demos[i], order=derangement(len(data.demos[i]), random.Random(self.config.seed + i)))
