@@ -188,13 +188,62 @@ def model_dtype(model: Any) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+def generation_inputs(loaded: Loaded, prompts: Sequence[Any]) -> dict[str, Any]:
+    """The left-padded batch ``generate_batch`` hands to ``model.generate`` (every prompt ends at the last
+    position of the first forward), on the model's device and dtype."""
+    batch = loaded.family.collate([p.encoded for p in prompts], loaded.processor, "left")
+    batch.pop("position_ids", None)  # generate derives the same cumsum(mask) - 1 and extends it per step
+    return to_device(batch, loaded.device, model_dtype(loaded.model))
+
+
+def generate_expands_images() -> bool:
+    """Whether this transformers' ``generate`` encodes images once and expands them per prompt for the
+    beams (``GenerationMixin._expand_multimodal_outputs``)."""
+    from transformers.generation.utils import GenerationMixin
+
+    return hasattr(GenerationMixin, "_expand_multimodal_outputs")
+
+
+def check_beam_images(model: Any, batch: dict[str, Any], prompts: Sequence[Any], num_beams: int) -> None:
+    """Refuse beam search that this transformers would run on the wrong images.
+
+    Before the multimodal expansion of ``GenerationMixin._expand_multimodal_outputs`` (absent in
+    transformers 5.17, present in 5.24), ``generate`` gives each beam its inputs by
+    ``repeat_interleave`` on dim 0 of every tensor. That is right for per-prompt image tensors (Idefics,
+    Idefics2/3: ``(batch, images, C, H, W)``) and for one image per prompt, but a flat ``(images, C, H, W)``
+    (LLaVA and others) of a prompt with several images becomes image 1, 1, 1, 2, 2, 2, ...: the beams read
+    a demonstration's image where the query's belongs, and ICL answers come out well-formed and wrong
+    (measured: the demo VLM's 8-shot ICL 16.67 against 58.33, 3 beams, transformers 5.17 vs 5.24,
+    docs/results.md). Models that expand their own inputs (Qwen2-VL's override) are left to themselves.
+    """
+    if num_beams == 1 or batch.get("pixel_values") is None or generate_expands_images():
+        return
+    from transformers.generation.utils import GenerationMixin
+
+    if type(model)._expand_inputs_for_generation is not GenerationMixin._expand_inputs_for_generation:
+        return
+    rows = batch["input_ids"].shape[0]
+    per_prompt = batch["pixel_values"].ndim == 5 and batch["pixel_values"].shape[0] == rows
+    one_each = all(len(p.encoded.images) == 1 for p in prompts) and batch["pixel_values"].shape[0] == rows
+    if per_prompt or one_each:
+        return
+    import transformers
+
+    from pipeline.config import UserError
+
+    raise UserError(
+        f"beam search ({num_beams} beams) over prompts with several images is wrong in transformers "
+        f"{transformers.__version__}: its generate repeats the images one by one, so beams read the wrong image; "
+        "install the locked version (pip install -c requirements.lock transformers, 5.24) or use --num-beams 1"
+    )
+
+
 def generate_batch(loaded: Loaded, prompts: Sequence[Any], max_new_tokens: int, num_beams: int) -> list[str]:
     """Raw generated text (new tokens only) per prompt: left padding (every prompt ends at the last position
     of the first forward), ``num_beams`` beams without sampling, the family's stop strings. Evaluation and
     the layer sweep of the training-free methods generate through it."""
-    batch = loaded.family.collate([p.encoded for p in prompts], loaded.processor, "left")
-    batch.pop("position_ids", None)  # generate derives the same cumsum(mask) - 1 and extends it per step
-    batch = to_device(batch, loaded.device, model_dtype(loaded.model))
+    batch = generation_inputs(loaded, prompts)
+    check_beam_images(loaded.model, batch, prompts, num_beams)
     tokenizer = tokenizer_of(loaded.processor)
     with torch.inference_mode():
         out = loaded.model.generate(
