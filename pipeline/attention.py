@@ -30,6 +30,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from pipeline.config import UserError
 from pipeline.families.base import decoder_layers
 from pipeline.methods.base import StudentHandle, Switch, freeze_base
 from pipeline.mimic import MimicHeads
@@ -110,6 +111,20 @@ def _check_routed(attn: nn.Module, index: int) -> None:
         )
 
 
+def _check_supported(attn: nn.Module, index: int) -> None:
+    """Refuse attention features whose normaliser log Z2 would differ from the one computed here."""
+    softcap = getattr(attn, "attn_logit_softcapping", None)
+    if softcap is not None:
+        # log Z2 is the logsumexp of the raw scaled logits, which is what sdpa (and Gemma 3 in
+        # transformers 5.x, which never passes its softcap to the attention function) normalise; a
+        # capped model's normaliser would be another quantity.
+        raise UserError(
+            f"decoder layer {index} is configured with attention logit softcapping "
+            f"(attn_logit_softcapping={softcap}), which MimIC does not support; use the model's config with "
+            "attn_logit_softcapping null (as the released Gemma 3 models have it)"
+        )
+
+
 def _call_check_hook(model: nn.Module, states: list[_HeadState]) -> object:
     """After the first forward with the student enabled, every attached layer must have been called."""
 
@@ -141,6 +156,7 @@ def attach_mimic(model: nn.Module, heads: Sequence[MimicHeads | AttentionHeads])
     # every check before the first change, so a refused attach leaves the model untouched
     for i, layer in enumerate(layers):
         _check_routed(layer.self_attn, i)
+        _check_supported(layer.self_attn, i)
         if _STATE_KEY in layer.self_attn.__dict__:
             raise RuntimeError(f"decoder layer {i} already carries a student; detach it first")
     switch, states, undo = Switch(), [], [freeze_base(model)]

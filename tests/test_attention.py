@@ -204,9 +204,10 @@ def test_generate_with_kv_cache_matches_reference(routed, synthetic_image):
     if "image_attention_mask" in full:  # Idefics1: new tokens attend to the last image as the cache does
         iam = full["image_attention_mask"]
         full["image_attention_mask"] = torch.cat([iam, iam[:, -1:].expand(-1, n_new, -1)], 1)
-    if "mm_token_type_ids" in full:
-        tt = full["mm_token_type_ids"]
-        full["mm_token_type_ids"] = torch.cat([tt, tt.new_zeros(tt.shape[0], n_new)], 1)
+    for name in ("mm_token_type_ids", "token_type_ids"):  # Qwen-VL's rope, Gemma 3's image blocks: new tokens are text
+        if name in full:
+            tt = full[name]
+            full[name] = torch.cat([tt, tt.new_zeros(tt.shape[0], n_new)], 1)
     ref = reference_logits(fam, heads, full)
     prompt_len = batch["input_ids"].shape[1]
     ref_steps = ref[:, prompt_len - 1 : prompt_len - 1 + n_new]
@@ -241,6 +242,20 @@ def test_unrouted_model_is_refused(tiny_family):
     with pytest.raises(RuntimeError, match="attn_implementation='sdpa'"):
         attach_mimic(tiny_family.model, random_heads(tiny_family.model))
     assert grad_flags(tiny_family.model) == flags, "a refused attach must leave the model untouched"
+
+
+def test_attention_logit_softcapping_is_refused():
+    """log Z2 is the normaliser of uncapped logits: a Gemma 3 configured with softcapping is refused."""
+    from pipeline.config import UserError
+
+    fam = tiny("gemma3")
+    model = copy.deepcopy(fam.model)
+    route_attention(model, fam.family.attn_implementation(ATTN_NAME))
+    model.get_decoder().layers[1].self_attn.attn_logit_softcapping = 50.0  # what the config would set
+    flags = grad_flags(model)
+    with pytest.raises(UserError, match=r"decoder layer 1 .*softcapping \(attn_logit_softcapping=50.0\)"):
+        attach_mimic(model, random_heads(model))
+    assert grad_flags(model) == flags, "a refused attach must leave the model untouched"
 
 
 def test_attention_that_bypasses_the_interface_is_detected():

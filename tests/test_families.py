@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 from conftest import tiny
-from tiny_models import FAMILIES, build_tokenizer
+from tiny_models import FAMILIES, GEMMA3_SLIDING_WINDOW, build_tokenizer
 
 from pipeline.families import (
     FAMILIES as ALL_FAMILIES,
@@ -194,7 +194,9 @@ def test_decoder_layers_and_geometry(tiny_family):
     )
     assert attn.q_proj.out_features == geo.num_heads * geo.head_dim
     assert attn.k_proj.out_features == geo.num_kv_heads * geo.head_dim
-    assert geo.sliding_window is None and geo.sliding_layers == ()
+    # the tiny Gemma 3 has a local (sliding window) layer 0 and a global layer 1; the others no window
+    expected = (GEMMA3_SLIDING_WINDOW, (0,)) if tf.name == "gemma3" else (None, ())
+    assert (geo.sliding_window, geo.sliding_layers) == expected
 
 
 def test_geometry_sliding_window():

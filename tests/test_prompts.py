@@ -35,7 +35,8 @@ ANSWERS = {
 }
 SIZES = [(56, 56), (84, 56), (56, 84)]
 CASES = [(name, kind) for name in ("idefics", "idefics2", "idefics3", "smolvlm", "llava", "llava_next",
-                                   "llava_onevision", "qwen2_vl", "qwen2_5_vl") for kind in SPECS]
+                                   "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "internvl")
+         for kind in SPECS]
 CASES += [("llama", "text")]
 
 

@@ -9,7 +9,10 @@ Vision towers see 28-56 px with 14 px patches, so an image of 56-84 px costs few
 ``<image>`` (+ cross-attention to 4 patches), Idefics2 20 ``<image>`` (4 split crops + the whole image,
 4 perceiver latents each), Idefics3/SmolVLM 20 ``<image>`` (2x2 crops + global of 56 px, 4 tokens each
 after pixel shuffle; ~34 tokens with the row/column markers), LLaVA 4, LLaVA-NeXT/OneVision 14-24
-(anyres: base view + tiles, minus unpadding), Qwen2-VL/2.5-VL 1-4 (at most 56x56 px, 2x2 merge).
+(anyres: base view + tiles, minus unpadding), Qwen2-VL/2.5-VL 1-4 (at most 56x56 px, 2x2 merge), Qwen3-VL
+2-4 (16 px patches, at most 64x64 px), Gemma 3 4 soft tokens (56 px, pooled 2x2; a sliding window of 6 on
+layer 0, ``query_pre_attn_scalar`` 12), InternVL 1-3 ``<IMG_CONTEXT>`` (28 px tiles, 1 token each after
+pixel shuffle; a non-square image is 2 tiles + a thumbnail).
 
 Models are cached per ``(name, seed)``: callers that change a model (attach heads, set an attention
 implementation) must undo it.
@@ -25,7 +28,7 @@ from typing import Any
 import torch
 
 FAMILIES = ["idefics", "idefics2", "idefics3", "smolvlm", "llava", "llava_next", "llava_onevision",
-            "qwen2_vl", "qwen2_5_vl", "llama"]
+            "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "internvl", "llama"]
 """Names accepted by ``build_tiny``; each is the ``config.model_type`` of the model it builds."""
 
 HIDDEN = 32
@@ -57,19 +60,30 @@ _FAMILY_TOKENS: dict[str, list[str]] = {
     "llava_onevision": ["<image>", "<video>", "<|im_start|>", "<|im_end|>"],
     "qwen2_vl": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|im_start|>",
                  "<|im_end|>", "<|endoftext|>"],
+    "gemma3": ["<start_of_image>", "<image_soft_token>", "<end_of_image>", "<start_of_turn>", "<end_of_turn>"],
+    "internvl": ["<img>", "</img>", "<IMG_CONTEXT>", "<video>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"],
     "llama": ["<|im_start|>", "<|im_end|>"],
 }
 _FAMILY_TOKENS["smolvlm"] = _FAMILY_TOKENS["idefics3"] + ["<video>"]
-_FAMILY_TOKENS["qwen2_5_vl"] = _FAMILY_TOKENS["qwen2_vl"]
+_FAMILY_TOKENS["qwen2_5_vl"] = _FAMILY_TOKENS["qwen3_vl"] = _FAMILY_TOKENS["qwen2_vl"]
+
+_NAMED_TOKENS: dict[str, dict[str, str]] = {
+    # processors that read their image tokens from tokenizer attributes (the hub tokenizers' extra_special_tokens)
+    "gemma3": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    "internvl": {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                 "video_token": "<video>"},
+}
 
 
-def build_tokenizer(extra_tokens: list[str] | tuple[str, ...] = ()) -> Any:
+def build_tokenizer(extra_tokens: list[str] | tuple[str, ...] = (), named_tokens: dict[str, str] | None = None) -> Any:
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained in-process (vocabulary ~300 + extras).
 
     BOS ``<s>`` is prepended when ``add_special_tokens=True`` (as Llama/Mistral tokenizers do); the pad
-    token is ``<pad>`` (id 0). ``extra_tokens`` are added as special tokens.
+    token is ``<pad>`` (id 0). ``extra_tokens`` are added as special tokens. ``named_tokens`` (attribute ->
+    one of ``extra_tokens``) become tokenizer attributes ``tok.<name>`` / ``tok.<name>_id``, as the hub
+    tokenizers' ``extra_special_tokens`` do (Gemma 3's ``boi_token``, InternVL's ``context_image_token``).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -86,6 +100,12 @@ def build_tokenizer(extra_tokens: list[str] | tuple[str, ...] = ()) -> Any:
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
     )
+    named = {}
+    if named_tokens:
+        # the named tokens must exist before the wrapper reads them; the other extras keep their ids
+        # (each extra token is appended in order either way)
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in extra_tokens])
+        named = {"extra_special_tokens": dict(named_tokens)}
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -93,6 +113,7 @@ def build_tokenizer(extra_tokens: list[str] | tuple[str, ...] = ()) -> Any:
         pad_token="<pad>",
         unk_token="<unk>",
         clean_up_tokenization_spaces=False,
+        **named,
     )
     if extra_tokens:
         fast.add_special_tokens({"additional_special_tokens": list(extra_tokens)})
@@ -324,6 +345,90 @@ def _qwen_vl(tok: Any, kind: str) -> tuple[Any, Any]:
     return model_cls(config), processor
 
 
+def _qwen3_vl(tok: Any) -> tuple[Any, Any]:
+    from transformers import (
+        Qwen2VLImageProcessorPil,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+    )
+
+    # head_dim 8: 4 rotary frequencies split over (t, h, w), interleaved as in the released models
+    text = _text_config(tok, head_dim=HIDDEN // HEADS, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+    vision = {"depth": 2, "hidden_size": HIDDEN, "intermediate_size": 2 * HIDDEN, "num_heads": HEADS,
+              "out_hidden_size": HIDDEN, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              "num_position_embeddings": 16, "deepstack_visual_indexes": [0]}
+    config = Qwen3VLConfig(
+        text_config=text, vision_config=vision, image_token_id=_tid(tok, "<|image_pad|>"),
+        video_token_id=_tid(tok, "<|video_pad|>"), vision_start_token_id=_tid(tok, "<|vision_start|>"),
+        vision_end_token_id=_tid(tok, "<|vision_end|>"),
+    )
+    # 16 px patches merged 2x2: 32 px per token; at most 64x64 px = 4 tokens
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=16, merge_size=2,
+                                               temporal_patch_size=2)
+    with tolerate_missing_video_processor(Qwen3VLProcessor):
+        processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=None)
+    return Qwen3VLForConditionalGeneration(config), processor
+
+
+GEMMA3_SLIDING_WINDOW = 6
+"""The tiny Gemma 3's window: shorter than the test prompts, so layer 0's mask really slides."""
+
+
+def _gemma3(tok: Any) -> tuple[Any, Any]:
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+    )
+
+    # query_pre_attn_scalar != head_dim: the attention scale is not head_dim ** -0.5 (as in gemma-3-27b)
+    text = {"model_type": "gemma3_text", **_text_config(tok), "head_dim": HIDDEN // HEADS,
+            "query_pre_attn_scalar": 12, "sliding_window": GEMMA3_SLIDING_WINDOW,
+            "layer_types": ["sliding_attention", "full_attention"]}
+    vision = {"model_type": "siglip_vision_model", "hidden_size": HIDDEN, "intermediate_size": 2 * HIDDEN,
+              "num_hidden_layers": 1, "num_attention_heads": HEADS, "image_size": 56, "patch_size": 14}
+    config = Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4,
+        boi_token_index=_tid(tok, "<start_of_image>"), eoi_token_index=_tid(tok, "<end_of_image>"),
+        image_token_index=_tid(tok, "<image_soft_token>"),
+    )
+    # 56 px, 14 px patches: 4x4 patches average-pooled to 2x2 = 4 soft tokens per image
+    image_processor = Gemma3ImageProcessorPil(size={"height": 56, "width": 56})
+    processor = Gemma3Processor(image_processor, tok, image_seq_length=4)
+    model = Gemma3ForConditionalGeneration(config)
+    # The projection into the text stream starts at zero (Gemma 3's init), which would hide the images
+    # from the text: give it weights of the size a trained one has.
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, HIDDEN**-0.5)
+    return model, processor
+
+
+def _internvl(tok: Any) -> tuple[Any, Any]:
+    from transformers import (
+        GotOcr2ImageProcessorPil,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+    )
+
+    vision = {"hidden_size": HIDDEN, "intermediate_size": 2 * HIDDEN, "num_hidden_layers": 1,
+              "num_attention_heads": HEADS, "image_size": [28, 28], "patch_size": [14, 14]}
+    config = InternVLConfig(
+        text_config={"model_type": "qwen2", **_text_config(tok)}, vision_config=vision,
+        image_token_id=_tid(tok, "<IMG_CONTEXT>"), image_seq_length=1, downsample_ratio=0.5,
+    )
+    # 28 px tiles, 14 px patches: 2x2 patches, pixel shuffle by 0.5 = 1 token per tile; a non-square
+    # image is cut into 2 tiles plus a thumbnail
+    image_processor = GotOcr2ImageProcessorPil(size={"height": 28, "width": 28}, crop_to_patches=True,
+                                               min_patches=1, max_patches=2)
+    with tolerate_missing_video_processor(InternVLProcessor):
+        processor = InternVLProcessor(image_processor, tok, video_processor=None, image_seq_length=1)
+    return InternVLForConditionalGeneration(config), processor
+
+
 def _llama(tok: Any) -> tuple[Any, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -340,6 +445,9 @@ _BUILDERS = {
     "llava_onevision": _llava_onevision,
     "qwen2_vl": lambda tok: _qwen_vl(tok, "qwen2_vl"),
     "qwen2_5_vl": lambda tok: _qwen_vl(tok, "qwen2_5_vl"),
+    "qwen3_vl": _qwen3_vl,
+    "gemma3": _gemma3,
+    "internvl": _internvl,
     "llama": _llama,
 }
 
@@ -353,7 +461,7 @@ def build_tiny(name: str, seed: int = 0) -> tuple[Any, Any]:
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown tiny family {name!r}; choose one of: {', '.join(FAMILIES)}")
-    tokenizer = build_tokenizer(_FAMILY_TOKENS[name])
+    tokenizer = build_tokenizer(_FAMILY_TOKENS[name], _NAMED_TOKENS.get(name))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model, processor = _BUILDERS[name](tokenizer)

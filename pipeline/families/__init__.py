@@ -9,14 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Encoded, Family, Geometry, Segment, attention_geometry, decoder_layers, tokenizer_of
+from .gemma3 import GEMMA3
 from .idefics import IDEFICS
 from .idefics2 import IDEFICS2
 from .idefics3 import IDEFICS3
+from .internvl import INTERNVL
 from .llama import LLAMA
 from .llava import LLAVA
 from .qwen2_vl import QWEN2_VL
+from .qwen3_vl import QWEN3_VL
 
-FAMILIES: tuple[Family, ...] = (IDEFICS, IDEFICS2, IDEFICS3, LLAVA, QWEN2_VL, LLAMA)
+FAMILIES: tuple[Family, ...] = (IDEFICS, IDEFICS2, IDEFICS3, LLAVA, QWEN2_VL, QWEN3_VL, GEMMA3, INTERNVL, LLAMA)
 """Every supported family."""
 
 BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
