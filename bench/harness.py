@@ -94,7 +94,7 @@ def build_processor(model_type: str) -> Any:
 
 
 def model_yaml(alias: str) -> dict:
-    return yaml.safe_load((ROOT / "configs" / "models" / f"{alias}.yaml").read_text())
+    return yaml.safe_load((ROOT / "pipeline" / "configs" / "models" / f"{alias}.yaml").read_text())
 
 
 def build_model(alias: str, device: str = "cuda", tiny: bool = False) -> tuple[Any, Any]:

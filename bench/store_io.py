@@ -58,7 +58,7 @@ def store_io(report: Report, store_path: Path, workers: int, stage1_rate: float,
     report.add("stage 2 needs (offline samples/s)", stage2_rate, "samples/s")
     report.add("read samples/s, 1 process", n / read_s, "samples/s", ref="stage 2 needs (offline samples/s)")
     loader = torch.utils.data.DataLoader(_Reader(str(store_path)), batch_size=None, num_workers=workers,
-                                         collate_fn=_first, prefetch_factor=4)
+                                         collate_fn=_first, prefetch_factor=4 if workers else None)
     t0 = time.perf_counter()
     for _ in loader:
         pass

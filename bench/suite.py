@@ -12,6 +12,7 @@ table is printed last and everything (timers, per-step times, machine) saved to 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -74,15 +75,28 @@ def main() -> None:
             torch.cuda.empty_cache()
             report.extra[f"{name}_max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
 
+    saved = work / "stage1.json"  # what a later call with the same --work reads instead of re-running stage 1
+
     def s1():
         from stage_speed import stage1
 
         state.update(stage1(report, loaded, args.model, args.shots, args.n, args.batch, args.workers, work, peak))
+        saved.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in state.items()}))
+
+    def stage1_store() -> Path:
+        """Stage 1's store: from this call, or from an earlier call's --work (sections stage2 and store)."""
+        if "store" not in state:
+            if not saved.exists():
+                raise RuntimeError(f"this section needs stage 1's store: add stage1 to --sections, or pass the --work "
+                                   f"of an earlier call that ran it (no {saved})")
+            state.update(json.loads(saved.read_text()))
+            state["store"] = Path(state["store"])
+        return state["store"]
 
     def s2():
         from stage_speed import stage2
 
-        state.update(stage2(report, loaded, args.model, args.shots, state["store"], args.n, args.batch, args.steps,
+        state.update(stage2(report, loaded, args.model, args.shots, stage1_store(), args.n, args.batch, args.steps,
                             args.workers, work))
 
     def s3():
@@ -106,7 +120,8 @@ def main() -> None:
     def s5():
         from store_io import store_io
 
-        store_io(report, state["store"], args.workers, state["samples_per_s"], state.get("offline_samples_per_s", 0.0),
+        store = stage1_store()
+        store_io(report, store, args.workers, state["samples_per_s"], state.get("offline_samples_per_s", 0.0),
                  work)
 
     for name, fn in zip(SECTIONS, (s1, s2, s3, s4, s5), strict=True):
