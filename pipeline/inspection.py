@@ -47,11 +47,13 @@ from pipeline.store import (
     TOPK_INDICES,
     TOPK_VALUES,
     StoreError,
+    StorePath,
     TeacherStore,
     _array_specs,
     open_store,
     per_layer_mean_norm,
     store_identity,
+    store_location,
     store_settings,
 )
 
@@ -67,21 +69,25 @@ PNG_SUFFIX = ".layer_norms.png"
 
 # --- what is it -------------------------------------------------------------------------------------
 
-def detect(path: Path) -> str:
-    """STORE or RUN; a missing path, a plain file or a directory of neither kind is a one-line UserError."""
+def detect(path: StorePath) -> str:
+    """STORE or RUN; a missing path, a plain file or a directory of neither kind is a one-line UserError.
+    At an fsspec URL (pipeline.store.StoreURL) only a store: runs are local directories."""
     if not path.exists():
         raise UserError(f"{path} does not exist; {EXPECTED}")
     if not path.is_dir():
         raise UserError(f"{path} is a file, not a directory; {EXPECTED}")
     if (path / "zarr.json").is_file():
         return STORE
+    if not isinstance(path, Path):
+        raise UserError(f"{path} holds no zarr.json, so it is not a teacher store; at a URL only teacher stores "
+                        "are inspected (run directories are local)")
     if any((path / marker).exists() for marker in RUN_MARKERS):
         return RUN
     what = "an empty directory" if not any(path.iterdir()) else "a directory of neither kind"
     raise UserError(f"{path} is {what}; {EXPECTED}")
 
 
-def open_teacher_store(path: Path) -> TeacherStore:
+def open_teacher_store(path: StorePath) -> TeacherStore:
     """The store at ``path`` (read-only); a zarr group that is not a teacher store is named as such."""
     try:
         attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
@@ -159,14 +165,17 @@ def token_lengths(store: TeacherStore, done: np.ndarray) -> dict:
     return {"t_max": t_max, "samples": len(lengths), **stats, "edges": edges.tolist(), "counts": counts.tolist()}
 
 
-def default_png(path: Path) -> Path:
-    """``cache/vqav2.zarr`` -> ``cache/vqav2.layer_norms.png``: beside the store, never inside it."""
+def default_png(path: StorePath) -> Path:
+    """``cache/vqav2.zarr`` -> ``cache/vqav2.layer_norms.png``: beside the store, never inside it; for a
+    store at a URL (s3://b/vqav2.zarr) ``vqav2.layer_norms.png`` in the working directory."""
+    if not isinstance(path, Path):
+        return Path(f"{path.name.removesuffix('.zarr')}{PNG_SUFFIX}")
     where = path if path.name not in ("", ".", "..") else path.resolve()
     return where.parent / f"{where.name.removesuffix('.zarr')}{PNG_SUFFIX}"
 
 
-def _check_png(store_path: Path, png: Path) -> None:
-    if png.resolve().is_relative_to(store_path.resolve()):
+def _check_png(store_path: StorePath, png: Path) -> None:
+    if isinstance(store_path, Path) and png.resolve().is_relative_to(store_path.resolve()):
         raise UserError(f"--png {png} is inside the store {store_path}; write it elsewhere (teacher-cache "
                         "--overwrite refuses a store holding files it did not write)")
 
@@ -242,7 +251,7 @@ def store_report(store: TeacherStore) -> dict:
             "token_lengths": token_lengths(store, done)}
 
 
-def inspect_store(path: Path, config: InspectConfig, emit: Any) -> dict:
+def inspect_store(path: StorePath, config: InspectConfig, emit: Any) -> dict:
     """The whole store report: cheap part, then --verify, then the norms. Damage met by either is emitted as
     that section's error (the report is still printed) and re-raised for the CLI's one-line exit 2."""
     store = open_teacher_store(path)
@@ -317,12 +326,12 @@ def store_match(cache: str | None, identity: dict | None, fingerprint: dict | No
     out: dict[str, Any] = {"path": cache, "recorded_identity": identity, "differences": []}
     if not cache:
         return {**out, "status": "none", "detail": "trained --online, without a store"}
-    path = Path(cache)
-    if not path.exists():
-        return {**out, "status": "missing", "detail": f"no store at {path} any more"}
+    path = store_location(cache, check=False)
     try:
+        if not path.exists():
+            return {**out, "status": "missing", "detail": f"no store at {path} any more"}
         attrs = open_teacher_store(path).attrs
-    except StoreError as err:
+    except UserError as err:  # a StoreError, or a URL whose storage cannot be reached from here
         return {**out, "status": "unreadable", "detail": str(err)}
     now = store_identity(attrs)
     settings = store_settings(attrs)
@@ -584,7 +593,7 @@ def render_text(report: dict) -> str:
 
 def run(config: InspectConfig) -> dict:
     """`pipeline inspect`: detect the target, build its report, print it (text or --json); returns it."""
-    path = Path(config.target)
+    path = store_location(config.target)  # a local path, or a store at an fsspec URL (s3://...)
     kind = detect(path)
 
     def emit(report: dict) -> None:

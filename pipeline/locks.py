@@ -8,18 +8,28 @@ lock file while another process waits on it would let two processes hold "the" l
 
 Under ``accelerate launch`` every rank writes the same store or run, so rank 0 takes the lock and
 tells the other ranks whether it got it (``held_on_rank0``); all ranks then refuse alike.
+
+A store at an fsspec URL (s3://, gs://, ...) cannot be flocked: object storage has no locks that die with
+their holder, and a lock object in the bucket would need exactly the stale-lock heuristic (leases,
+expiry) this module refuses. Its lock is a local file keyed by the URL (``remote_lock_file``): it keeps
+two writers on one machine apart, and nothing more. One writer per remote store across machines is the
+user's responsibility (one ``accelerate launch`` over several nodes is one writer: its ranks split the
+shards, and rank 0 alone takes the lock).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import socket
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from pipeline.config import UserError
 
@@ -37,8 +47,9 @@ class DirLock:
     delete as a whole; a file inside run and results directories, which are never deleted whole).
     """
 
-    def __init__(self, what: Path, lock_file: Path) -> None:
-        self.what, self.lock_file = Path(what), Path(lock_file)
+    def __init__(self, what: Path | Any, lock_file: Path) -> None:
+        self.what = Path(what) if isinstance(what, str) and not _is_url(what) else what  # a URL stays one
+        self.lock_file = Path(lock_file)
         self._fd: int | None = None
 
     def acquire(self) -> DirLock:
@@ -89,8 +100,22 @@ def _read_holder(fd: int) -> str:
     return text or "holder unknown"
 
 
-def store_lock(store: Path) -> DirLock:
-    """The lock of a teacher store: ``<store>.lock`` beside it."""
+def _is_url(store: Any) -> bool:
+    text = str(store)
+    return not isinstance(store, Path) and "://" in text and not text.startswith("file://")
+
+
+def remote_lock_file(url: str) -> Path:
+    """The local lock file of the store at ``url`` (see the module docstring: this machine only), in a
+    per-user directory of the system's temporary directory."""
+    digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"mimic-pipeline-locks-{os.getuid()}" / f"{digest}{LOCK_SUFFIX}"
+
+
+def store_lock(store: Path | Any) -> DirLock:
+    """The lock of a teacher store: ``<store>.lock`` beside it; for a URL, ``remote_lock_file``."""
+    if _is_url(store):
+        return DirLock(store, remote_lock_file(str(store)))
     store = Path(store)
     return DirLock(store, store.with_name(store.name + LOCK_SUFFIX))
 

@@ -16,6 +16,12 @@ A zarr v3 group, one row per query (N rows, S rows per shard, right-padded to T_
 Every chunk is blosc(zstd, clevel 1, shuffle) then crc32c: lossless, and a flipped byte fails loudly.
 Writers store every chunk of a written shard, even one equal to the fill value, so that a chunk that is
 not on disk is always a lost one (zarr would otherwise read it back as the fill value, silently).
+
+A store is a local directory or an fsspec URL (s3://bucket/x.zarr, gs://, memory://, ...; `store_location`).
+Local paths keep their pathlib code; a URL is a `StoreURL`, which gives the same few path operations
+through fsspec, and zarr reaches it through `zarr.storage.FsspecStore`. Credentials and endpoints come
+from the filesystem's own configuration (for S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
+AWS_ENDPOINT_URL or ~/.aws; any fsspec option through fsspec's config, e.g. FSSPEC_S3_ENDPOINT_URL).
 """
 
 from __future__ import annotations
@@ -25,14 +31,16 @@ import errno
 import hashlib
 import json
 import math
+import posixpath
 import queue
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import fsspec
 import numpy as np
 import torch
 import zarr
@@ -41,6 +49,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+from zarr.storage import FsspecStore
 
 from pipeline.config import UserError, changed_keys
 
@@ -64,6 +73,122 @@ _DECODE_ERRORS = (ValueError, RuntimeError, OSError)  # crc32c mismatch, blosc f
 
 class StoreError(UserError):
     """A teacher store is missing, foreign, incomplete, corrupt or unwritable; one line, with the fix."""
+
+
+class StoreURL:
+    """A store behind an fsspec URL (``s3://bucket/x.zarr``): the few pathlib operations the store code
+    uses on its location (exists, ``/``, iterdir, is_file, read_text, name), done through fsspec, so that a
+    local store keeps its own pathlib code unchanged. (universal_pathlib generalises this; it is not a
+    dependency, and the store needs these operations only.) Listings are re-read on every call: the
+    filesystem's listing cache would hide objects another process wrote. A failure to reach the storage
+    (no credentials, no endpoint, no bucket access) is a one-line StoreError."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"StoreURL({self.url!r})"
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StoreURL) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def __truediv__(self, key: str) -> StoreURL:
+        return StoreURL(f"{self.url}/{key}")
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.url.split("://", 1)[-1])
+
+    @property
+    def stem(self) -> str:
+        return posixpath.splitext(self.name)[0]
+
+    def _call(self, op: Callable[[Any, str], Any]) -> Any:
+        try:
+            fs, root = fsspec.core.url_to_fs(self.url)  # fsspec caches the filesystem instance
+        except (ImportError, ValueError):  # not checked by store_location(check=False)
+            store_location(self.url)  # the one-line error naming the package or the protocol
+            raise
+        try:
+            fs.invalidate_cache()
+            return op(fs, root)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # botocore / aiohttp / auth errors are not OSErrors: name them on one line
+            raise StoreError(f"cannot reach {self.url} ({type(e).__name__}: {e}); check the credentials and "
+                             "endpoint (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)") from e
+
+    def exists(self) -> bool:
+        return self._call(lambda fs, root: fs.exists(root))
+
+    def is_dir(self) -> bool:
+        return self._call(lambda fs, root: fs.isdir(root))
+
+    def is_file(self) -> bool:
+        return self._call(lambda fs, root: fs.isfile(root))
+
+    def iterdir(self) -> list[StoreURL]:
+        names = self._call(lambda fs, root: fs.ls(root, detail=False))
+        return [self / posixpath.basename(n.rstrip("/")) for n in names]
+
+    def read_text(self) -> str:
+        return self._call(lambda fs, root: fs.cat_file(root)).decode()
+
+    def rmtree(self) -> None:
+        self._call(lambda fs, root: fs.rm(root, recursive=True))
+
+
+StorePath = Path | StoreURL
+
+
+def _filesystem_class(protocol: str, url: str) -> None:
+    """Refuse a protocol fsspec does not know, or whose package is not installed, naming the package."""
+    from fsspec.registry import known_implementations
+
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as e:
+        package = known_implementations.get(protocol, {}).get("class", "").split(".")[0] or "its fsspec package"
+        raise UserError(f"{url}: the {protocol}:// protocol needs the {package} package ({e}); install it "
+                        f"(pip install {package}) or use a local path") from None
+    except ValueError:
+        raise UserError(f"{url}: unknown protocol {protocol}://; use a local path or an fsspec URL "
+                        "(s3://, gs://, az://, memory://, ...)") from None
+
+
+def store_location(path: str | Path | StoreURL, check: bool = True) -> StorePath:
+    """Where a store lives: a local Path (also for file://), or a StoreURL for any other fsspec URL, whose
+    protocol is checked here unless not ``check`` (an unknown one, or one whose package is missing, is a
+    UserError; unchecked, the first access fails with the same package named)."""
+    if isinstance(path, (Path, StoreURL)):
+        return path
+    text = str(path)
+    protocol, rest = fsspec.core.split_protocol(text)
+    if protocol is None or "://" not in text:
+        return Path(text)
+    if protocol in ("file", "local") and "::" not in text:
+        return Path(rest)
+    for part in text.split("::") if check else []:
+        inner = fsspec.core.split_protocol(part)[0]
+        if inner:
+            _filesystem_class(inner, text)
+    return StoreURL(text)
+
+
+def _zarr_store(path: StorePath, mode: str) -> Any:
+    """What zarr opens: the local path itself, or an FsspecStore for a URL (its filesystem instance is
+    shared, and its listing cache may predate a removal or another process's writes: dropped here)."""
+    if isinstance(path, Path):
+        return path
+    store = FsspecStore.from_url(path.url, read_only=mode == "r")
+    store.fs.invalidate_cache()
+    return store
 
 
 def default_shard_size(t_max: int, n_layers: int, hidden: int) -> int:
@@ -162,6 +287,11 @@ def _fmt_samples(rows: Sequence[int]) -> str:
 
 
 async def _sizes(store: Any) -> dict[str, int]:
+    if isinstance(store, FsspecStore):  # one listing with sizes, not a request per object
+        store.fs.invalidate_cache()  # objects written since the last listing must be seen
+        prefix = store.path.rstrip("/") + "/"
+        found = await store.fs._find(store.path, detail=True, withdirs=False)
+        return {k[len(prefix):]: int(v["size"]) for k, v in found.items() if k.startswith(prefix)}
     keys = [k async for k in store.list_prefix("")]
     return dict(zip(keys, await asyncio.gather(*(store.getsize(k) for k in keys)), strict=True))
 
@@ -200,9 +330,9 @@ def store_identity(attrs: dict) -> dict | None:
     return {"created": attrs.get("created"), "attrs_sha256": digest}
 
 
-def create_store(path: str | Path, layout: StoreLayout, attrs: dict) -> TeacherStore:
+def create_store(path: str | Path | StoreURL, layout: StoreLayout, attrs: dict) -> TeacherStore:
     """Create an empty store (mode 'w-': an existing path is an error, never wiped); returns it open r+."""
-    path = Path(path)
+    path = store_location(path)
     clash = sorted(set(attrs) & set(RESERVED_ATTRS))
     if clash:
         raise ValueError(f"attrs may not set {clash}: the store writes them itself")
@@ -210,9 +340,14 @@ def create_store(path: str | Path, layout: StoreLayout, attrs: dict) -> TeacherS
         raise StoreError(f"{path} already exists; pass --overwrite to replace it or choose another path")
     meta = {"schema_version": SCHEMA_VERSION, "encoding": ENCODING, **_jsonable(attrs)}
     try:
-        group = zarr.open_group(path, mode="w-", attributes=meta)
+        group = zarr.open_group(_zarr_store(path, "w-"), mode="w-", attributes=meta)
     except FileExistsError as e:
         raise StoreError(f"{path} already exists; pass --overwrite to replace it or choose another path") from e
+    except OSError as e:
+        if isinstance(path, Path):
+            raise
+        raise StoreError(f"cannot create {path} ({type(e).__name__}: {e}); check that the bucket exists and "
+                         "is writable with these credentials") from e
     splits = {QUERY_IDS: attrs.get(QUERY_SPLIT_ATTR), ICD_IDS: attrs.get(SUPPORT_SPLIT_ATTR)}
     for name, (shape, dtype, fill, chunks, shards) in _array_specs(layout).items():
         extra = {"shards": shards, "compressors": _compressors(2)} if name == HS else \
@@ -221,16 +356,16 @@ def create_store(path: str | Path, layout: StoreLayout, attrs: dict) -> TeacherS
     return TeacherStore(path, "r+")
 
 
-def open_store(path: str | Path, mode: str = "r") -> TeacherStore:
+def open_store(path: str | Path | StoreURL, mode: str = "r") -> TeacherStore:
     """Open an existing store, mode 'r' (readers) or 'r+' (resuming writers); checks schema, not completeness."""
     if mode not in ("r", "r+"):
         raise ValueError(f"mode {mode!r}: expected 'r' or 'r+'")
     return TeacherStore(path, mode)
 
 
-def remove_store(path: str | Path) -> None:
+def remove_store(path: str | Path | StoreURL) -> None:
     """Delete a teacher store (for --overwrite); refuses any directory that is not one."""
-    path = Path(path)
+    path = store_location(path)
     if not path.exists():
         return
     try:
@@ -245,10 +380,13 @@ def remove_store(path: str | Path) -> None:
     if foreign:  # never delete what teacher-cache did not write
         raise StoreError(f"refusing to replace {path}: it holds files teacher-cache did not write "
                          f"({', '.join(foreign[:5])}); move them out, or write elsewhere with --out")
-    shutil.rmtree(path)
+    if isinstance(path, Path):
+        shutil.rmtree(path)
+    else:
+        path.rmtree()
 
 
-def _check_schema(path: Path, attrs: dict) -> None:
+def _check_schema(path: StorePath, attrs: dict) -> None:
     if "schema_version" not in attrs:
         raise StoreError(f"{path} is a zarr group but not a teacher store (no schema_version attribute); "
                          "point --cache at a store written by `pipeline teacher-cache`")
@@ -263,21 +401,29 @@ class TeacherStore:
     `pending_shards(rank, world)`, then `write_shard(s, records)` per owned shard (or a ShardWriter).
     Survives fork (zarr resets its event loop) and pickles as (path, mode), reopening on unpickle."""
 
-    def __init__(self, path: str | Path, mode: str = "r") -> None:
-        self.path, self.mode = Path(path), mode
+    def __init__(self, path: str | Path | StoreURL, mode: str = "r") -> None:
+        self.path, self.mode = store_location(path), mode
         if not self.path.exists():
             raise StoreError(f"no teacher store at {self.path}; run `pipeline teacher-cache ...` first")
         try:
-            self._group = zarr.open_group(self.path, mode=mode)
+            self._group = zarr.open_group(_zarr_store(self.path, mode), mode=mode)
         except (zarr.errors.BaseZarrError, OSError, ValueError) as e:
             raise StoreError(f"{self.path} is not a zarr group ({type(e).__name__}); point --cache at a "
                              "store written by `pipeline teacher-cache`") from e
         _check_schema(self.path, dict(self._group.attrs))
-        members = sorted(p.name for p in self.path.iterdir() if (p / "zarr.json").is_file())
+        local = isinstance(self.path, Path)
+        if local:
+            members = sorted(p.name for p in self.path.iterdir() if (p / "zarr.json").is_file())
+        else:  # one listing, not a request per member: a prefix without zarr.json is skipped below
+            members = sorted(p.name for p in self.path.iterdir() if p.name != "zarr.json")
         self._arrays = {}
         for name in members:  # one by one, to name the array whose metadata is damaged
             try:
                 node = self._group[name]
+            except KeyError:
+                if local:
+                    raise
+                continue
             except (zarr.errors.BaseZarrError, OSError, ValueError) as e:
                 raise StoreError(f"{self.path}: {name}/zarr.json cannot be read ({type(e).__name__}: {e}); the "
                                  f"store is corrupt: {_RECREATE}") from e
@@ -547,7 +693,10 @@ class TeacherStore:
         return problems
 
     def cleanup_partials(self) -> list[Path]:
-        """Delete orphan `*.partial` files a SIGKILLed writer left; call only while no writer runs."""
+        """Delete orphan `*.partial` files a SIGKILLed writer left; call only while no writer runs. None on
+        object storage: an object is written whole or not at all (zarr's LocalStore writes `*.partial`)."""
+        if not isinstance(self.path, Path):
+            return []
         orphans = sorted(self.path.rglob("*.partial"))
         for p in orphans:
             p.unlink(missing_ok=True)
@@ -604,7 +753,7 @@ class ShardWriter:
             exc.__context__ = err
 
 
-def per_layer_mean_norm(path: str | Path) -> np.ndarray:
+def per_layer_mean_norm(path: str | Path | StoreURL) -> np.ndarray:
     """(L,) float64: mean over every valid (non-padding) token of ||h_l||_2 over D, via dask."""
     import dask.array as da  # only statistics need dask; keep imports of readers light
 

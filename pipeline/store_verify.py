@@ -1,7 +1,9 @@
 """`TeacherStore.verify`: prove a teacher store intact before any stage trusts it.
 
 Kept out of store.py for size. It imports no zarr: every storage access goes through TeacherStore's
-private primitives (`_files`, `_read_files`, `_stored_sizes`, ...), so store.py stays the only zarr module.
+private primitives (`_files`, `_read_files`, `_stored_sizes`, ...), so store.py stays the only zarr module,
+and the same checks run on a local store and on one behind an fsspec URL (the file listing is the store's
+listing: a directory walk, or one object listing with sizes on S3 and the like).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import dask
 import numpy as np
@@ -32,6 +33,7 @@ from pipeline.store import (
     TOPK_INDICES,
     TOPK_VALUES,
     StoreError,
+    StorePath,
     TeacherStore,
     _fmt_samples,
 )
@@ -47,7 +49,7 @@ class VerifyReport:
     bytes_read: bytes of those files read and checked (of hs shards only the index unless full). seconds:
     wall time. str(): one line saying the store is intact, with the read rate."""
 
-    path: Path
+    path: StorePath
     full: bool
     samples: int
     files: int
@@ -82,7 +84,7 @@ class _Problem:
         return f"{self.array} {kind} {self.short()}{detail}"
 
 
-def _raise(path: Path, problems: list[_Problem]) -> None:
+def _raise(path: StorePath, problems: list[_Problem]) -> None:
     rest = problems[1:]
     more = "" if not rest else (f" (and {len(rest)} more: {'; '.join(p.short() for p in rest[:_SHOWN])}"
                                 f"{'; ...' if len(rest) > _SHOWN else ''})")
