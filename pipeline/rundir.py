@@ -41,8 +41,10 @@ FIT_FILE = "fit.json"
 """What a training-free method's fit chose and measured (its layer sweep; FV's head effects)."""
 VERSIONS_KEY = "versions"
 SCHEMA_KEY = "run_schema_version"
-RESUMABLE_KEYS = ("max_steps", "num_workers", "checkpoint_every", "overwrite", "force", "device", "runs_dir", "name")
-"""Options that may change between a run and its resumption (the rest must match the checkpoint's)."""
+RESUMABLE_KEYS = ("max_steps", "num_workers", "checkpoint_every", "overwrite", "force", "device", "runs_dir", "name",
+                  "report_to")
+"""Options that may change between a run and its resumption (the rest must match the checkpoint's); an
+experiment tracker only watches."""
 
 
 CHECKPOINT_DIR = "checkpoint"
@@ -81,9 +83,12 @@ def remove_run_outputs(run_dir: Path) -> list[Path]:
 def _legacy(old: dict, now: dict) -> dict:
     """A checkpoint config of an earlier version, read as this one means it: a run from a store recorded
     ``n_queries: 1000``, the option's old default, which only ``--online`` read (a store run trained on all
-    of the store's queries, what ``None`` means now)."""
+    of the store's queries, what ``None`` means now). A run from before ``--mixed-precision`` trained in full
+    precision (``no``)."""
     if old.get("cache") and old.get("n_queries") == 1000 and now.get("n_queries") is None:
-        return {**old, "n_queries": None}
+        old = {**old, "n_queries": None}
+    if "mixed_precision" not in old and "mixed_precision" in now:
+        old = {**old, "mixed_precision": "no"}
     return old
 
 
@@ -150,13 +155,14 @@ class Checkpoint:
                             f"{str(err).splitlines()[0][:160]}); pass --overwrite to start the run over") from err
         return state
 
-    def save(self, tensors: dict, optimizer: Any, scheduler: Any, step: int) -> None:
+    def save(self, tensors: dict, optimizer: Any, scheduler: Any, step: int, extra: dict | None = None) -> None:
+        """``extra``: more state of the loop (e.g. the fp16 loss scaler), returned by ``load`` under its keys."""
         tmp = self._tmp
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / CHECKPOINT_WEIGHTS))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                    "rng": torch.get_rng_state()}, tmp / CHECKPOINT_STATE)
+                    "rng": torch.get_rng_state(), **(extra or {})}, tmp / CHECKPOINT_STATE)
         (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(self.config, indent=2, sort_keys=True))
         (tmp / CHECKPOINT_COMPLETE).write_text(f"{step}\n")
         if self.dir.exists():

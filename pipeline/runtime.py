@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -45,12 +46,43 @@ class ModelSourceInfo:
         return self.alias
 
 
+def _cpu_only() -> bool:
+    # without cpu=True accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU, and every
+    # process would silently run alone as rank 0 (gloo is then the backend)
+    return not torch.cuda.is_available()
+
+
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+"""Where a launcher (torchrun, mpirun) gives the number of processes; accelerate reads the same."""
+
+
 def _state():
     from accelerate import PartialState
 
-    # without cpu=True accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU, and every
-    # process would silently run alone as rank 0 (gloo is then the backend)
-    return PartialState(cpu=not torch.cuda.is_available())
+    if (os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") and "MASTER_PORT" in os.environ
+            and not any(v in os.environ for v in WORLD_SIZE_VARIABLES)):
+        # `accelerate launch --cpu --num_processes N` without an MPI hostfile starts one process, alone
+        raise UserError("accelerate launch --cpu started one process only (it starts several CPU processes through "
+                        "mpirun, with --mpirun_hostfile): for N processes on one machine without a GPU run "
+                        "`accelerate launch --multi_gpu --num_processes N -m pipeline ...` (gloo)")
+    return PartialState(cpu=_cpu_only())
+
+
+def make_accelerator(mixed_precision: str = "no", log_with: str | None = None,
+                     project_dir: Path | None = None) -> Any:
+    """An ``accelerate.Accelerator`` over the process state ``dist_info`` and ``barrier`` read (the same
+    ``cpu`` flag, so the same ranks and process group), with its own mixed precision and trackers.
+
+    Accelerate keeps the precision in a process-wide ``AcceleratorState`` that refuses a second value, but
+    one process may train several runs (the demo, a notebook, the tests), each with its own: the
+    accelerator layer is reset before each, the ``PartialState`` below it (process group, ranks) is kept."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    _state()
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(cpu=_cpu_only(), mixed_precision=mixed_precision, log_with=log_with,
+                       project_dir=None if project_dir is None else str(project_dir))
 
 
 def dist_info() -> tuple[int, int, torch.device]:

@@ -1,7 +1,8 @@
 """Stage 2 — train a student against the cached teacher states (never loading demonstrations).
 
 load config -> set up (store, task, model, student, data, optimiser; resume from a checkpoint) ->
-run (L = L_align + lambda L_gt, AdamW + cosine warm-up, clip, accumulation, DDP by all-reduce) ->
+run (L = L_align + lambda L_gt, AdamW + cosine warm-up, clip, accumulation; ranks, mixed precision and
+trackers through an accelerate.Accelerator) ->
 save (adapter, train_log.jsonl, loss curve PNG, the exact config).
 
 ``--online`` runs the teacher every step instead of reading the store (the official code's way;
@@ -29,7 +30,7 @@ from pipeline.store import open_store, store_identity, store_settings
 from pipeline.students import new_student
 from pipeline.tasks import load_task
 from stages.fitting import Fitter
-from stages.trainer import Trainer
+from stages.trainer import Trainer, check_tracker
 from stages.training import StudentData, steps_per_epoch
 
 
@@ -63,6 +64,7 @@ def check_model_matches(attrs: dict, loaded: Loaded, force: bool) -> None:
 def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer | Fitter:
     """Everything the loop needs; resumes from ``runs/<name>/checkpoint`` when present."""
     get_method(config.method)  # an unknown method is refused before anything loads
+    check_tracker(config.report_to)  # so is a tracker whose package is missing
     if config.cache is None and not (config.online and config.task):
         raise UserError("give --cache STORE (or --online with --task)")
     if config.cache is None and config.shots is None:
@@ -108,10 +110,17 @@ def setup(config: TrainConfig, loaded: Loaded | None = None) -> Trainer | Fitter
         if config.online or not attrs:
             raise UserError(f"--method {config.method} is fitted from a teacher store's queries and demonstrations: "
                             "give --cache STORE (not --online)")
+        if config.mixed_precision != "no":  # the fit's forwards are not autocast: the run must not record it
+            raise UserError(f"--method {config.method} is fitted in the model's precision, without a training loop: "
+                            "drop --mixed-precision")
         return Fitter(replace(config, epochs=0), loaded, data, run_dir, task, spec, info)
     torch.manual_seed(config.seed)
     student = new_student(config.method, config.variant, loaded.model, loaded.geometry, **info)
-    trainer = Trainer(config, loaded, student, data, run_dir, epochs, align)
+    try:
+        trainer = Trainer(config, loaded, student, data, run_dir, epochs, align)
+    except BaseException:
+        student.detach()  # a refused setting (e.g. --mixed-precision) leaves the model as it came
+        raise
     trainer.stats["epochs_from"] = source
     return trainer
 

@@ -1,14 +1,24 @@
-"""The optimisation loop of stage 2: one step = ``grad_accum`` micro-batches, then AdamW."""
+"""The optimisation loop of stage 2: one step = ``grad_accum`` micro-batches, then AdamW.
+
+It runs on an ``accelerate.Accelerator`` (docs/architecture.md §5): ranks and the data shards, backward with
+mixed precision, the mean of the ranks' gradients, gradient clipping and the experiment trackers.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import math
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.data_loader import BatchSamplerShard
+from accelerate.utils import DistributedType
 from transformers import get_cosine_schedule_with_warmup
 
 from pipeline.capture import StateCapture
@@ -17,8 +27,33 @@ from pipeline.forward import TeacherRunner, forward_states, pad_states
 from pipeline.losses import align_l2sum, align_mse, answer_ce, gather_positions, kl_topk
 from pipeline.methods import get_method
 from pipeline.rundir import Checkpoint, RunDir
-from pipeline.runtime import Loaded, Progress, dist_info
+from pipeline.runtime import Loaded, Progress, make_accelerator
 from stages.training import Item, StudentData, collate_items, steps_per_epoch
+
+TRACKED = ("loss", "align", "gt", "lr", "grad_norm", "samples_per_s")
+"""The values of a step's log row that ``--report-to`` sends to the tracker, as ``train/<key>``."""
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+TENSORBOARD_DIR = "tensorboard"
+"""``runs/<name>/tensorboard/``: the event files of ``--report-to tensorboard``."""
+WANDB_PROJECT = "mimic-pipeline"
+UNSUPPORTED = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed",
+               DistributedType.MEGATRON_LM: "Megatron-LM", DistributedType.XLA: "XLA"}
+
+
+def check_tracker(report_to: str) -> None:
+    """Refuse a tracker whose package is missing (accelerate would only warn and train without it)."""
+    package = TRACKER_PACKAGES.get(report_to)
+    if package is None:
+        return
+    try:
+        importlib.import_module(package)
+    except ImportError as err:
+        raise UserError(f"--report-to {report_to} needs the {package} package: pip install {package}") from err
+
+
+def plain_values(config: dict) -> dict:
+    """A run's options as a tracker stores them (numbers, strings and booleans; anything else as text)."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.items()}
 
 
 class Trainer:
@@ -28,7 +63,8 @@ class Trainer:
                  epochs: int, align: str):
         self.config, self.loaded, self.student, self.data = config, loaded, student, data
         self.run_dir, self.epochs, self.align = run_dir, epochs, align
-        self.rank, self.world, _ = dist_info()
+        self.accelerator = self.make_accelerator(config, loaded, run_dir)
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.capture = StateCapture(loaded.model, data.layer_target)
         self.teacher = None
         if config.online:
@@ -39,18 +75,43 @@ class Trainer:
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
         self.stats = {"samples": 0, "data_s": 0.0, "compute_s": 0.0, "final_loss": float("nan"), "steps": 0}
 
+    @staticmethod
+    def make_accelerator(config: Any, loaded: Loaded, run_dir: Path) -> Any:
+        """The run's Accelerator (``--mixed-precision``, ``--report-to``); refuses what it would not do as asked."""
+        check_tracker(config.report_to)
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION")  # `accelerate launch --mixed_precision` / its config
+        if launched not in (None, "no", config.mixed_precision):
+            raise UserError(f"accelerate launch asks for mixed precision {launched} but train-student has "
+                            f"--mixed-precision {config.mixed_precision}: give --mixed-precision {launched} to "
+                            "train-student (the run records it)")
+        acc = make_accelerator(config.mixed_precision, None if config.report_to == "none" else config.report_to,
+                               run_dir)
+        if acc.distributed_type in UNSUPPORTED:
+            raise UserError(f"train-student does not run under {UNSUPPORTED[acc.distributed_type]}: the base model is "
+                            "frozen and each process holds a copy, only the student's gradients are averaged; use "
+                            "an accelerate config of one or several processes (multi-GPU or multi-CPU) without it")
+        if config.mixed_precision != "no" and acc.device.type != loaded.device.type:
+            raise UserError(f"--mixed-precision {config.mixed_precision} autocasts on {acc.device.type}, but the model "
+                            f"is on {loaded.device}: use --device auto, or --mixed-precision no")
+        if config.mixed_precision == "fp16" and acc.scaler is None:
+            raise UserError("--mixed-precision fp16 needs a GPU (accelerate does no float16 autocast on a CPU, the "
+                            "run would silently be full precision): use bf16 on a CPU")
+        return acc
+
     def start_message(self) -> str:
         return (f"training {self.total_steps} steps: {self.epochs} epochs of {self.steps_per_epoch} "
                 f"(epochs from {self.stats['epochs_from']})")
 
     # ---- data order -------------------------------------------------------------------------
     def epoch_groups(self, epoch: int) -> list[list[list[int]]]:
-        """This rank's micro-batches of one epoch, grouped per optimiser step (seeded shuffle)."""
+        """This rank's micro-batches of one epoch, grouped per optimiser step (seeded shuffle). The samples are
+        dealt to the ranks one at a time by accelerate's shard (rank r gets r, r + W, ...; the last ones padded
+        from the start, so that every rank takes the same number of steps and none waits in a collective);
+        each rank then cuts its share into micro-batches, so one rank's are exactly one process's."""
         g = torch.Generator().manual_seed(self.config.seed + epoch)
         order = torch.randperm(len(self.data), generator=g).tolist()
-        # every rank must take the same number of steps (all-reduce): pad as DistributedSampler does
-        order += order[: (-len(order)) % self.world]
-        order = order[self.rank :: self.world]
+        shard = BatchSamplerShard(torch.utils.data.BatchSampler(order, 1, drop_last=False), self.world, self.rank)
+        order = [i for (i,) in shard]
         bs, acc = self.config.batch_size, self.config.grad_accum
         micro = [order[i : i + bs] for i in range(0, len(order), bs)]
         return [micro[i : i + acc] for i in range(0, len(micro), acc)]
@@ -66,11 +127,14 @@ class Trainer:
 
     def micro_loss(self, items: list[Item], epoch: int) -> tuple[torch.Tensor, dict]:
         """L = L_align + lambda L_gt on one micro-batch (right-padded)."""
+        hs, topk = self.targets(items, epoch)
+        with self.accelerator.autocast():  # --mixed-precision: the student's forward and its losses
+            return self.student_loss([it.prompt for it in items], hs, topk)
+
+    def student_loss(self, prompts: list, hs: list[torch.Tensor], topk: list | None) -> tuple[torch.Tensor, dict]:
         dev = self.loaded.device
-        prompts = [it.prompt for it in items]
         lengths = [len(p.encoded) for p in prompts]
         starts = [p.span_start for p in prompts]
-        hs, topk = self.targets(items, epoch)
         run = forward_states(self.loaded, self.capture, prompts)
         out, batch, states, pos, mask = run.output, run.batch, run.states, run.positions, run.mask
         width = pos.shape[1]
@@ -113,26 +177,66 @@ class Trainer:
         warmup = math.ceil(self.config.warmup_ratio * self.total_steps)
         return opt, get_cosine_schedule_with_warmup(opt, warmup, self.total_steps)
 
-    def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+    def sync_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Average the gradients over the ranks (``accelerator.reduce``), once per optimiser step.
+
+        The model is not wrapped by ``accelerator.prepare`` (DDP): only the student's parameters train, well
+        under 1% of the model, attached inside the frozen base. DDP would broadcast every base weight when
+        wrapping, route each forward through the wrapper and all-reduce after every micro-batch unless told
+        not to; here one all-reduce of the student's flattened gradients (per dtype) is all the sync there is."""
         if self.world == 1:
             return
         for p in params:
-            if p.grad is None:
+            if p.grad is None:  # a part that got no gradient on this rank still takes part in the mean
                 p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad)
-            p.grad /= self.world
+        by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+        for p in params:
+            by_dtype.setdefault(p.grad.dtype, []).append(p)
+        for group in by_dtype.values():
+            flat = self.accelerator.reduce(torch.cat([p.grad.reshape(-1) for p in group]), reduction="mean")
+            for p, g in zip(group, flat.split([p.numel() for p in group]), strict=True):
+                p.grad.copy_(g.view_as(p.grad))
 
     def mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
-        """The logged loss parts of a step, averaged over ranks (what one process would log)."""
+        """The logged loss parts of a step, averaged over ranks (what one process would log): gathered."""
         if self.world == 1:
             return values
         keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.loaded.device)
-        torch.distributed.all_reduce(t)
-        return {k: float(v) / self.world for k, v in zip(keys, t.tolist(), strict=True)}
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        rows = self.accelerator.gather(t).reshape(self.world, len(keys))
+        return {k: float(v) for k, v in zip(keys, (rows.sum(0) / self.world).tolist(), strict=True)}
+
+    def start_trackers(self, step: int) -> None:
+        """``--report-to``: start the tracker (rank 0), with the run's options as its configuration."""
+        if self.config.report_to == "none":
+            return
+        from pipeline.config import config_to_dict
+
+        kwargs = {
+            # a resumed run trains the steps after its checkpoint again: TensorBoard drops what an earlier
+            # invocation logged from there on (a fresh run, step 0, drops all of it: --overwrite)
+            "tensorboard": {"purge_step": step + 1},
+            "wandb": {"name": self.run_dir.name, "dir": str(self.run_dir)},
+        }
+        project = TENSORBOARD_DIR if self.config.report_to == "tensorboard" else WANDB_PROJECT
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.accelerator.init_trackers(project, plain_values(config_to_dict(self.config)), init_kwargs=kwargs)
+
+    def stop_trackers(self) -> None:
+        """Flush and close the trackers. Not ``accelerator.end_training``: it also destroys the process group,
+        which the command still needs after the loop (the run directory's lock, the outputs)."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers = []
 
     def train(self, checkpoint: Checkpoint, show_progress: bool = True) -> None:
         opt, sched = self.optimiser()
+        # prepared so that backward scales and clipping unscales the fp16 loss (GradScaler) and a step the
+        # scaler skips is known; the student's tensors stay where they are. The scheduler is not prepared:
+        # accelerate's steps it once per process per step, its total counted over one process's data, and
+        # ``total_steps`` here is already each rank's.
+        opt = self.accelerator.prepare_optimizer(opt, device_placement=False)
+        scaler = self.accelerator.scaler
         params = [p for _, p in self.student.trainable()]
         step = 0
         state = checkpoint.load()
@@ -141,6 +245,8 @@ class Trainer:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])
+            if scaler is not None and "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
             step = state["step"]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         run = RunDir(self.run_dir)
@@ -152,7 +258,8 @@ class Trainer:
         self.stats.update(resumed_at=step, steps=step, final_loss=keep[-1]["loss"] if keep else float("nan"))
         progress = Progress(self.total_steps - step, f"train-student {self.run_dir.name}", show_progress, unit="step")
         start = time.perf_counter()
-        with log_path.open("a") as log:
+        self.start_trackers(step)
+        with log_path.open("a") as log, self.trackers_stopped():
             for epoch in range(self.epochs):
                 groups = self.epoch_groups(epoch)
                 first = max(0, step - epoch * self.steps_per_epoch)
@@ -175,12 +282,25 @@ class Trainer:
                     if self.rank == 0:
                         log.write(json.dumps(row) + "\n")
                         log.flush()
+                    self.accelerator.log({f"train/{k}": row[k] for k in TRACKED if k in row}, step=step)
                     progress.update(1, samples=sum(len(m) for m in group), loss=f"{row['loss']:.4g}")
                     self.stats["final_loss"], self.stats["steps"] = row["loss"], step
                     if self.rank == 0 and (step % self.config.checkpoint_every == 0 or step == self.total_steps):
-                        checkpoint.save(self.student.tensors(), opt, sched, step)
+                        extra = {"scaler": scaler.state_dict()} if scaler is not None else None
+                        checkpoint.save(self.student.tensors(), opt, sched, step, extra)
         self.stats["elapsed_s"] = progress.close()
         self.stats["steps"] = max(self.stats["steps"], step)
+        # what each rank trained in this invocation: the proof that the processes shared the work
+        mine = torch.tensor([self.stats["samples"]], device=self.accelerator.device)
+        self.stats["samples_per_rank"] = [int(n) for n in self.accelerator.gather(mine).tolist()]
+
+    @contextlib.contextmanager
+    def trackers_stopped(self) -> Iterator[None]:
+        """Stop the trackers when the loop ends, also by an error (what was logged is flushed)."""
+        try:
+            yield
+        finally:
+            self.stop_trackers()
 
     def loader(self, micro_batches: list[list[int]]) -> torch.utils.data.DataLoader:
         """Reads (store, images, tokenisation) in ``num_workers`` processes while the device computes."""
@@ -193,22 +313,23 @@ class Trainer:
         """One optimiser step over the micro-batches of ``group`` (already loaded)."""
         opt.zero_grad(set_to_none=True)
         totals: dict[str, float] = {"loss": 0.0}
-        n_micro = len(group)
+        n_micro = len(group)  # an epoch's last step may have fewer than --grad-accum: divided here, not by accelerate
         for items in group:
             t1 = time.perf_counter()
             loss, parts = self.micro_loss(items, epoch)
-            (loss / n_micro).backward()
+            self.accelerator.backward(loss / n_micro)
             self.stats["compute_s"] += time.perf_counter() - t1
             self.stats["samples"] += len(items)
             totals["loss"] += float(loss.detach()) / n_micro
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v / n_micro
-        self.all_reduce_grads(params)
+        self.sync_grads(params)
         totals = self.mean_over_ranks(totals)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        grad_norm = self.accelerator.clip_grad_norm_(params, self.config.grad_clip)
         opt.step()
         lr = sched.get_last_lr()[0]
-        sched.step()
+        if not opt.step_was_skipped:  # fp16: an overflowing step changes nothing, the schedule included
+            sched.step()
         return {**totals, "lr": lr, "grad_norm": float(grad_norm)}
 
     def summary(self) -> dict:
@@ -218,4 +339,5 @@ class Trainer:
                 "samples_per_s": s["samples"] / elapsed if s["samples"] else None,
                 "data_s": s["data_s"], "compute_s": s["compute_s"], "elapsed_s": elapsed, "align": self.align,
                 "epochs": self.epochs, "steps_per_epoch": self.steps_per_epoch,
-                "epochs_from": s.get("epochs_from", "--epochs")}
+                "epochs_from": s.get("epochs_from", "--epochs"), "processes": self.world,
+                "samples_per_rank": s.get("samples_per_rank"), "mixed_precision": self.config.mixed_precision}
