@@ -1,4 +1,4 @@
-"""VQAv2, OK-VQA and COCO captions from HuggingFace dataset ids (``source: hub``).
+"""VQAv2, OK-VQA, OCR-VQA, COCO and Flickr30k captions from HuggingFace dataset ids (``source: hub``).
 
 Which dataset, split and columns to read is data in the task's YAML, one block per source::
 
@@ -14,7 +14,12 @@ Which dataset, split and columns to read is data in the task's YAML, one block p
         split: validation
         columns: {id: question_id, question: question, answers: answers, image: image}
         answer_key: answer
+        meta: {answer_type: answer_type}   # Example.meta from columns (the per-answer-type report)
 
+``split`` may be a list (``[train, restval]``): the splits are read and concatenated in that order.
+``one_per_question: true`` reads rows whose ``question`` and ``answers`` columns are parallel lists
+(OCR-VQA: an image with its questions) as one ``Example`` per question, with that single answer and
+the id ``<id><index:02d>`` (the MimIC code's OCR-VQA question ids).
 ``columns`` maps the ``Example`` fields ``id``, ``question`` (omit for captions), ``answers`` (a
 list, or a string for a single reference) and ``image`` (an Image column) to column names.
 Without network every load fails; the error names the offline alternatives.
@@ -28,33 +33,57 @@ from typing import Any
 
 from pipeline.config import ConfigError, UserError
 from pipeline.tasks.base import Example
-from pipeline.tasks.official import ExampleView, check_first_images, checked_image, image_path, split_loaders
+from pipeline.tasks.official import (
+    ExampleView,
+    check_first_images,
+    checked_image,
+    column_values,
+    image_path,
+    ocr_vqa_question_id,
+    split_loaders,
+)
 
-SOURCE_KEYS = ("id", "split", "columns", "name", "revision", "answer_key", "image_path")
+SOURCE_KEYS = (
+    "id", "split", "columns", "name", "revision", "answer_key", "image_path", "meta", "one_per_question"
+)
 COLUMN_KEYS = ("id", "question", "answers", "image")
 
 
 def check_source(task: str, which: str, source: Any) -> list[str]:
-    """Problems with one ``hub.<which>`` block (empty when it is valid)."""
+    """Problems with one ``hub.<which>`` block (empty when it is valid); ``which`` "" names the ``hub``
+    block itself (a user task reading one dataset split)."""
+    key = f"hub.{which}" if which else "hub"
     if not isinstance(source, dict):
-        return [f"hub.{which} must be a mapping with keys {', '.join(SOURCE_KEYS)}"]
-    errors = [f"hub.{which}.{k} is missing" for k in ("id", "split", "columns") if k not in source]
+        return [f"{key} must be a mapping with keys {', '.join(SOURCE_KEYS)}"]
+    errors = [f"{key}.{k} is missing" for k in ("id", "split", "columns") if k not in source]
     errors += [
-        f"hub.{which}: unknown key '{k}' (valid: {', '.join(SOURCE_KEYS)})"
+        f"{key}: unknown key '{k}' (valid: {', '.join(SOURCE_KEYS)})"
         for k in source
         if k not in SOURCE_KEYS
     ]
     columns = source.get("columns", {})
     if not isinstance(columns, dict):
-        return errors + [f"hub.{which}.columns must map {', '.join(COLUMN_KEYS)} to column names"]
+        return errors + [f"{key}.columns must map {', '.join(COLUMN_KEYS)} to column names"]
     errors += [
-        f"hub.{which}.columns: unknown key '{k}' (valid: {', '.join(COLUMN_KEYS)})"
+        f"{key}.columns: unknown key '{k}' (valid: {', '.join(COLUMN_KEYS)})"
         for k in columns
         if k not in COLUMN_KEYS
     ]
-    errors += [f"hub.{which}.columns.{k} is missing" for k in ("id", "answers") if k not in columns]
+    errors += [f"{key}.columns.{k} is missing" for k in ("id", "answers") if k not in columns]
     if "image" in columns and "image_path" in source:
-        errors.append(f"hub.{which}: give columns.image or image_path, not both")
+        errors.append(f"{key}: give columns.image or image_path, not both")
+    split = source.get("split", "-")
+    if not (isinstance(split, str) and split) and not (
+        isinstance(split, list) and split and all(isinstance(x, str) and x for x in split)
+    ):
+        errors.append(f"{key}.split: got {split!r}, expected a split name or a list of split names")
+    meta = source.get("meta", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in [*meta, *meta.values()]):
+        errors.append(f"{key}.meta must map Example.meta keys to column names, got {meta!r}")
+    if source.get("one_per_question", False) not in (True, False):
+        errors.append(f"{key}.one_per_question: got {source['one_per_question']!r}, expected true or false")
+    elif source.get("one_per_question") and "question" not in columns:
+        errors.append(f"{key}: one_per_question needs columns.question (a list per row)")
     return errors
 
 
@@ -70,25 +99,66 @@ def hub_view(dataset: Any, source: dict[str, Any], data_root: str | Path, task: 
     """``Example``s over a loaded HF ``Dataset`` through the source's column mapping."""
     columns, answer_key = source["columns"], source.get("answer_key")
     template, root = source.get("image_path"), Path(data_root).expanduser()
-    missing = [c for c in columns.values() if c is not None and c not in dataset.column_names]
+    meta = source.get("meta") or {}
+    wanted = [*columns.values(), *meta.values()]
+    missing = [c for c in wanted if c is not None and c not in dataset.column_names]
     if missing:
         raise UserError(
             f"task {task}: HF dataset {source['id']} ({source['split']}) has no column(s) {missing}; "
-            f"it has {dataset.column_names}. Fix hub.*.columns in the task YAML"
+            f"it has {dataset.column_names}. Fix hub.*.columns / hub.*.meta in the task YAML"
         )
 
-    def to_example(row: dict[str, Any]) -> Example:
+    def to_example(row: dict[str, Any], pair: int | None = None) -> Example:
         image = row[columns["image"]] if columns.get("image") else None
         if template:
             image = checked_image(image_path(root, template, row), f"task {task}, row {row[columns['id']]}")
+        question = row[columns["question"]] if columns.get("question") else ""
+        answers = _answers(row[columns["answers"]], answer_key)
+        if pair is not None:
+            question, answers = question[pair], answers[pair : pair + 1]
+        values = {key: row[column] for key, column in meta.items() if row[column] not in (None, "")}
         return Example(
-            id=str(row[columns["id"]]),
-            question=str(row[columns["question"]]) if columns.get("question") else "",
-            answers=_answers(row[columns["answers"]], answer_key),
+            id=str(row[columns["id"]]) if pair is None else ocr_vqa_question_id(row[columns["id"]], pair),
+            question=str(question),
+            answers=answers,
             image=image,
+            meta=values or None,
         )
 
+    if source.get("one_per_question"):
+        return check_first_images(_per_question_view(dataset, source, task, to_example))
     return check_first_images(ExampleView(dataset, to_example, columns["id"]))
+
+
+def _per_question_view(
+    dataset: Any, source: dict[str, Any], task: str, to_example: Callable[..., Example]
+) -> ExampleView:
+    """One ``Example`` per (row, question) of rows holding parallel question / answer lists: a view over
+    a small index (row, position, id) that reads the row, image included, only at access."""
+    import datasets
+
+    columns = source["columns"]
+    ids = column_values(dataset, columns["id"])
+    questions = column_values(dataset, columns["question"])
+    answers = column_values(dataset, columns["answers"])
+    index: dict[str, list[Any]] = {"row": [], "pair": [], "question_id": []}
+    for row, (image_id, qs, ans) in enumerate(zip(ids, questions, answers, strict=True)):
+        if not isinstance(qs, list) or not isinstance(ans, list) or len(qs) != len(ans):
+            raise UserError(
+                f"task {task}: HF dataset {source['id']} ({source['split']}) row {row} (id {image_id}) "
+                f"needs one answer per question in columns {columns['question']!r} / {columns['answers']!r}; got "
+                f"{len(qs) if isinstance(qs, list) else qs!r} questions and "
+                f"{len(ans) if isinstance(ans, list) else ans!r} answers"
+            )
+        for pair in range(len(qs)):
+            index["row"].append(row)
+            index["pair"].append(pair)
+            index["question_id"].append(ocr_vqa_question_id(image_id, pair))
+    return ExampleView(
+        datasets.Dataset.from_dict(index),
+        lambda entry: to_example(dataset[entry["row"]], entry["pair"]),
+        "question_id",
+    )
 
 
 def offline_hint() -> str:
@@ -101,22 +171,43 @@ def offline_hint() -> str:
 
 
 def load_hub_dataset(source: dict[str, Any], cache_dir: str | None, task: str) -> Any:
-    """``datasets.load_dataset(id, name, split=...)``; any failure becomes a ``UserError``."""
+    """``datasets.load_dataset(id, name, split=...)``, each split of a list of splits concatenated in
+    order; any failure becomes a ``UserError``."""
     import datasets
 
+    splits = source["split"] if isinstance(source["split"], list) else [source["split"]]
+    parts = []
+    for split in splits:
+        try:
+            parts.append(
+                datasets.load_dataset(
+                    source["id"],
+                    source.get("name"),
+                    split=split,
+                    revision=source.get("revision"),
+                    cache_dir=cache_dir,
+                )
+            )
+        except Exception as err:  # network, auth, missing split: all mean "cannot get it from the hub"
+            raise UserError(
+                f"task {task}: could not load HF dataset '{source['id']}' split '{split}' "
+                f"({type(err).__name__}: {str(err)[:300]}). {offline_hint()}"
+            ) from err
+    if len(parts) == 1:
+        return parts[0]
+    def refuse(why: str) -> UserError:
+        return UserError(f"task {task}: the splits {splits} of HF dataset '{source['id']}' cannot be "
+                         f"concatenated ({why}); list splits with the same columns")
+
+    for split, part in zip(splits[1:], parts[1:], strict=True):
+        # concatenate_datasets would fill a column one split lacks with nulls: refuse instead of reading None
+        if set(part.column_names) != set(parts[0].column_names):
+            raise refuse(f"split '{splits[0]}' has columns {parts[0].column_names}, split '{split}' has "
+                         f"{part.column_names}")
     try:
-        return datasets.load_dataset(
-            source["id"],
-            source.get("name"),
-            split=source["split"],
-            revision=source.get("revision"),
-            cache_dir=cache_dir,
-        )
-    except Exception as err:  # network, auth, missing split: all mean "cannot get it from the hub"
-        raise UserError(
-            f"task {task}: could not load HF dataset '{source['id']}' split '{source['split']}' "
-            f"({type(err).__name__}: {str(err)[:300]}). {offline_hint()}"
-        ) from err
+        return datasets.concatenate_datasets(parts)
+    except ValueError as err:  # the same columns with features that do not align
+        raise refuse(str(err).strip().splitlines()[0][:300]) from err
 
 
 def hub_loaders(cfg: Any) -> dict[str, Callable[[], ExampleView]]:

@@ -1,9 +1,10 @@
-"""VQAv2, OK-VQA and COCO captions (Karpathy split) from the official files on disk.
+"""VQAv2, OK-VQA, OCR-VQA, COCO and Flickr30k captions (Karpathy splits) from the official files on disk.
 
-The JSON files are read through the ``datasets`` json builder (``field="questions"`` etc.), so the
-first load converts them to Arrow in the HF datasets cache and later loads are memory-mapped.
-A split is an ``ExampleView``: a lazy sequence of ``Example`` built row by row at access; images
-stay paths (resolved from a template under the data root) and are checked when a row is read.
+The VQA and Karpathy JSON files are read through the ``datasets`` json builder (``field="questions"``
+etc.), so the first load converts them to Arrow in the HF datasets cache and later loads are
+memory-mapped. A split is an ``ExampleView``: a lazy sequence of ``Example`` built row by row at
+access; images stay paths (resolved from a template under the data root) and are checked when a row
+is read.
 
 Layout under the data root (each path is data in ``configs/tasks/<name>.yaml``)::
 
@@ -14,12 +15,17 @@ Layout under the data root (each path is data in ``configs/tasks/<name>.yaml``):
     coco/dataset_coco.json                        (Karpathy split)
     coco/train2014/COCO_train2014_000000000009.jpg
     coco/val2014/COCO_val2014_000000000042.jpg
+    flickr30k/dataset_flickr30k.json              (Karpathy split)
+    flickr30k/flickr30k-images/1000092795.jpg
+    ocr_vqa/dataset.json                          (keyed by image id; split 1 train, 2 val, 3 test)
+    ocr_vqa/images/0001055178.jpg                 (the OCR-VQA downloader's names: <image id>.jpg)
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -33,6 +39,9 @@ IMAGES_CHECKED_AT_LOAD = 3
 
 VQA_KEYS = ("questions", "annotations", "images")
 KARPATHY_KEYS = ("karpathy", "images", "support_splits", "eval_splits")
+OCR_VQA_KEYS = ("dataset", "images", "support_splits", "eval_splits")
+OCR_VQA_SPLITS = {"train": 1, "val": 2, "test": 3}
+"""The ``split`` codes of OCR-VQA's dataset.json."""
 
 
 class ExampleView(Sequence):
@@ -141,8 +150,8 @@ def checked_image(path: Path, where: str) -> str:
     """``path`` as a string if the file exists; otherwise a ``UserError`` naming it."""
     if not path.is_file():
         raise UserError(
-            f"image file {path} not found (needed by {where}); put the COCO images under the data root "
-            f"as the task's layout says, or fix the data root (--data-root / MIMIC_DATA)"
+            f"image file {path} not found (needed by {where}); put the task's images under the data root "
+            f"as its layout says (pipeline/tasks/official.py), or fix the data root (--data-root / MIMIC_DATA)"
         )
     return str(path)
 
@@ -219,28 +228,113 @@ def vqa_view(root: Path, files: dict[str, str], cfg: Any) -> ExampleView:
 
 
 def karpathy_view(root: Path, files: dict[str, Any], splits: Sequence[str], cfg: Any) -> ExampleView:
-    """The images of the Karpathy split(s) ``splits`` with all their reference captions."""
-    dataset = load_json_records(root / files["karpathy"], "images", cfg.cache_dir)
+    """The images of the Karpathy split(s) ``splits`` with all their reference captions.
+
+    The id is the field ``files["id"]`` of each image (default ``cocoid``; Flickr30k has ``imgid`` only).
+    """
+    path = root / files["karpathy"]
+    dataset = load_json_records(path, "images", cfg.cache_dir)
+    id_field = files.get("id", "cocoid")
+    missing = [k for k in (id_field, "split", "sentences") if k not in dataset.column_names]
+    if missing:
+        raise UserError(
+            f"task {cfg.name}: the images of {path} have no field(s) {missing} (they have "
+            f"{dataset.column_names}); is it a Karpathy split file (dataset_coco.json, dataset_flickr30k.json)?"
+        )
     wanted = set(splits)
     keep = [i for i, s in enumerate(column_values(dataset, "split")) if s in wanted]
     where = f"task {cfg.name}"
 
     def to_example(row: dict[str, Any]) -> Example:
-        path = image_path(root, files["images"], row)
+        image = image_path(root, files["images"], row)
         return Example(
-            id=str(row["cocoid"]),
+            id=str(row[id_field]),
             question="",
             answers=tuple(s["raw"].strip() for s in row["sentences"]),
-            image=checked_image(path, f"{where}, image {row['cocoid']}"),
+            image=checked_image(image, f"{where}, image {row[id_field]}"),
         )
 
-    return check_first_images(ExampleView(dataset.select(keep), to_example, "cocoid"))
+    return check_first_images(ExampleView(dataset.select(keep), to_example, id_field))
+
+
+@functools.lru_cache(maxsize=2)
+def _ocr_vqa_columns(path: Path, stamp: tuple[int, int]) -> dict[int, dict[str, list[str]]]:
+    """OCR-VQA's dataset.json as one question per row, by split code: ``{split: {column: values}}``.
+
+    Read with ``json`` rather than the ``datasets`` json builder: the file is one object keyed by image
+    id, which that builder would read as a single row with an image per column. ``stamp`` (the file's
+    mtime and size) keys the cache, so the support and eval splits parse the file once.
+    """
+    from pipeline.tasks.faults import read_text
+
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise UserError(
+            f"{path} line {err.lineno}: invalid JSON ({err.msg}); expected OCR-VQA's dataset.json"
+        ) from err
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object keyed by image id (OCR-VQA's dataset.json), "
+                        f"got {type(data).__name__}")
+    splits: dict[int, dict[str, list[str]]] = {}
+    for image_id, info in data.items():
+        missing = [k for k in ("questions", "answers", "split") if not isinstance(info, dict) or k not in info]
+        if missing:
+            raise UserError(f"{path}: image {image_id} has no {', '.join(repr(k) for k in missing)}")
+        questions, answers = info["questions"], info["answers"]
+        if not isinstance(questions, list) or not isinstance(answers, list) or len(questions) != len(answers):
+            raise UserError(f"{path}: image {image_id} needs one answer per question (lists of equal length); "
+                            f"got {_count(questions)} questions and {_count(answers)} answers")
+        columns = splits.setdefault(info["split"], {k: [] for k in ("question_id", "image_id", "question", "answer")})
+        for k, (question, answer) in enumerate(zip(questions, answers, strict=True)):
+            columns["question_id"].append(ocr_vqa_question_id(image_id, k))
+            columns["image_id"].append(str(image_id))
+            columns["question"].append(str(question))
+            columns["answer"].append(str(answer))
+    return splits
+
+
+def _count(value: Any) -> str:
+    return str(len(value)) if isinstance(value, list) else f"a {type(value).__name__} of"
+
+
+def ocr_vqa_question_id(image_id: Any, index: int) -> str:
+    """The id of an image's ``index``-th question, as the MimIC code numbers them: image id + 2 digits."""
+    return f"{image_id}{index:02d}"
+
+
+def ocr_vqa_view(root: Path, files: dict[str, Any], splits: Sequence[str], cfg: Any) -> ExampleView:
+    """The questions of the OCR-VQA split(s) ``splits`` (train / val / test), one ``Example`` each with
+    its single answer."""
+    import datasets
+
+    path = root / files["dataset"]
+    by_code = _ocr_vqa_columns(path, (path.stat().st_mtime_ns, path.stat().st_size))
+    codes = [OCR_VQA_SPLITS[s] for s in splits]
+    parts = [datasets.Dataset.from_dict(by_code[code]) for code in codes if code in by_code]
+    if not parts:
+        raise UserError(f"task {cfg.name}: {path} has no question in split(s) {list(splits)} "
+                        f"(split codes {codes}; it has {sorted(by_code)})")
+    where = f"task {cfg.name}"
+
+    def to_example(row: dict[str, Any]) -> Example:
+        image = image_path(root, files["images"], row)
+        return Example(
+            id=row["question_id"],
+            question=row["question"],
+            answers=(row["answer"],),
+            image=checked_image(image, f"{where}, question {row['question_id']}"),
+        )
+
+    return check_first_images(ExampleView(datasets.concatenate_datasets(parts), to_example, "question_id"))
 
 
 def _layout(cfg: Any) -> list[str]:
     off = cfg.official
     if cfg.loader == "karpathy":
         return [off["karpathy"], off["images"]]
+    if cfg.loader == "ocr_vqa":
+        return [off["dataset"], off["images"]]
     return [files[k] for files in (off["support"], off["eval"]) for k in VQA_KEYS]
 
 
@@ -248,6 +342,13 @@ def _check_official_config(cfg: Any) -> None:
     off, errors = cfg.official, []
     if cfg.loader == "karpathy":
         errors += [f"official.{k} is missing" for k in KARPATHY_KEYS if k not in off]
+    elif cfg.loader == "ocr_vqa":
+        errors += [f"official.{k} is missing" for k in OCR_VQA_KEYS if k not in off]
+        for key in ("support_splits", "eval_splits"):
+            bad = [s for s in off.get(key, []) if s not in OCR_VQA_SPLITS]
+            if bad or not off.get(key, ["-"]):
+                errors.append(f"official.{key}: got {off.get(key)!r}, expected a list of "
+                              f"{', '.join(OCR_VQA_SPLITS)}")
     else:
         for split in ("support", "eval"):
             files = off.get(split)
@@ -260,27 +361,28 @@ def _check_official_config(cfg: Any) -> None:
 
 
 def official_loaders(cfg: Any) -> dict[str, Callable[[], ExampleView]]:
-    """Split loaders of a ``loader: vqa`` or ``loader: karpathy`` task from files under ``data_root``.
+    """Split loaders of a ``loader: vqa``, ``karpathy`` or ``ocr_vqa`` task from files under ``data_root``.
 
-    Checks at once that every annotation file exists (a missing one is a ``UserError`` naming it
-    and the expected layout); images are checked for the first rows at load and each row at access.
+    Checks at once that every annotation file exists (a missing one is a one-line ``UserError`` naming
+    it and the expected layout); images are checked for the first rows at load and each row at access.
     """
     _check_official_config(cfg)
     root = Path(cfg.data_root).expanduser()
     json_files = [p for p in _layout(cfg) if "{" not in p]
     for rel in json_files:
         if not (root / rel).is_file():
-            layout = "\n  ".join(str(root / p) for p in _layout(cfg))
+            layout = ", ".join(dict.fromkeys(_layout(cfg)))
             raise UserError(
-                f"task {cfg.name}: file {root / rel} not found. Expected layout under the data root {root}:\n"
-                f"  {layout}\nSet the data root with --data-root or MIMIC_DATA, or load from the "
-                f"HuggingFace hub with source=hub."
+                f"task {cfg.name}: file {root / rel} not found; expected under the data root {root}: {layout}. "
+                f"Set the data root with --data-root or MIMIC_DATA, or load from the HuggingFace hub with "
+                f"source=hub."
             )
     off = cfg.official
-    if cfg.loader == "karpathy":
+    if cfg.loader in ("karpathy", "ocr_vqa"):
+        view = karpathy_view if cfg.loader == "karpathy" else ocr_vqa_view
         return split_loaders(
-            lambda: karpathy_view(root, off, off["support_splits"], cfg),
-            lambda: karpathy_view(root, off, off["eval_splits"], cfg),
+            lambda: view(root, off, off["support_splits"], cfg),
+            lambda: view(root, off, off["eval_splits"], cfg),
             cfg,
         )
     return split_loaders(
