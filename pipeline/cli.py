@@ -36,9 +36,72 @@ def _flags_without_type(params: list[Any]) -> list[Any]:
     return params
 
 
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+"""click's ``UsageError`` as Typer raises it (Typer vendors its own copy of click, with no public name)."""
+_VALUE_KINDS = {"float": "float", "int": "integer", "bool": "boolean", "decimal": "number"}
+
+
+def usage_error_line(err: Any) -> str:
+    """A command-line parse error on one line: what is wrong, the option, what is valid, where help is.
+
+    ``pipeline train-student: --lr: 'abc' is not a valid float; see pipeline train-student --help``
+    """
+    ctx = getattr(err, "ctx", None)
+    path = ctx.command_path if ctx is not None else "pipeline"
+    param = getattr(err, "param", None)
+    if param is None:
+        name = getattr(err, "param_hint", None)
+    elif getattr(param, "param_type_name", "") == "option" and param.opts:
+        name = param.opts[0]
+    else:
+        name = param.metavar or str(param.name).upper()
+    errors = err.__cause__.errors() if hasattr(err.__cause__, "errors") else []  # Typer's pydantic coercion
+    kind = type(err).__name__
+    if errors and "input" in errors[0]:
+        valid = _VALUE_KINDS.get(str(errors[0]["type"]).split("_")[0])
+        problem = f"{name}: {errors[0]['input']!r} " + (f"is not a valid {valid}" if valid else f"({errors[0]['msg']})")
+    elif kind == "MissingParameter":
+        problem = f"missing {getattr(err, 'param_type', None) or getattr(param, 'param_type_name', 'value')} {name}"
+    elif kind == "NoSuchOption":
+        maybe = sorted(getattr(err, "possibilities", None) or ())
+        problem = f"unknown option {err.option_name}" + (f" (did you mean {' or '.join(maybe)}?)" if maybe else "")
+    elif kind == "BadOptionUsage" and "requires an argument" in str(err.message):
+        problem = f"{err.option_name}: needs a value"
+    else:
+        message = " ".join(str(err.message).split()).rstrip(".").replace(". Did you mean", "; did you mean")
+        problem = f"{name}: {message}" if name and kind == "BadParameter" else message
+        if message.startswith("No such command") and "did you mean" not in message and ctx is not None:
+            problem += f" (commands: {', '.join(ctx.command.list_commands(ctx))})"
+    return f"{path}: {problem}; see {path} --help"
+
+
+class _usage_errors:
+    """Typer / click parse errors (bad value, unknown option or command, missing argument) on one line of
+    stderr, exit 2, instead of the usage lines and a boxed panel; help, completion and --version untouched."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is None or not issubclass(exc_type, _UsageError) or exc_type.__name__ == "NoArgsIsHelpError":
+            return False
+        if getattr(exc.ctx, "resilient_parsing", False):  # shell completion parses leniently: not ours
+            return False
+        typer.echo(f"error: {usage_error_line(exc)}", err=True)
+        raise typer.Exit(2)
+
+
 class _Group(TyperGroup):
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_without_type(super().get_params(ctx))
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _usage_errors():  # the group's own options: `pipeline --bogus`
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _usage_errors():  # the command's name and its options: `pipeline train-student --lr abc`
+            return super().invoke(ctx)
 
 
 class _Command(TyperCommand):
@@ -51,7 +114,11 @@ class _Command(TyperCommand):
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         lists = {name for p in self.params if getattr(p, "multiple", False) for name in p.opts}
-        return super().parse_args(ctx, spread_list_values(args, lists))
+        try:
+            return super().parse_args(ctx, spread_list_values(args, lists))
+        except _UsageError as err:
+            err.ctx = err.ctx or ctx  # "--lr requires an argument" comes without the command it belongs to
+            raise
 
 
 def spread_list_values(args: list[str], list_flags: set[str]) -> list[str]:
