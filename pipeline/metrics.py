@@ -1,4 +1,5 @@
-"""Evaluation metrics: VQA accuracy, CIDEr-D and exact match, as pure functions (docs/architecture.md §6).
+"""Evaluation metrics: VQA accuracy, CIDEr-D, exact match and the MME / SEED-Bench answer accuracies, as
+pure functions (docs/architecture.md §6).
 
 VQA accuracy ports the official GT-Vision-Lab evaluation (``PythonEvaluationTools/vqaEvaluation/
 vqaEval.py``, master branch, the version OpenFlamingo and LAVIS copy): its contraction map, number
@@ -13,10 +14,13 @@ import re
 import shutil
 import string
 from collections.abc import Sequence
+from typing import Any
 
 from pipeline.config import UserError
 
-METRIC_NAMES = ("vqa_accuracy", "cider", "exact_match")
+METRIC_NAMES = ("vqa_accuracy", "cider", "exact_match", "mme_accuracy", "seed_accuracy")
+"""Per-example metrics a task can name: the kinds' defaults, then the benchmarks' answer accuracies
+(``mme_correct``, ``seed_correct``; their per-group scores are ``mme_scores`` / ``seed_accuracy``)."""
 
 # Official vqaEval.py tables, verbatim. Keys such as "Im" or "Id've" can never match because the
 # text is lower-cased first, and "somebody'd" maps to "somebodyd": kept as the official code has them.
@@ -219,7 +223,8 @@ def score(metric_name: str, predictions: Sequence[str], answers: Sequence[Sequen
     if metric_name == "cider":
         corpus, per_sample = cider(predictions, answers)
     else:
-        one = vqa_accuracy if metric_name == "vqa_accuracy" else exact_match
+        one = {"vqa_accuracy": vqa_accuracy, "exact_match": exact_match, "mme_accuracy": mme_correct,
+               "seed_accuracy": seed_correct}[metric_name]
         per_sample = [one(p, a) for p, a in zip(predictions, answers, strict=True)]
         corpus = sum(per_sample) / len(per_sample)
     return {"metric": metric_name, "score": 100.0 * corpus, "per_sample": [100.0 * s for s in per_sample]}
@@ -292,6 +297,18 @@ def mme_scores(records: Sequence[dict]) -> dict:
     return out
 
 
+def _single_answer(answers: Sequence[str], what: str, valid: tuple[str, ...]) -> str:
+    gold = _check_answers(answers, what)
+    if len(gold) != 1 or str(gold[0]).strip().lower() not in valid:
+        raise ValueError(f"{what}: expected one answer among {', '.join(valid)}, got {gold!r}.")
+    return str(gold[0]).strip().lower()
+
+
+def mme_correct(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when the prediction, parsed by the official rule (``mme_parse``), is the MME answer (Yes / No)."""
+    return 1.0 if mme_parse(prediction) == _single_answer(answers, "mme_accuracy", ("yes", "no")) else 0.0
+
+
 # SEED-Bench (Li et al. 2023), image part, options A-D. The official SEED-Bench eval.py ranks options by
 # likelihood and parses no text; lmms-eval (tasks/seedbench/utils.py, seed_process_result) keeps only the
 # first character of the stripped generation, so "(B)" and "The answer is B" score wrong. seed_letter
@@ -322,6 +339,12 @@ def seed_letter(text: str) -> str | None:
         text = text.replace(mark, " ")
     found = {tok for tok in text.split() if tok in _SEED_OPTIONS}
     return found.pop() if len(found) == 1 else None
+
+
+def seed_correct(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when the option letter ``seed_letter`` reads in the prediction is the answer letter (A-D)."""
+    gold = _single_answer(answers, "seed_accuracy", ("a", "b", "c", "d")).upper()
+    return 1.0 if seed_letter(prediction) == gold else 0.0
 
 
 def seed_accuracy(records: Sequence[dict]) -> dict:
@@ -372,3 +395,17 @@ def vqa_accuracy_by_type(predictions: Sequence[str], answers: Sequence[Sequence[
     order += [t for t in per_type if t not in VQA_ANSWER_TYPES]
     out.update({t: 100.0 * sum(per_type[t]) / len(per_type[t]) for t in order})
     return out
+
+
+def chair_scores(chair: Any, records: list[dict]) -> dict:
+    """CHAIR of generated captions: ``chair`` (a ``pipeline.chair.Chair``) over ``{record id: prediction}``
+    (ids are COCO image ids). Each record gets ``chair`` = its mentioned and hallucinated objects; returns
+    CHAIRs, CHAIRi, recall (%) and the counts behind them, without the per-caption detail."""
+    result = dict(chair.compute({r["id"]: r["prediction"] for r in records}))
+    per_caption = result.pop("per_caption")
+    if len(per_caption) != len(records):
+        raise ValueError(f"chair_scores: {len(records)} records but {len(per_caption)} distinct image ids; CHAIR "
+                         "scores one caption per image.")
+    for record, row in zip(records, per_caption.values(), strict=True):  # compute keeps the records' order
+        record["chair"] = {"mentioned": row["mentioned"], "hallucinated": row["hallucinated"]}
+    return result

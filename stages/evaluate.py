@@ -14,6 +14,7 @@ settings as each group's heading and speed-ups computed only within a group.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,8 +36,9 @@ from pipeline.provenance import resolve
 from pipeline.rundir import RunDir
 from pipeline.runtime import Loaded, check_task_fits_model, load_for_stage
 from pipeline.settings import MODES, EvalConfig
+from pipeline.store import StorePath, store_location
 from pipeline.students import geometry_tuple
-from pipeline.tasks import Hook, load_task
+from pipeline.tasks import DATA_ROOT_ENV, Hook, load_task
 from stages.evaluation import Evaluation, ResultsFolder, settings_key, settings_of
 
 
@@ -50,12 +52,16 @@ class RunInfo:
 
     path: Path
     adapter: AdapterConfig
-    store: Path | None
+    store: StorePath | None  # a local path or an fsspec URL (pipeline.store.StoreURL)
     train_config: dict
 
     @property
     def name(self) -> str:
         return self.path.name
+
+
+EXTRA_METRICS = ("chair",)
+"""``--metrics``: scores computed beside the task's own metric."""
 
 
 def check_config(config: EvalConfig) -> None:
@@ -65,6 +71,8 @@ def check_config(config: EvalConfig) -> None:
     for key, least in (("batch_size", 1), ("num_beams", 1), ("n_queries", 0), ("l2_queries", 1)):
         if getattr(config, key) < least:
             errors.append(f"'{key}': got {getattr(config, key)}, expected >= {least}")
+    errors += [f"'metrics': got {m!r}, expected some of {', '.join(EXTRA_METRICS)}" for m in config.metrics
+               if m not in EXTRA_METRICS]
     if config.shots is not None and config.shots < 0:
         errors.append(f"'shots': got {config.shots}, expected >= 0")
     if errors:
@@ -111,7 +119,7 @@ def read_run(path: Path) -> RunInfo:
     adapter = read_adapter_config(path)
     train_config = read_train_config(path)
     cache = train_config.get("cache")
-    store = Path(cache) if isinstance(cache, str) and cache else None
+    store = store_location(cache, check=False) if isinstance(cache, str) and cache else None
     return RunInfo(path, adapter, store, train_config)
 
 
@@ -164,6 +172,39 @@ def check_metric_ready(metric: Any) -> None:
             raise UserError(str(err)) from err
 
 
+def coco_annotation_files(config: EvalConfig, data_root: str | None) -> tuple[list[Path], list[Path]]:
+    """(instances_*.json, captions_*.json) of ``--coco-annotations`` (default ``<data root>/coco/annotations``);
+    a missing folder or kind of file is a one-line ``UserError``."""
+    root = data_root or os.environ.get(DATA_ROOT_ENV) or "data"
+    folder = Path(config.coco_annotations or Path(root) / "coco" / "annotations").expanduser()
+    if not folder.is_dir():
+        raise UserError(f"--metrics chair: COCO annotation folder {folder} not found; pass --coco-annotations DIR "
+                        "holding instances_val2014.json and captions_val2014.json (COCO 2014 annotations)")
+    files = {kind: sorted(folder.glob(f"{kind}_*.json")) for kind in ("instances", "captions")}
+    missing = [f"{kind}_*.json" for kind, found in files.items() if not found]
+    if missing:
+        raise UserError(f"--metrics chair: no {' and no '.join(missing)} in {folder}; CHAIR needs the COCO instance "
+                        "and caption annotations of the captioned images (e.g. instances_val2014.json and "
+                        "captions_val2014.json for the Karpathy test split)")
+    return files["instances"], files["captions"]
+
+
+def load_chair(config: EvalConfig, task: Any, examples: list[Any], data_root: str | None) -> Any:
+    """The CHAIR evaluator of ``--metrics chair`` (None without it), refused for a task that is not
+    captioning and for queries whose images no annotation file describes, before any generation."""
+    if "chair" not in config.metrics:
+        return None
+    if task.spec.kind != "caption":
+        raise UserError(f"--metrics chair scores image captions, and task {task.name} is a {task.spec.kind} task; "
+                        "evaluate a caption task (e.g. coco_caption) or drop --metrics chair")
+    from pipeline.chair import Chair
+
+    instances, captions = coco_annotation_files(config, data_root)
+    chair = Chair([str(p) for p in instances], [str(p) for p in captions])
+    chair.compute({e.id: "" for e in examples})  # raises for an image the annotations do not describe
+    return chair
+
+
 @contextmanager
 def mimic_routing(loaded: Loaded) -> Iterator[None]:
     """Route the language model's attention to "mimic" (students need it) and restore it after.
@@ -195,7 +236,7 @@ def check_runs_readable(runs: list[RunInfo]) -> None:
 
 def check_runs_fit(runs: list[RunInfo], loaded: Loaded, shots: int) -> None:
     """Every adapter must fit the model and have its own result name; checked before generating."""
-    taken = {"zero-shot", f"icl-{shots}shot"}
+    taken = {"zero-shot", f"icl-{shots}shot", f"icl-{shots}shot-similar"}
     for run in runs:
         if run.name in taken:
             raise UserError(f"run {run.path} has the same result name as another mode or run ({run.name}); "
@@ -220,6 +261,7 @@ def run(config: EvalConfig, loaded: Loaded | None = None, show_progress: bool = 
     task = load_task(task_name, **({"data_root": data_root} if data_root else {}))
     check_metric_ready(task.spec.metric)
     examples = eval_examples(task, config)
+    chair = load_chair(config, task, examples, data_root)  # annotations read and checked before any model
     folder = ResultsFolder(config.results_dir, task.name)
     folder.prepare()  # writable: checked before the model is loaded
     with dir_lock(folder.path):  # one writer per results folder
@@ -233,7 +275,9 @@ def run(config: EvalConfig, loaded: Loaded | None = None, show_progress: bool = 
         check_task_fits_model(task, loaded)
         check_runs_fit(runs, loaded, shots)
         evaluation = Evaluation(config, task, loaded, examples, shots, show_progress, folder)
-        icl_name = f"icl-{shots}shot"
+        evaluation.chair = chair
+        similar = config.demos == "similar"  # demonstrations by similarity: an ICL result of its own name
+        icl_name = f"icl-{shots}shot" + ("-similar" if similar else "")
         names = ([n for m, n in (("zero-shot", "zero-shot"), ("icl", icl_name)) if m in config.modes]
                  + [r.name for r in runs])
         evaluation.plan(names, runs)  # every file to be written is chosen and checked before generating
@@ -242,8 +286,9 @@ def run(config: EvalConfig, loaded: Loaded | None = None, show_progress: bool = 
             if "zero-shot" in config.modes:
                 results["zero-shot"] = evaluation.mode("zero-shot", "zero-shot", 0, evaluation.fingerprint("zero-shot"))
             if "icl" in config.modes:
-                fingerprint = evaluation.fingerprint("icl", {"shots": shots, "seed": config.seed})
-                results[icl_name] = evaluation.mode(icl_name, "icl", shots, fingerprint)
+                fingerprint = evaluation.fingerprint("icl", {"shots": shots, "seed": config.seed,
+                                                             **({"demos": "similar"} if similar else {})})
+                results[icl_name] = evaluation.mode(icl_name, "icl", shots, fingerprint, {"demos": config.demos})
             for info in runs:
                 results[info.name] = evaluation.student(info)
         table = write_table(folder, shots)
@@ -255,7 +300,9 @@ def run(config: EvalConfig, loaded: Loaded | None = None, show_progress: bool = 
 
 
 def _label(row: dict) -> str:
-    return {"zero-shot": "zero-shot", "icl": f"{row.get('shots')}-shot ICL"}.get(row["mode"], f"student {row['name']}")
+    similar = " (similar demos)" if row.get("demos") == "similar" else ""
+    return {"zero-shot": "zero-shot", "icl": f"{row.get('shots')}-shot ICL{similar}"}.get(row["mode"],
+                                                                                          f"student {row['name']}")
 
 
 MODE_ORDER = {"zero-shot": 0, "icl": 1, "student": 2}
@@ -279,7 +326,7 @@ def settings_title(settings: dict) -> str:
 
 def group_table(rows: list[dict], metric: str, shots: int) -> list[str]:
     """One group's rows; speed-up = this group's ICL row's ms/query over each row's."""
-    icl = [r for r in rows if r["mode"] == "icl"]
+    icl = sorted((r for r in rows if r["mode"] == "icl"), key=lambda r: r.get("demos") == "similar")  # random first
     ref = next((r for r in icl if r.get("shots") == shots), max(icl, key=lambda r: r.get("shots", 0), default=None))
     speed_head = f"speed-up vs {ref['shots']}-shot ICL" if ref else "speed-up vs ICL"
     lines = [f"| mode | {metric} | n | ms/query | prompt tokens/query | {speed_head} | parameters | "
@@ -313,6 +360,7 @@ def results_table(rows: list[dict], task_name: str, shots: int) -> str:
     for key in sorted(groups, key=lambda k: [_sortable(v) for v in (settings_of(groups[k][0]).get("model"), *k)]):
         lines += ["", settings_title(settings_of(groups[key][0])), "", *group_table(groups[key], metric, shots)]
         lines += answer_type_table(groups[key])
+        lines += mme_table(groups[key]) + question_type_table(groups[key]) + chair_table(groups[key])
     return "\n".join(lines) + "\n"
 
 
@@ -327,6 +375,61 @@ def answer_type_table(rows: list[dict]) -> list[str]:
     for r in typed:
         cells = [f"{r['by_answer_type'][k]:.2f}" if k in r["by_answer_type"] else "-" for k in kinds]
         lines.append(f"| {_label(r)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _breakdown_table(rows: list[dict], key: str, title: str) -> list[str]:
+    """Rows that have ``key`` (a flat {column: %} mapping), one column per key."""
+    typed = [r for r in sorted(rows, key=_order) if isinstance(r.get(key), dict)]
+    if not typed:
+        return []
+    kinds = list(dict.fromkeys(k for r in typed for k in r[key]))
+    lines = ["", title, "", "| mode | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+    for r in typed:
+        cells = [f"{r[key][k]:.2f}" if isinstance(r[key].get(k), (int, float)) else "-" for k in kinds]
+        lines.append(f"| {_label(r)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def question_type_table(rows: list[dict]) -> list[str]:
+    """SEED-Bench accuracy by question type (the benchmark's dimensions) of the rows that have it."""
+    return _breakdown_table(rows, "by_question_type", "By question type (SEED-Bench accuracy, %):")
+
+
+def mme_table(rows: list[dict]) -> list[str]:
+    """MME's perception and cognition scores, then acc / acc+ per subtask, of the rows that have them."""
+    typed = [r for r in sorted(rows, key=_order) if isinstance(r.get("mme"), dict) and "perception" in r["mme"]]
+    if not typed:
+        return []
+    lines = ["", "MME (official eval tool: score = acc + acc+ per subtask; perception sums 10 subtasks, max 2000; "
+             "cognition 4, max 800):", "", "| mode | perception | cognition | total | images | questions left out |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in typed:
+        m = r["mme"]
+        lines.append(f"| {_label(r)} | {m['perception']:.2f} | {m['cognition']:.2f} | {m['total']:.2f} | "
+                     f"{m.get('images', '-')} | {m.get('left_out', 0)} |")
+    subtasks = list(dict.fromkeys(s for r in typed for s in (r.get("by_subtask") or {})))
+    if subtasks:
+        lines += ["", "MME per subtask (acc / acc+, %):", "", "| mode | " + " | ".join(subtasks) + " |",
+                  "|---|" + "---:|" * len(subtasks)]
+        for r in typed:
+            per = r.get("by_subtask") or {}
+            cells = [f"{per[s]['acc']:.1f} / {per[s]['acc_plus']:.1f}" if s in per else "-" for s in subtasks]
+            lines.append(f"| {_label(r)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def chair_table(rows: list[dict]) -> list[str]:
+    """CHAIR of the rows evaluated with ``--metrics chair`` (lower CHAIRs / CHAIRi: fewer hallucinated objects)."""
+    typed = [r for r in sorted(rows, key=_order) if isinstance(r.get("chair"), dict)]
+    if not typed:
+        return []
+    lines = ["", "CHAIR (object hallucination, %; lower CHAIRs / CHAIRi is better):", "",
+             "| mode | CHAIRs | CHAIRi | recall | captions | object mentions |", "|---|---:|---:|---:|---:|---:|"]
+    for r in typed:
+        c = r["chair"]
+        lines.append(f"| {_label(r)} | {c['CHAIRs']:.2f} | {c['CHAIRi']:.2f} | {c['recall']:.2f} | "
+                     f"{c.get('n_captions', '-')} | {c.get('n_mentions', '-')} |")
     return lines
 
 

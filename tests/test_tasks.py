@@ -75,10 +75,11 @@ def test_every_shipped_task_yaml_loads():
     for path in paths:
         cfg = load_config(TaskConfig, {"name": path.stem, **read_task_yaml(path, TASKS_DIR)})
         spec = task_spec(cfg.name, cfg.kind, cfg.metric, cfg.prompt, cfg.answer, cfg.max_new_tokens)
-        if cfg.loader in ("vqa", "karpathy"):
+        if cfg.loader in ("vqa", "karpathy", "ocr_vqa"):
             assert not [e for w in ("support", "eval") for e in check_source(cfg.name, w, cfg.hub.get(w))]
         assert path.stem in task_names()
-        assert spec.metric == {"words": "exact_match", "karpathy": "cider"}.get(
+        assert spec.metric == {"words": "exact_match", "karpathy": "cider", "ocr_vqa": "exact_match",
+                               "mme": "mme_accuracy", "seed_bench": "seed_accuracy"}.get(
             cfg.loader, "cider" if cfg.kind == "caption" else "vqa_accuracy")
     vqa = load_config(TaskConfig, read_yaml(TASKS_DIR / "vqav2.yaml"))
     assert (vqa.prompt, vqa.answer, vqa.metric, vqa.max_new_tokens) == (
@@ -306,7 +307,8 @@ def test_hub_column_mapping_in_memory(tmp_path):
     with pytest.raises(UserError, match="no column"):
         hub_view(ds, {**source, "columns": {"id": "qid", "answers": "answers"}}, tmp_path, "vqav2")
     assert check_source("t", "eval", {"id": "x", "split": "y", "columns": {"answers": "a"}, "typo": 1}) == [
-        "hub.eval: unknown key 'typo' (valid: id, split, columns, name, revision, answer_key, image_path)",
+        "hub.eval: unknown key 'typo' (valid: id, split, columns, name, revision, answer_key, image_path, meta, "
+        "one_per_question)",
         "hub.eval.columns.id is missing",
     ]
 

@@ -4,9 +4,9 @@ Every task is one YAML file read into one ``TaskConfig``: the built-in ones are
 ``configs/tasks/<name>.yaml`` (files whose name starts with ``_`` are shared templates, not tasks),
 anything else is a path to a user's YAML. A task file holds its templates, metric, data locations and
 split sizes; its ``loader`` picks the reading code (``files`` for local data files, ``words`` for the
-built-in text tasks, ``vqa`` / ``karpathy`` for the official files or hub datasets, ``shapes`` for
-rendered scenes) or names the user's own (``!function module.load``). ``prompt``, ``postprocess`` and
-``metric`` may be hooks too, and ``include:`` merges shared templates (``pipeline.tasks.hooks``).
+built-in text tasks, ``vqa`` / ``karpathy`` / ``ocr_vqa`` for the official files or hub datasets,
+``shapes`` for rendered scenes) or names the user's own (``!function module.load``). ``prompt``,
+``postprocess`` and ``metric`` may be hooks too, and ``include:`` merges shared templates (``pipeline.tasks.hooks``).
 Options given to ``load_task`` override the YAML (``None`` means "not given"); the data root comes from
 the ``data_root`` option, else the ``MIMIC_DATA`` environment variable, else the YAML.
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import CONFIGS_DIR, ConfigError, UserError, load_config, opt
+from pipeline.metrics import METRIC_NAMES
 from pipeline.tasks.base import (
     DEFAULT_METRICS,
     DEFAULT_PROMPTS,
@@ -49,23 +50,26 @@ __all__ = [
 
 TASKS_DIR = CONFIGS_DIR / "tasks"
 DATA_ROOT_ENV = "MIMIC_DATA"
-LOADERS = ("files", "words", "vqa", "karpathy", "shapes")
+LOADERS = ("files", "words", "vqa", "karpathy", "ocr_vqa", "shapes", "mme", "seed_bench")
 """The built-in readers (``loader:``); a ``!function`` hook names another."""
-METRICS = tuple(DEFAULT_METRICS.values())
+METRICS = METRIC_NAMES
 
 
 @dataclass(frozen=True)
 class TaskConfig:
     """A task YAML; every key can also be given as an option to ``load_task``. Keys by loader:
-    files: ``files`` or ``file`` (+ ``split_column`` / ``split_ratios``), ``fields``, ``answers_separator``;
-    words: ``file``; vqa / karpathy: ``source``, ``data_root``, ``official``, ``hub``; shapes: ``synthetic``."""
+    files: ``files`` or ``file`` (+ ``split_column`` / ``split_ratios``), ``fields``, ``answers_separator``, or
+    ``hub`` (one HF dataset split + ``split_column`` / ``split_ratios``, or one per split; pipeline.tasks.user);
+    words: ``file``; vqa / karpathy / ocr_vqa: ``source``, ``data_root``, ``official``, ``hub``; shapes: ``synthetic``."""
 
     name: str = opt("", "Task name (default: the YAML file name).")
     loader: str | Hook = opt("files", "Which reader: files (local JSONL / JSON / CSV / Parquet), words (the built-in "
-                             "text tasks' JSONL), vqa (VQAv2 / OK-VQA), karpathy (COCO captions), shapes (rendered), "
+                             "text tasks' JSONL), vqa (VQAv2 / OK-VQA), karpathy (COCO / Flickr30k captions), "
+                             "ocr_vqa (OCR-VQA), shapes (rendered), mme / seed_bench (pipeline.tasks.benchmarks), "
                              "or `!function module.load` returning {split: [Example, ...]}.")
     kind: str | None = opt(None, "vqa | caption | text (default: vqa if rows have an image, else text).", (*KINDS, None))
-    metric: str | Hook | None = opt(None, "vqa_accuracy | cider | exact_match (default by kind), or "
+    metric: str | Hook | None = opt(None, "vqa_accuracy | cider | exact_match (default by kind), mme_accuracy, "
+                                    "seed_accuracy, or "
                                     "`!function module.score` scoring (prediction, answers) in [0, 1].")
     prompt: str | Hook | None = opt(None, "Query template with {question} (default by kind), or "
                                     "`!function module.prompt` making the query text from an example.")
@@ -93,7 +97,8 @@ class TaskConfig:
                              ("official", "hub", None))
     data_root: str = opt("data", f"Folder with the official files (env {DATA_ROOT_ENV} overrides the YAML).")
     official: dict = opt({}, "Paths under data_root of the official files (see pipeline.tasks.official).")
-    hub: dict = opt({}, "HF dataset ids, splits and column mapping per source (see pipeline.tasks.hub).")
+    hub: dict = opt({}, "HF dataset ids, splits and column mapping per source (see pipeline.tasks.hub; a "
+                    "user task: pipeline.tasks.user).")
     synthetic: dict = opt({}, "Rendering settings of the shapes tasks (see pipeline.tasks.synthetic).")
 
 
@@ -181,6 +186,10 @@ def _loaders(cfg: TaskConfig, path: Path) -> tuple[dict[str, Callable[[], Any]],
         from pipeline.tasks.synthetic import synthetic_loaders
 
         return synthetic_loaders(cfg), True
+    if cfg.loader in ("mme", "seed_bench"):
+        from pipeline.tasks.benchmarks import benchmark_loaders
+
+        return benchmark_loaders(cfg), True
     if cfg.source == "hub":
         from pipeline.tasks.hub import hub_loaders
 
