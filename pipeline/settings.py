@@ -14,6 +14,7 @@ from pipeline.config import opt
 from pipeline.demo_vlm import ALIAS as DEMO_VLM
 from pipeline.tasks.base import SPLITS
 from pipeline.tasks.builtin_text import DEFAULT_TEXT_TASK
+from pipeline.tasks.sampling import DEMO_CHOICES
 
 LAYER_TARGETS = ("mlp", "layer", "attn")
 """Which state stage 1 caches and stage 2 aligns: the MLP output (before the residual add, as the
@@ -28,6 +29,10 @@ VARIANTS = ("mimic", "head_shared", "query_independent", "shift_only")
 layer (mu still uses each head's own log Z2). query_independent: mu = sigmoid(g) with a learned
 scalar g per head. shift_only: mu = 1 (a plain per-head shift)."""
 MODES = ("zero-shot", "icl", "student")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+"""Autocast of stage 2's forwards through ``accelerate``: none, float16 (a GPU; loss scaling) or bfloat16."""
+TRACKERS = ("none", "tensorboard", "wandb")
+"""Experiment trackers stage 2 reports to through ``accelerate`` (besides its own train_log.jsonl)."""
 DEFAULT_DEMO_TASK = "shapes_group_vqa"
 
 
@@ -51,6 +56,9 @@ class TeacherCacheConfig(RuntimeOptions):
     shots: int | None = opt(None, "Demonstrations per query; default from configs/models (Idefics1 32, Idefics2 8).", at_least=0)
     n_queries: int = opt(1000, "Training queries to cache (first N of the task's train split).", at_least=1)
     seed: int = opt(3407, "Seed of the demonstration sampler.", at_least=0)
+    demos: str = opt("random", "Demonstrations: random (seeded draw) or similar (the k support examples nearest to "
+                               "the query by the model's own image or text embeddings, RICES; cached in "
+                               "<cache>/retrieval/).", DEMO_CHOICES)
     layer_target: str = opt("mlp", "Which state is aligned: mlp output, decoder layer output, attention output.", LAYER_TARGETS)
     batch_size: int = opt(0, "Teacher forwards per batch; 0 = auto (start high, halve on out-of-memory).", at_least=0)
     topk: int = opt(20, "Also store the teacher's top-k answer log-probs per token (LIVE and --align kl train on them; "
@@ -92,12 +100,20 @@ class TrainConfig(RuntimeOptions):
     grad_clip: float = opt(1.0, "Gradient norm clip.", above=0)
     batch_size: int = opt(2, "Samples per micro-batch per device.", at_least=1)
     grad_accum: int = opt(2, "Micro-batches per optimiser step.", at_least=1)
+    mixed_precision: str = opt("no", "Autocast the forwards (accelerate): no, fp16 (a GPU; with loss scaling) or bf16 "
+                                     "(GPU or CPU). Part of the run's settings: a resume must use the same.",
+                               MIXED_PRECISIONS)
+    report_to: str = opt("none", "Also log loss, align, gt, lr, grad_norm and samples_per_s per step to an experiment "
+                                 "tracker (accelerate): tensorboard (event files in runs/<name>/tensorboard/) or "
+                                 "wandb (project mimic-pipeline). May change on resume.", TRACKERS)
     seed: int = opt(3407, "Seed of initialisation and data order.", at_least=0)
     name: str | None = opt(None, "Run name (runs/<name>); default <store>-<method>[-<variant>].")
     runs_dir: str = opt("runs", "Where runs are written.")
     checkpoint_every: int = opt(50, "Optimiser steps between checkpoints (resume after a kill).", at_least=1)
     online: bool = opt(False, "Run the teacher every step instead of reading the store.")
     resample_demos: bool = opt(True, "--online: draw new demonstrations each epoch (as the official code).")
+    demos: str | None = opt(None, "--online: random or similar demonstrations; default the store's choice (another "
+                                  "is refused), else random.", (*DEMO_CHOICES, None))
     task: str | None = opt(None, "--online without a store: the task.")
     model: str | None = opt(None, "Model; default the store's model.")
     shots: int | None = opt(None, "--online without a store: demonstrations per query (required there).", at_least=1)
@@ -126,12 +142,18 @@ class EvalConfig(RuntimeOptions):
     batch_size: int = opt(8, "Prompts per generate call (left-padded).")
     num_beams: int = opt(3, "Beams of the beam search (3 as the paper's harness).")
     seed: int = opt(3407, "Seed of the demonstration sampler (the same sampler as teacher-cache).")
+    demos: str = opt("random", "Demonstrations of the icl mode: random (seeded) or similar (nearest by the model's "
+                               "own embeddings; its result is icl-<k>shot-similar).", DEMO_CHOICES)
     results_dir: str = opt("results", "Where results/<task>/ is written (results of other settings are kept beside earlier ones).")
     l2: bool = opt(True, "Per-layer L2 distance of zero-shot and student states to the k-shot teacher's, on held-out "
                          "queries (when the run's store exists: its shots, seed and layer target).")
     l2_queries: int = opt(32, "Held-out queries of the L2 analysis (the first N of the evaluated split; the teacher "
                               "runs on them as teacher-cache ran it for the run's store).")
     data_root: str | None = opt(None, "Root of the official data files (or env MIMIC_DATA); default the store's.")
+    metrics: tuple[str, ...] = opt((), "Metrics besides the task's: chair (object hallucination of COCO captions: "
+                                       "CHAIRs, CHAIRi, recall; annotations from --coco-annotations).")
+    coco_annotations: str | None = opt(None, "Folder of the COCO annotations CHAIR reads: every instances_*.json and "
+                                             "captions_*.json in it; default <data root>/coco/annotations.")
 
 
 @dataclass(frozen=True)

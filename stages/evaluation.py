@@ -38,7 +38,7 @@ from pipeline.adapters import ADAPTER_WEIGHTS
 from pipeline.capture import StateCapture
 from pipeline.config import UserError, config_to_dict
 from pipeline.forward import forward_states, generate_batch, model_dtype
-from pipeline.metrics import JavaNotFoundError, vqa_accuracy_by_type
+from pipeline.metrics import JavaNotFoundError, chair_scores, vqa_accuracy_by_type
 from pipeline.plots import plot_layer_distances
 from pipeline.prompts import DemoCache, Prompt, build_prompt, check_alignment
 from pipeline.results import (
@@ -52,9 +52,11 @@ from pipeline.results import (
     is_result,
     read_json,
 )
+from pipeline.retrieval import model_index
 from pipeline.runtime import Loaded, Progress
 from pipeline.store import open_store
 from pipeline.students import load_student_dir
+from pipeline.tasks.benchmarks import benchmark_breakdown
 from pipeline.tasks.sampling import sample_demonstrations
 from pipeline.vectors import prompt_ends
 
@@ -84,16 +86,22 @@ class Query:
         return hashlib.sha256(json.dumps(self.prompt.input_ids).encode()).hexdigest()[:16]
 
 
-def build_queries(task: Any, loaded: Loaded, examples: Sequence[Any], shots: int, seed: int) -> list[Query]:
-    """Generation prompts: BOS + ``shots`` demonstrations (stage 1's sampler and seed) + the query."""
+def build_queries(task: Any, loaded: Loaded, examples: Sequence[Any], shots: int, seed: int,
+                  demos: str = "random") -> list[Query]:
+    """Generation prompts: BOS + ``shots`` demonstrations (stage 1's sampler and seed, or ``demos="similar"``:
+    the nearest by the model's embeddings, pipeline.retrieval) + the query."""
     support = task.split("support") if shots else []
+    index = model_index(loaded, task) if demos == "similar" and shots else None
+    if index is not None:
+        index.add_queries(examples)
     demo_cache = DemoCache()
     queries = []
     for example in examples:
-        demos = [support[j] for j in sample_demonstrations(support, example, shots, seed)] if shots else []
-        prompt = build_prompt(loaded.family, loaded.processor, task.spec, example, demos,
-                              [task.demo_answer(d) for d in demos], None, demo_cache)
-        queries.append(Query(example, prompt, [str(d.id) for d in demos]))
+        picks = sample_demonstrations(support, example, shots, seed, demos, index) if shots else []
+        chosen = [support[j] for j in picks]
+        prompt = build_prompt(loaded.family, loaded.processor, task.spec, example, chosen,
+                              [task.demo_answer(d) for d in chosen], None, demo_cache)
+        queries.append(Query(example, prompt, [str(d.id) for d in chosen]))
     return queries
 
 
@@ -416,16 +424,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def l2_prompts(loaded: Loaded, task: Any, attrs: dict, queries: Sequence[Any], demo_cache: DemoCache
-               ) -> tuple[list[Prompt], list[Prompt]]:
+def l2_prompts(loaded: Loaded, task: Any, attrs: dict, queries: Sequence[Any], demo_cache: DemoCache,
+               index: Any = None) -> tuple[list[Prompt], list[Prompt]]:
     """(teacher, student) prompts of held-out queries, as teacher-cache builds them: the store's shots,
-    demonstration seed and strategy over the support split; the answer teacher-forced in both."""
+    demonstration seed and strategy over the support split (``index``: the strategy ``similar``'s
+    pipeline.retrieval index); the answer teacher-forced in both."""
     support = task.split("support")
     teachers, students = [], []
     for query in queries:
         answer = task.demo_answer(query)
         picks = sample_demonstrations(support, query, int(attrs["shots"]), int(attrs["demo_seed"]),
-                                      attrs.get("demo_strategy", "random"))
+                                      attrs.get("demo_strategy", "random"), index)
         demos = [support[i] for i in picks]
         teacher = build_prompt(loaded.family, loaded.processor, task.spec, query, demos,
                                [task.demo_answer(d) for d in demos], answer, demo_cache)
@@ -458,10 +467,15 @@ def layer_distances(
         raise UserError(f"the store {store_path} holds task {attrs.get('task')!r}, not {task.name!r}")
     capture = StateCapture(loaded.model, attrs["layer_target"])
     demo_cache = DemoCache()
+    index = None
+    if attrs.get("demo_strategy") == "similar":  # embedded by the base model, as teacher-cache did
+        with student.disabled():
+            index = model_index(loaded, task)
+            index.add_queries(queries)
     sums = {"zero-shot": 0.0, "student": 0.0}
     tokens = 0
     for start in range(0, len(queries), batch_size):
-        teachers, prompts = l2_prompts(loaded, task, attrs, queries[start : start + batch_size], demo_cache)
+        teachers, prompts = l2_prompts(loaded, task, attrs, queries[start : start + batch_size], demo_cache, index)
         with student.disabled(), torch.inference_mode():
             teacher = forward_states(loaded, capture, teachers).states.float()  # (B, S, L, D)
         collated = loaded.family.collate([p.encoded for p in prompts], loaded.processor, "right")
@@ -494,6 +508,7 @@ class Evaluation:
         self.settings = result_settings(loaded, config, task.spec.max_new_tokens, len(examples))
         self.stems: dict[str, str] = {}
         self.warm = False
+        self.chair: Any = None  # a pipeline.chair.Chair with --metrics chair (set by the stage)
 
     def plan(self, names: Sequence[str], runs: Sequence[Any]) -> None:
         """Choose each result's file and check every file to be written is ours, before generating."""
@@ -533,7 +548,8 @@ class Evaluation:
             changed = sorted(k for k in set(fingerprint) | set(saved.get("fingerprint") or {})
                              if fingerprint.get(k) != (saved.get("fingerprint") or {}).get(k))
             print(f"note: replacing {log.final} (same settings; changed since: {', '.join(changed)})")
-        queries = build_queries(self.task, self.loaded, self.examples, shots, self.config.seed)
+        queries = build_queries(self.task, self.loaded, self.examples, shots, self.config.seed,
+                                getattr(self.config, "demos", "random"))
         records, generated = generate_records(self.loaded, self.task, queries, log, self.config.batch_size,
                                               self.config.num_beams, f"evaluate {name}", self.show_progress,
                                               warm_up=not self.warm)
@@ -549,6 +565,12 @@ class Evaluation:
         by_type = answer_type_scores(metric, [q.example for q in queries], records)
         if by_type:
             extra = {**(extra or {}), "by_answer_type": by_type}
+        extra = {**(extra or {}), **benchmark_breakdown([q.example for q in queries], records)}  # MME, SEED-Bench
+        if self.chair is not None:
+            extra["chair"] = chair_scores(self.chair, records)
+        else:  # a re-used record keeps no CHAIR detail of an earlier run's annotations
+            for record in records:
+                record.pop("chair", None)
         n = len(records)
         payload = {
             "kind": RESULT_KIND, SCHEMA_KEY: RESULTS_SCHEMA_VERSION, "task": self.task.name, "name": name,

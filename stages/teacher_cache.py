@@ -24,6 +24,7 @@ from pipeline.forward import TeacherRunner
 from pipeline.locks import held_on_rank0, store_lock
 from pipeline.prompts import DemoCache, Prompt, build_prompt, check_alignment
 from pipeline.provenance import default_shots
+from pipeline.retrieval import DemoIndex, method_for, model_index
 from pipeline.runtime import (
     Loaded,
     Progress,
@@ -39,9 +40,11 @@ from pipeline.store import (
     ShardWriter,
     StoreError,
     StoreLayout,
+    StorePath,
     create_store,
     open_store,
     remove_store,
+    store_location,
 )
 from pipeline.tasks import load_task
 from pipeline.tasks.sampling import sample_demonstrations
@@ -62,8 +65,10 @@ class Planned:
 class PlanData(torch.utils.data.Dataset):
     """One ``Planned`` per training query (a student prompt is built: images and tokenisation)."""
 
-    def __init__(self, task: Any, loaded: Loaded, shots: int, n: int, seed: int):
+    def __init__(self, task: Any, loaded: Loaded, shots: int, n: int, seed: int, demos: str = "random",
+                 index: DemoIndex | None = None):
         self.task, self.loaded, self.shots, self.n, self.seed = task, loaded, shots, n, seed
+        self.demos, self.index = demos, index  # index: --demos similar, its queries embedded beforehand
 
     def __len__(self) -> int:
         return self.n
@@ -71,22 +76,28 @@ class PlanData(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Planned:
         task, loaded = self.task, self.loaded
         query = task.split("train")[i]
-        demos = sample_demonstrations(task.split("support"), query, self.shots, self.seed) if self.shots else []
+        demos = (sample_demonstrations(task.split("support"), query, self.shots, self.seed, self.demos, self.index)
+                 if self.shots else [])
         student = build_prompt(loaded.family, loaded.processor, task.spec, query, [], [], task.demo_answer(query))
         return Planned(i, list(demos), student.encoded.input_ids[student.span_start :],
                        student.answer_start - student.span_start)
 
 
 def plan_queries(task: Any, loaded: Loaded, shots: int, n_queries: int, seed: int,
-                 num_workers: int = 0) -> list[Planned]:
+                 num_workers: int = 0, demos: str = "random") -> list[Planned]:
     """Sample demonstrations and tokenise the student side of every query (for T_max and checks),
-    in ``num_workers`` processes when > 0."""
+    in ``num_workers`` processes when > 0. ``demos="similar"``: the support split's index is built (or
+    read from its cache) and every query embedded here, in the main process, before workers fork."""
     queries = task.split("train")
     task.split("support")  # loaded before workers fork
     n = min(n_queries, len(queries))
     if n == 0:
         raise UserError(f"task {task.name} has no training queries")
-    data = PlanData(task, loaded, shots, n, seed)
+    index = None
+    if demos == "similar" and shots:
+        index = model_index(loaded, task)
+        index.add_queries([queries[i] for i in range(n)])
+    data = PlanData(task, loaded, shots, n, seed, demos, index)
     if num_workers <= 0:
         return [data[i] for i in range(n)]
     loader = torch.utils.data.DataLoader(data, batch_size=None, collate_fn=_keep, num_workers=num_workers,
@@ -111,7 +122,9 @@ def store_attrs(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: in
         "layers": geometry.num_layers,
         "hidden": geometry.hidden_size,
         "shots": shots,
-        "demo_strategy": "random",
+        "demo_strategy": config.demos,
+        # --demos similar: which of the model's embeddings chose them (pipeline.retrieval)
+        **({"demo_embedding": method_for(support)} if config.demos == "similar" else {}),
         "demo_seed": config.seed,
         "prompt_template": task.spec.prompt_id,
         "answer_template": task.spec.answer,
@@ -131,7 +144,7 @@ def store_attrs(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: in
     }
 
 
-def open_or_create(path: Path, layout: StoreLayout, attrs: dict, overwrite: bool, rank: int) -> Any:
+def open_or_create(path: StorePath, layout: StoreLayout, attrs: dict, overwrite: bool, rank: int) -> Any:
     """Resume a store made by the same configuration, refuse a different one unless ``overwrite``.
 
     Every rank reads the existing store and reaches the same decision (so a refusal stops all ranks
@@ -271,7 +284,7 @@ def collate_ahead(runner: TeacherRunner, shards: Any):
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def run(config: TeacherCacheConfig, loaded: Loaded | None = None, show_progress: bool = True) -> Path:
+def run(config: TeacherCacheConfig, loaded: Loaded | None = None, show_progress: bool = True) -> StorePath:
     """Write (or resume) the teacher store; returns its path."""
     rank, world, _ = dist_info()
     shots = config.shots if config.shots is not None else default_shots(config.model)
@@ -280,7 +293,7 @@ def run(config: TeacherCacheConfig, loaded: Loaded | None = None, show_progress:
         loaded = load_for_stage(config.model, config.device, config.dtype, config.revision, config.trust_remote_code)
     check_task_fits_model(task, loaded)
     workers = config.num_workers if config.num_workers is not None else (4 if loaded.device.type == "cuda" else 0)
-    plan = plan_queries(task, loaded, shots, config.n_queries, config.seed, workers)
+    plan = plan_queries(task, loaded, shots, config.n_queries, config.seed, workers, config.demos)
     geometry = loaded.geometry
     layout = StoreLayout(
         n_samples=len(plan), t_max=max(len(p.span_ids) for p in plan), n_layers=geometry.num_layers,
@@ -288,13 +301,13 @@ def run(config: TeacherCacheConfig, loaded: Loaded | None = None, show_progress:
     )
     limit = context_limit(loaded.model, config.max_length)
     check_topk(loaded.model, config.topk)
-    path = Path(config.out) if config.out else default_store_path(config.task)
+    path = store_location(config.out) if config.out else default_store_path(config.task)  # a path or an fsspec URL
     with held_on_rank0(store_lock(path), rank, world):
         return _write(config, task, loaded, shots, plan, layout, path, limit, workers, show_progress)
 
 
 def _write(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: int, plan: list[Planned],
-           layout: StoreLayout, path: Path, limit: int | None, workers: int, show_progress: bool) -> Path:
+           layout: StoreLayout, path: StorePath, limit: int | None, workers: int, show_progress: bool) -> StorePath:
     """Create or resume the store at ``path`` (locked by the caller) and write the pending shards."""
     rank, world, _ = dist_info()
     geometry = loaded.geometry

@@ -11,6 +11,7 @@ import torch
 
 from pipeline.config import UserError
 from pipeline.prompts import DemoCache, build_prompt, check_alignment
+from pipeline.retrieval import model_index
 from pipeline.runtime import Loaded
 from pipeline.store import open_store
 from pipeline.tasks.sampling import sample_demonstrations
@@ -46,6 +47,8 @@ class StudentData(torch.utils.data.Dataset):
         self._store = None
         self.online = config.online
         self.demo_cache = DemoCache()  # ICL prompts (--online, fits) are built in the main process; workers get it empty
+        self.demo_strategy = demo_choice(config, attrs if store_path else {})
+        self.index = None  # --online --demos similar without a store: the support split's pipeline.retrieval index
         if store_path:
             store = open_store(store_path)
             keep = slice(None, config.n_queries)  # the first N of the store (``--n-queries``), else all
@@ -57,6 +60,9 @@ class StudentData(torch.utils.data.Dataset):
             queries = task.split("train")
             self.query_index = list(range(min(config.n_queries or ONLINE_QUERIES, len(queries))))
             self.demo_seed, self.shots, self.layer_target = config.seed, config.shots or 0, config.layer_target
+            if self.demo_strategy == "similar" and self.shots:  # built before any student is attached
+                self.index = model_index(loaded, task)
+                self.index.add_queries([queries[i] for i in self.query_index])
             self.demos = [self.sample_demos(i, 0) for i in range(len(self.query_index))]
 
     def __len__(self) -> int:
@@ -64,8 +70,11 @@ class StudentData(torch.utils.data.Dataset):
 
     def sample_demos(self, i: int, epoch: int) -> list[int]:
         query = self.task.split("train")[self.query_index[i]]
+        if self.demo_strategy == "similar" and epoch > 0:  # the nearest do not change between epochs
+            return list(self.demos[i])
         seed = self.demo_seed + (epoch if self.config.resample_demos else 0)
-        return list(sample_demonstrations(self.task.split("support"), query, self.shots, seed)) if self.shots else []
+        return (list(sample_demonstrations(self.task.split("support"), query, self.shots, seed, self.demo_strategy,
+                                           self.index)) if self.shots else [])
 
     def __getitem__(self, i: int) -> Item:
         query = self.task.split("train")[self.query_index[i]]
@@ -111,6 +120,17 @@ class StudentData(torch.utils.data.Dataset):
                 raise UserError(str(err)) from err
             prompts.append(teacher)
         return prompts
+
+
+def demo_choice(config: Any, attrs: dict) -> str:
+    """The demonstrations of ``--online``'s teacher: the store's (``demo_strategy``), which ``--demos`` may
+    repeat but not contradict; without a store ``--demos`` (default random)."""
+    asked = getattr(config, "demos", None)
+    stored = attrs.get("demo_strategy", "random") if attrs else None
+    if stored is not None and asked is not None and asked != stored:
+        raise UserError(f"--demos {asked} differs from the store's demonstrations ({stored}): a store fixes them; "
+                        f"drop --demos, or cache a store with `pipeline teacher-cache --demos {asked}`")
+    return stored or asked or "random"
 
 
 def collate_items(items: list[Item]) -> list[Item]:
