@@ -188,6 +188,11 @@ def _records(name: str, data: Mapping, key: str, fields: tuple[str, ...], what: 
     for i, item in enumerate(items):
         if not isinstance(item, Mapping) or any(f not in item for f in fields):
             raise UserError(f"CHAIR: {name}: {key}[{i}] lacks {' / '.join(fields)}; expected COCO {what}.")
+        bad = [f for f in fields
+               if f.endswith("id") and (isinstance(item[f], bool) or not isinstance(item[f], (int, str)))]
+        if bad:  # ids are looked up by value: a list or object there is no COCO id
+            raise UserError(f"CHAIR: {name}: {key}[{i}].{bad[0]} is {item[bad[0]]!r}; expected an integer id "
+                            f"(COCO {what}).")
     return items
 
 

@@ -15,8 +15,8 @@ Embeddings (``METHODS``, recorded in the cache key):
 The support embeddings are computed once per (model fingerprint, task, support ids, method) and kept in
 ``<cache>/retrieval/`` (``pipeline.models.cache_root``: ``$MIMIC_CACHE`` or the project's ``cache/``) as a
 safetensors file whose metadata repeats the key; a file of another key is never read, so a changed support
-set or model computes them again. Query embeddings are computed as they are needed (batched by
-``DemoIndex.add_queries``) and kept in memory.
+set (its ids or, by ``content_stamp``, its rows) or model computes them again. Query embeddings are
+computed as they are needed (batched by ``DemoIndex.add_queries``) and kept in memory.
 
 Order: the k nearest by descending cosine similarity, ties to the lower support index, then reversed, so
 the most similar demonstration comes last, nearest the query (as RICES implementations order them). The
@@ -64,10 +64,28 @@ def _ids(examples: Sequence[Example]) -> list[str]:
     return [str(i) for i in examples.ids()] if hasattr(examples, "ids") else [str(e.id) for e in examples]
 
 
-def index_key(fingerprint: str, task: str, support_ids: Sequence[str], method: str) -> str:
-    """What identifies a support set's embeddings: model, task, the support ids in order, the method."""
+def content_stamp(examples: Sequence[Example]) -> str:
+    """What the examples hold, beyond their ids (a user task's rows are numbered, so an edited data file
+    keeps its ids): a split over a ``datasets.Dataset`` (``ExampleView``) by the dataset's fingerprint,
+    which ``datasets`` derives from the files' modification times or the rows themselves; a list of
+    examples by their questions and images."""
+    dataset = getattr(examples, "dataset", None)
+    if isinstance(getattr(dataset, "_fingerprint", None), str):
+        return dataset._fingerprint
+    digest = hashlib.sha256()
+    for e in examples:
+        image = e.image
+        if hasattr(image, "tobytes"):  # a PIL image: its pixels
+            image = hashlib.sha256(image.tobytes()).hexdigest()
+        digest.update(json.dumps([str(e.id), e.question, str(image)]).encode())
+    return digest.hexdigest()
+
+
+def index_key(fingerprint: str, task: str, support_ids: Sequence[str], method: str, content: str = "") -> str:
+    """What identifies a support set's embeddings: model, task, the support ids in order, the method and
+    the examples' ``content_stamp``."""
     ids = hashlib.sha256("\n".join(support_ids).encode()).hexdigest()
-    return hashlib.sha256(json.dumps([fingerprint, task, ids, method]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([fingerprint, task, ids, method, content]).encode()).hexdigest()
 
 
 def nearest(support: torch.Tensor, support_ids: Sequence[str], query: torch.Tensor, query_id: str, k: int
@@ -151,9 +169,10 @@ def _write(path: Path, embeddings: torch.Tensor, metadata: dict[str, str]) -> No
 def build_index(support: Sequence[Example], *, fingerprint: str, task: str, method: str, embed: Embed,
                 cache_dir: str | Path | None = None) -> DemoIndex:
     """The support set's index: its embeddings read from the cache when they were computed for the same
-    model, task, support ids and method, else computed with ``embed`` (in batches) and cached."""
+    model, task, support ids and rows (``content_stamp``) and method, else computed with ``embed`` (in
+    batches) and cached."""
     ids = _ids(support)
-    key = index_key(fingerprint, task, ids, method)
+    key = index_key(fingerprint, task, ids, method, content_stamp(support))
     path = cache_path(task, method, key, cache_dir)
     embeddings = _read(path, key, len(ids))
     if embeddings is None:

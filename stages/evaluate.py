@@ -406,7 +406,7 @@ def mme_table(rows: list[dict]) -> list[str]:
              "|---|---:|---:|---:|---:|---:|"]
     for r in typed:
         m = r["mme"]
-        lines.append(f"| {_label(r)} | {m['perception']:.2f} | {m['cognition']:.2f} | {m['total']:.2f} | "
+        lines.append(f"| {_label(r)} | {_cell(m, 'perception')} | {_cell(m, 'cognition')} | {_cell(m, 'total')} | "
                      f"{m.get('images', '-')} | {m.get('left_out', 0)} |")
     subtasks = list(dict.fromkeys(s for r in typed for s in (r.get("by_subtask") or {})))
     if subtasks:
@@ -414,7 +414,8 @@ def mme_table(rows: list[dict]) -> list[str]:
                   "|---|" + "---:|" * len(subtasks)]
         for r in typed:
             per = r.get("by_subtask") or {}
-            cells = [f"{per[s]['acc']:.1f} / {per[s]['acc_plus']:.1f}" if s in per else "-" for s in subtasks]
+            cells = [f"{_cell(per[s], 'acc', '.1f')} / {_cell(per[s], 'acc_plus', '.1f')}" if s in per else "-"
+                     for s in subtasks]
             lines.append(f"| {_label(r)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -428,9 +429,15 @@ def chair_table(rows: list[dict]) -> list[str]:
              "| mode | CHAIRs | CHAIRi | recall | captions | object mentions |", "|---|---:|---:|---:|---:|---:|"]
     for r in typed:
         c = r["chair"]
-        lines.append(f"| {_label(r)} | {c['CHAIRs']:.2f} | {c['CHAIRi']:.2f} | {c['recall']:.2f} | "
+        lines.append(f"| {_label(r)} | {_cell(c, 'CHAIRs')} | {_cell(c, 'CHAIRi')} | {_cell(c, 'recall')} | "
                      f"{c.get('n_captions', '-')} | {c.get('n_mentions', '-')} |")
     return lines
+
+
+def _cell(values: Any, key: str, spec: str = ".2f") -> str:
+    """``values[key]`` formatted, or "-" where a result file (an older or edited one) lacks that number."""
+    value = values.get(key) if isinstance(values, dict) else None
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
 
 
 def write_table(folder: ResultsFolder, shots: int) -> str:

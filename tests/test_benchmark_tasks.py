@@ -149,6 +149,15 @@ def test_mme_lines_naming_their_image(tmp_path):
         load_task("mme", data_root=str(tmp_path)).split("eval")
 
 
+def test_mme_file_not_utf8_is_one_line(tmp_path):
+    write_mme(tmp_path)
+    bad = tmp_path / "MME_Benchmark_release_version" / "existence" / "0002.txt"
+    bad.write_bytes(b"Is it? Please answer yes or no.\tYes\nIs \xff it?\tNo\n")
+    with pytest.raises(UserError, match=r"0002\.txt line 2: not UTF-8 text") as caught:
+        load_task("mme", data_root=str(tmp_path)).split("eval")
+    assert "\n" not in str(caught.value)
+
+
 def hub_mme(n_images: int = 6) -> datasets.Dataset:
     """lmms-lab/MME's schema: question_id (the image), image, question, answer, category."""
     rows = []
@@ -249,6 +258,39 @@ def test_seed_hub_keeps_image_questions(monkeypatch):
     assert all(isinstance(e.image, Image.Image) for e in examples)
     assert {e.meta["question_type"] for e in examples} == {"Scene Understanding", "Instances Counting",
                                                           "Text Understanding"}
+
+
+def _with_row(k: int, **changes) -> list[dict]:
+    rows = seed_rows()
+    for key, value in changes.items():
+        if value is KeyError:
+            del rows[k][key]
+        else:
+            rows[k][key] = value
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("rows", "wanted"),
+    [  # a missing option would be shown as "D. None" or "D. " in the prompt; a null type was a TypeError
+        (_with_row(0, choice_d=KeyError), "question 100 has no choice_d; a SEED-Bench question has four options"),
+        (_with_row(3, choice_d=None), "question 103 has no choice_d"),
+        (_with_row(1, choice_c="  "), "question 101 has no choice_c"),
+        (_with_row(2, question_type_id=None), "question 102 has question_type_id None; expected an integer"),
+        (_with_row(0, answer="E"), "question 100 has answer 'E'; expected A, B, C or D"),
+    ],
+)
+def test_seed_rows_that_cannot_be_asked_are_one_line(tmp_path, rows, wanted):
+    folder = tmp_path / "seed_bench"
+    folder.mkdir()
+    (folder / "SEED-Bench.json").write_text(json.dumps({"questions": rows}))
+    for r in rows[:-1]:
+        picture(folder / "SEED-Bench-image" / r["data_id"])
+    task = load_task("seed_bench", data_root=str(tmp_path), split_ratios={"support": 0.5, "eval": 0.5},
+                     cache_dir=str(tmp_path / "hf"))
+    with pytest.raises(UserError) as caught:
+        task.split("eval")
+    assert wanted in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
 
 
 # --- the single-split demonstration policy -------------------------------------------------------
@@ -503,3 +545,31 @@ def test_evaluate_reports_the_benchmark_breakdown(tmp_path, task_name):
             assert payload["by_question_type"] == pytest.approx(expected)
             assert payload["score"] == pytest.approx(expected["overall"]) and 0 < payload["score"] < 100
             assert "By question type (SEED-Bench accuracy, %):" in table
+
+
+def test_chair_ids_that_are_not_ids_are_one_line(tmp_path):
+    """An id that is a list (valid JSON, not COCO's schema) was a TypeError when looked up."""
+    from pipeline.chair import Chair
+
+    instances = {"categories": CATEGORIES, "annotations": [{"image_id": 4, "category_id": 18}]}
+    captions = {"annotations": [{"image_id": [4], "caption": "A dog."}]}
+    with pytest.raises(UserError, match=r"annotations\[0\]\.image_id is \[4\]; expected an integer id"):
+        Chair(instances, captions)
+    bad = {"categories": [{"id": [1], "name": "person"}], "annotations": []}
+    with pytest.raises(UserError, match=r"categories\[0\]\.id is \[1\]; expected an integer id"):
+        Chair(bad, {"annotations": []})
+
+
+def test_table_renders_results_with_partial_breakdowns():
+    """Result files written before a breakdown existed, or with part of it, still render: a missing
+    number is "-", the numbers present are printed."""
+    base = {"mode": "zero-shot", "name": "zero-shot", "metric": "mme_accuracy", "score": 50.0, "n": 4,
+            "mean_latency_ms": 10.0, "mean_prompt_tokens": 5.0, "settings": {"model": "m", "split": "eval", "n": 4}}
+    old = evaluate.results_table([base], "mme", 0)
+    assert "| zero-shot | 50.00 | 4 |" in old and "MME (" not in old
+    partial = {**base, "mme": {"perception": 120.5}, "by_subtask": {"OCR": {"acc": 50.0}, "count": 3},
+               "chair": {"CHAIRs": 12.5}}
+    table = evaluate.results_table([partial], "mme", 0)
+    assert "| zero-shot | 120.50 | - | - | - | 0 |" in table
+    assert "| zero-shot | 50.0 / - | - / - |" in table
+    assert "| zero-shot | 12.50 | - | - | - | - |" in table

@@ -385,3 +385,64 @@ def test_check_source_new_keys():
         "hub.eval: one_per_question needs columns.question (a list per row)"]
     assert check_source("t", "eval", {**base, "split": "v", "one_per_question": "yes"}) == [
         "hub.eval.one_per_question: got 'yes', expected true or false"]
+
+
+def test_karpathy_file_without_the_asked_split_is_one_line(tmp_path, hf_cache):
+    """A Karpathy file with no test image would evaluate nothing; one with no train image would have no
+    demonstrations: each is refused when that split is read, naming the splits the file has."""
+    write_flickr(tmp_path, [flickr_entry(i, s) for i, s in [(0, "train"), (1, "val"), (2, "train")]])
+    task = load_task("flickr30k", data_root=str(tmp_path), train_size=1, cache_dir=hf_cache)
+    assert task.split("support").ids() == ["0", "2"]
+    with pytest.raises(UserError, match=r"no image in split\(s\) \['test'\] \(it has \['train', 'val'\]\)") as caught:
+        task.split("eval")
+    assert "dataset_flickr30k.json" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("entry", "wanted"),
+    [
+        (ocr_entry("1", ["Q?"], ["A"]), "image 0009 has split '1'; expected 1 (train), 2 (val) or 3 (test)"),
+        (ocr_entry([1], ["Q?"], ["A"]), "image 0009 has split [1]; expected 1 (train)"),
+        (ocr_entry(4, ["Q?"], ["A"]), "image 0009 has split 4; expected 1 (train)"),
+        (ocr_entry(1, ["Q?"], [None]), "image 0009 has a null in its answers"),
+        (ocr_entry(1, [None], ["A"]), "image 0009 has a null in its questions"),
+    ],
+)
+def test_ocr_vqa_split_codes_and_nulls_are_one_line(tmp_path, hf_cache, entry, wanted):
+    """A split code of another type would drop the image silently; a null would become the text "None"."""
+    write_ocr(tmp_path, {**OCR_DATA, "0009": entry})
+    message = one_line_error(name="ocr_vqa", data_root=str(tmp_path), cache_dir=hf_cache, train_size=1)
+    assert str(tmp_path / "ocr_vqa" / "dataset.json") in message and wanted in message, message
+
+
+@pytest.mark.parametrize(
+    ("captions", "shown"),
+    [([None, "a dog"], "[None, 'a dog']"), ([], "[]"), (None, "None")],
+)
+def test_hub_captions_missing_or_null_are_one_line(hub, tmp_path, captions, shown):
+    """A null caption became the reference "None"; no caption at all was a ValueError when the example was
+    shown as a demonstration."""
+    tables, _ = hub
+    rows = flickr_hub_rows("train", [0, 2], "blue").to_list()
+    rows[1]["caption"] = captions
+    tables[("umaru97/flickr30k_train_val_test", "train")] = datasets.Dataset.from_list(rows, features=FLICKR_HUB)
+    tables[("umaru97/flickr30k_train_val_test", "test")] = flickr_hub_rows("test", [3], "red")
+    message = one_line_error(name="flickr30k", source="hub", data_root=str(tmp_path), train_size=1)
+    assert "umaru97/flickr30k_train_val_test (train) id 2: column 'caption' holds no answer or a null one" in message
+    assert message.endswith(f"({shown})")
+
+
+@pytest.mark.parametrize(
+    ("questions", "answers", "wanted"),
+    [
+        (["Q1?", "Q2?"], ["A", None], "row 0 (id 0009) holds a null question or answer"),
+        ([None], ["A"], "row 0 (id 0009) holds a null question or answer"),
+        ([], [], "holds no question in column 'questions'"),
+    ],
+)
+def test_ocr_vqa_hub_null_or_no_question_is_one_line(hub, tmp_path, questions, answers, wanted):
+    tables, _ = hub
+    tables[("howard-hou/OCR-VQA", "train")] = ocr_hub_rows("train", {"0009": ocr_entry(1, questions, answers)})
+    tables[("howard-hou/OCR-VQA", "validation")] = ocr_hub_rows("val", {"0002": ocr_entry(2, ["Q?"], ["A"])})
+    message = one_line_error(name="ocr_vqa", source="hub", data_root=str(tmp_path), train_size=1)
+    assert "howard-hou/OCR-VQA (train)" in message and wanted in message, message

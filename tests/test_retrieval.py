@@ -15,7 +15,7 @@ from conftest import tiny
 
 from pipeline.config import UserError, load_config
 from pipeline.prompts import build_prompt
-from pipeline.retrieval import IMAGE_METHOD, TEXT_METHOD, build_index, cache_path, index_key
+from pipeline.retrieval import IMAGE_METHOD, TEXT_METHOD, build_index, cache_path, content_stamp, index_key
 from pipeline.runtime import wrap_model
 from pipeline.settings import TrainConfig
 from pipeline.store import open_store
@@ -114,12 +114,47 @@ def test_cache_is_reused_and_invalidated(tmp_path):
     index_of(support, table, tmp_path, fingerprint="model-b", embed=model_b)
     assert model_b.calls == 37
     # a damaged cache file is not trusted: computed again
-    path = cache_path("toy", TEXT_METHOD, index_key("model-a", "toy", [e.id for e in support], TEXT_METHOD), tmp_path)
+    key = index_key("model-a", "toy", [e.id for e in support], TEXT_METHOD, content_stamp(support))
+    path = cache_path("toy", TEXT_METHOD, key, tmp_path)
     assert path.is_file()
     path.write_bytes(path.read_bytes()[:40])
     damaged = Embedder(table)
     d = index_of(support, table, tmp_path, embed=damaged)
     assert damaged.calls == 37 and torch.equal(d.embeddings, a.embeddings)
+
+
+def test_cache_is_invalidated_by_changed_rows_under_the_same_ids(tmp_path):
+    """A user task numbers its rows (``data-0``, ``data-1``, ...): an edited data file keeps the ids, and
+    embeddings of the old rows must not be reused for it."""
+    import datasets
+
+    from pipeline.tasks.official import ExampleView
+
+    def view(questions):
+        table = datasets.Dataset.from_dict({"id": [f"data-{i}" for i in range(len(questions))], "q": questions})
+        return ExampleView(table, lambda row: Example(id=row["id"], question=row["q"], answers=("x",)), "id")
+
+    def embed(examples):  # an embedding of the text itself: 3 letter counts
+        embed.calls += len(examples)
+        return torch.tensor([[float(e.question.count(c)) for c in "abc"] for e in examples])
+
+    embed.calls = 0
+    first = build_index(view(["aab", "bbc", "cca"]), fingerprint="m", task="toy", method=TEXT_METHOD, embed=embed,
+                        cache_dir=tmp_path)
+    assert embed.calls == 3
+    build_index(view(["aab", "bbc", "cca"]), fingerprint="m", task="toy", method=TEXT_METHOD, embed=embed,
+                cache_dir=tmp_path)
+    assert embed.calls == 3  # the same rows: read from the cache
+    edited = build_index(view(["ccc", "bbc", "cca"]), fingerprint="m", task="toy", method=TEXT_METHOD, embed=embed,
+                         cache_dir=tmp_path)
+    assert embed.calls == 6 and edited.support_ids == first.support_ids
+    assert edited.embeddings[0].tolist() == [0.0, 0.0, 3.0]  # the edited row's, not the cached "aab"
+    changed = pool(3)
+    changed[1] = Example(id="s1", question="another question", answers=("a1",))
+    listed = Embedder({e.id: [1.0, float(i)] for i, e in enumerate(changed)})
+    index_of(pool(3), {e.id: [1.0, float(i)] for i, e in enumerate(changed)}, tmp_path)
+    index_of(changed, {}, tmp_path, embed=listed)  # a list of examples: by their questions too
+    assert listed.calls == 3
 
 
 def test_store_choice_is_kept_or_refused():

@@ -273,6 +273,18 @@ def test_bad_rows_are_one_line_naming_row_column_and_key(tmp_path, monkeypatch, 
     assert wanted in message, message
 
 
+def test_number_answer_column_is_one_answer_as_text(tmp_path, monkeypatch):
+    """An integer answers column (a count) was a TypeError ('int' object is not iterable); each value is
+    one answer, spelt as a data file's numbers are."""
+    rows = [{**r, "count": i, "ratio": i + 0.5 if i % 2 else float(i)} for i, r in enumerate(TEXT_ROWS)]
+    features = datasets.Features({**TEXT_FEATURES, "count": datasets.Value("int64"), "ratio": datasets.Value("float64")})
+    FakeHub(monkeypatch, {("someone/capitals", "train"): text_dataset(rows, features)})
+    for column, spelt in (("count", lambda i: str(i)), ("ratio", lambda i: f"{i}.5" if i % 2 else str(i))):
+        task = load_task(write(tmp_path, TEXT_YAML.replace("answers: answers", f"answers: {column}").format(extra=RATIOS)))
+        got = {e.id: e.answers for e in [*task.split("support"), *task.split("eval")]}
+        assert got == {str(100 + i): (spelt(i),) for i in range(10)}
+
+
 def test_bad_image_and_answer_columns(tmp_path, monkeypatch):
     rows = vqa_rows(1, ["red", "green"])
     as_paths = [{**r, "image": f"img{i}.png"} for i, r in enumerate(rows)]

@@ -38,6 +38,7 @@ from typing import Any
 from pipeline.config import ConfigError, UserError
 from pipeline.metrics import MME_COGNITION, MME_PERCEPTION, mme_parse, mme_scores, seed_accuracy, seed_letter
 from pipeline.tasks.base import SPLITS, Example
+from pipeline.tasks.faults import read_text
 from pipeline.tasks.official import (
     ExampleView,
     check_first_images,
@@ -208,7 +209,7 @@ def read_mme_folder(root: Path) -> list[dict[str, Any]]:
         split_layout = all((folder / f).is_dir() for f in MME_SPLIT_FOLDERS)
         text_dir, image_dir = (folder / "questions_answers_YN", folder / "images") if split_layout else (folder, folder)
         for txt in sorted(text_dir.glob("*.txt")):
-            lines = [line for line in txt.read_text(encoding="utf-8").splitlines() if line.strip()]
+            lines = [line for line in read_text(txt).splitlines() if line.strip()]  # UserError if not UTF-8
             for n, line in enumerate(lines, 1):
                 fields = line.rstrip("\r").split("\t")
                 where = f"{txt} line {n}"
@@ -292,12 +293,23 @@ def seed_view(dataset: Any, task: str, image_template: str | None, root: Path | 
     if "data_type" in names:
         keep = [i for i, t in enumerate(column_values(dataset, "data_type")) if t == "image"]
         dataset = dataset.select(keep)
-    types = [int(v) for v in column_values(dataset, "question_type_id")]
+    ids = [str(v) for v in column_values(dataset, "question_id")]
+    types = []
+    for i, v in enumerate(column_values(dataset, "question_type_id")):
+        try:
+            types.append(int(v))
+        except (TypeError, ValueError):
+            raise UserError(f"task {task}: SEED-Bench question {ids[i]} has question_type_id {v!r}; expected an "
+                            "integer (1-9 for the image dimensions)") from None
     video = sorted({t for t in types if t not in SEED_IMAGE_TYPES})
     if video:
         raise UserError(f"task {task}: SEED-Bench image questions with question_type_id {video}; the image "
                         f"dimensions are {min(SEED_IMAGE_TYPES)}-{max(SEED_IMAGE_TYPES)}")
-    ids = [str(v) for v in column_values(dataset, "question_id")]
+    for c in "abcd":  # a missing option would be listed as "D. None" (or "D. ") in the prompt
+        for i, choice in enumerate(column_values(dataset, f"choice_{c}")):
+            if choice is None or not str(choice).strip():
+                raise UserError(f"task {task}: SEED-Bench question {ids[i]} has no choice_{c}; a SEED-Bench "
+                                "question has four options (choice_a to choice_d)")
     for i, answer in enumerate(column_values(dataset, "answer")):
         if str(answer).strip() not in SEED_OPTIONS:
             raise UserError(f"task {task}: SEED-Bench question {ids[i]} has answer {answer!r}; expected A, B, C or D")

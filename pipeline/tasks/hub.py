@@ -92,7 +92,11 @@ def _answers(value: Any, answer_key: str | None) -> tuple[str, ...]:
         return ()
     if isinstance(value, str):
         return (value,)
-    return tuple(str(a[answer_key] if answer_key else a) for a in value)
+    from pipeline.tasks.user import as_text  # numbers spelt as a data file's are ("4", not "4.0")
+
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # a number column: one answer
+        return (as_text(value),)
+    return tuple(as_text(a[answer_key] if answer_key else a) for a in value)
 
 
 def hub_view(dataset: Any, source: dict[str, Any], data_root: str | Path, task: str) -> ExampleView:
@@ -113,7 +117,13 @@ def hub_view(dataset: Any, source: dict[str, Any], data_root: str | Path, task: 
         if template:
             image = checked_image(image_path(root, template, row), f"task {task}, row {row[columns['id']]}")
         question = row[columns["question"]] if columns.get("question") else ""
-        answers = _answers(row[columns["answers"]], answer_key)
+        raw = row[columns["answers"]]
+        if pair is None and (raw is None or (isinstance(raw, list) and (not raw or any(
+                a is None or (answer_key and isinstance(a, dict) and a.get(answer_key) is None) for a in raw)))):
+            # no reference to score or show (most_frequent_answer), or the reference "None"
+            raise UserError(f"task {task}: HF dataset {source['id']} ({source['split']}) id {row[columns['id']]}: "
+                            f"column {columns['answers']!r} holds no answer or a null one ({raw!r})")
+        answers = _answers(raw, answer_key)
         if pair is not None:
             question, answers = question[pair], answers[pair : pair + 1]
         values = {key: row[column] for key, column in meta.items() if row[column] not in (None, "")}
@@ -150,10 +160,18 @@ def _per_question_view(
                 f"{len(qs) if isinstance(qs, list) else qs!r} questions and "
                 f"{len(ans) if isinstance(ans, list) else ans!r} answers"
             )
+        if any(v is None for v in [*qs, *ans]):  # str(None) would become the question or answer "None"
+            raise UserError(
+                f"task {task}: HF dataset {source['id']} ({source['split']}) row {row} (id {image_id}) holds a null "
+                f"question or answer in columns {columns['question']!r} / {columns['answers']!r}"
+            )
         for pair in range(len(qs)):
             index["row"].append(row)
             index["pair"].append(pair)
             index["question_id"].append(ocr_vqa_question_id(image_id, pair))
+    if not index["row"]:
+        raise UserError(f"task {task}: HF dataset {source['id']} ({source['split']}) holds no question in column "
+                        f"{columns['question']!r}")
     return ExampleView(
         datasets.Dataset.from_dict(index),
         lambda entry: to_example(dataset[entry["row"]], entry["pair"]),

@@ -242,7 +242,11 @@ def karpathy_view(root: Path, files: dict[str, Any], splits: Sequence[str], cfg:
             f"{dataset.column_names}); is it a Karpathy split file (dataset_coco.json, dataset_flickr30k.json)?"
         )
     wanted = set(splits)
-    keep = [i for i, s in enumerate(column_values(dataset, "split")) if s in wanted]
+    found = column_values(dataset, "split")
+    keep = [i for i, s in enumerate(found) if s in wanted]
+    if not keep:  # an empty split would evaluate (or draw demonstrations from) nothing
+        raise UserError(f"task {cfg.name}: {path} has no image in split(s) {list(splits)} (it has "
+                        f"{sorted({str(s) for s in found})}); is it the full Karpathy split file?")
     where = f"task {cfg.name}"
 
     def to_example(row: dict[str, Any]) -> Example:
@@ -285,7 +289,13 @@ def _ocr_vqa_columns(path: Path, stamp: tuple[int, int]) -> dict[int, dict[str, 
         if not isinstance(questions, list) or not isinstance(answers, list) or len(questions) != len(answers):
             raise UserError(f"{path}: image {image_id} needs one answer per question (lists of equal length); "
                             f"got {_count(questions)} questions and {_count(answers)} answers")
-        columns = splits.setdefault(info["split"], {k: [] for k in ("question_id", "image_id", "question", "answer")})
+        code = info["split"]
+        if code not in OCR_VQA_SPLITS.values() or isinstance(code, bool):  # "1" or [1] would drop the image
+            raise UserError(f"{path}: image {image_id} has split {code!r}; expected 1 (train), 2 (val) or 3 (test)")
+        nulls = [k for k in ("questions", "answers") if any(v is None for v in info[k])]
+        if nulls:  # str(None) would become the question or answer "None"
+            raise UserError(f"{path}: image {image_id} has a null in its {nulls[0]}; expected text")
+        columns = splits.setdefault(code, {k: [] for k in ("question_id", "image_id", "question", "answer")})
         for k, (question, answer) in enumerate(zip(questions, answers, strict=True)):
             columns["question_id"].append(ocr_vqa_question_id(image_id, k))
             columns["image_id"].append(str(image_id))
