@@ -154,6 +154,9 @@ class EvalConfig(RuntimeOptions):
                                        "CHAIRs, CHAIRi, recall; annotations from --coco-annotations).")
     coco_annotations: str | None = opt(None, "Folder of the COCO annotations CHAIR reads: every instances_*.json and "
                                              "captions_*.json in it; default <data root>/coco/annotations.")
+    report_to: str = opt("none", "Also log each mode's score, ms/query and mean L2 to an experiment tracker "
+                                 "(accelerate): tensorboard (event files in <results-dir>/<task>/tensorboard/) or "
+                                 "wandb (project mimic-pipeline).", TRACKERS)
 
 
 @dataclass(frozen=True)

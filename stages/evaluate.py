@@ -262,6 +262,10 @@ def run(config: EvalConfig, loaded: Loaded | None = None, show_progress: bool = 
     check_metric_ready(task.spec.metric)
     examples = eval_examples(task, config)
     chair = load_chair(config, task, examples, data_root)  # annotations read and checked before any model
+    if config.report_to != "none":
+        from stages.trainer import check_tracker
+
+        check_tracker(config.report_to)  # a missing tracker package: before any model
     folder = ResultsFolder(config.results_dir, task.name)
     folder.prepare()  # writable: checked before the model is loaded
     with dir_lock(folder.path):  # one writer per results folder
@@ -292,11 +296,46 @@ def run(config: EvalConfig, loaded: Loaded | None = None, show_progress: bool = 
             for info in runs:
                 results[info.name] = evaluation.student(info)
         table = write_table(folder, shots)
+        report_scores(config, folder.path, task.name, results)
         if show_progress:
             print(table)
         return {"task": task.name, "results": results, "table": table, "table_path": str(folder.path / "table.md"),
                 "results_dir": str(folder.path), "files": {name: str(evaluation.path(name)) for name in results},
                 "settings": evaluation.settings}
+
+
+EVAL_TRACKER_DIR = "tensorboard"
+"""``<results-dir>/<task>/tensorboard/``: the event files of ``evaluate --report-to tensorboard``."""
+
+
+def tracked_values(results: dict[str, dict]) -> dict[str, float]:
+    """``eval/<result name>/<key>``: each result's score (under its metric's name), ms/query and, for a
+    student with the L2 analysis, the mean L2 to the teacher without and with it."""
+    values = {}
+    for name, payload in results.items():
+        values[f"eval/{name}/{payload['metric']}"] = float(payload["score"])
+        values[f"eval/{name}/ms_per_query"] = float(payload["mean_latency_ms"])
+        mean = (payload.get("l2") or {}).get("mean")
+        if isinstance(mean, dict):
+            for key in ("zero-shot", "student"):
+                if isinstance(mean.get(key), (int, float)):
+                    values[f"eval/{name}/l2_{key}"] = float(mean[key])
+    return values
+
+
+def report_scores(config: EvalConfig, folder: Path, task_name: str, results: dict[str, dict]) -> None:
+    """``--report-to``: log ``tracked_values`` once through accelerate's trackers (step 0 of this evaluation)."""
+    if config.report_to == "none" or not results:
+        return
+    from pipeline.runtime import make_accelerator
+
+    accelerator = make_accelerator(log_with=config.report_to, project_dir=folder)
+    project = EVAL_TRACKER_DIR if config.report_to == "tensorboard" else "mimic-pipeline"
+    accelerator.init_trackers(project, {"task": task_name, "modes": ",".join(results)},
+                              init_kwargs={"wandb": {"name": f"evaluate-{task_name}", "dir": str(folder)}})
+    accelerator.log(tracked_values(results), step=0)
+    for tracker in accelerator.trackers:  # not end_training: it would destroy a process group still in use
+        tracker.finish()
 
 
 def _label(row: dict) -> str:

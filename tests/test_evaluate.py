@@ -314,3 +314,40 @@ def test_l2_skipped_without_store(evaluated, tmp_path):
                                    results_dir=str(tmp_path / "results")), loaded=loaded, show_progress=False)
     assert "does not exist" in out["results"]["moved-run"]["l2"]["skipped"]
     assert not (tmp_path / "results" / TASK / "l2_moved-run.png").exists()
+
+
+def test_report_to_tensorboard_logs_each_results_score(evaluated, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, run_dir, loaded, out = evaluated
+    shutil.copytree(root / "results", tmp_path / "results")  # the records are reused: nothing is generated
+    again = evaluate.run(eval_config(root, runs=(str(run_dir),), results_dir=str(tmp_path / "results"),
+                                     report_to="tensorboard"), loaded=loaded, show_progress=False)
+    events = EventAccumulator(str(tmp_path / "results" / TASK / evaluate.EVAL_TRACKER_DIR))
+    events.Reload()
+    assert set(again["results"]) == {"zero-shot", f"icl-{SHOTS}shot", run_dir.name}
+    for name in again["results"]:  # each logged value is the result file's
+        saved = load_json(Path(again["files"][name]))
+        (score,) = events.Scalars(f"eval/{name}/{saved['metric']}")
+        assert score.step == 0 and score.value == pytest.approx(saved["score"], rel=1e-6)
+        (ms,) = events.Scalars(f"eval/{name}/ms_per_query")
+        assert ms.value == pytest.approx(saved["mean_latency_ms"], rel=1e-6)
+    student = load_json(Path(again["files"][run_dir.name]))
+    (l2,) = events.Scalars(f"eval/{run_dir.name}/l2_student")
+    assert l2.value == pytest.approx(student["l2"]["mean"]["student"], rel=1e-6)
+
+
+def test_report_to_a_missing_tracker_package_is_refused_before_the_model(trained, monkeypatch):
+    import builtins
+
+    root, run_dir, _ = trained
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with pytest.raises(UserError, match="pip install wandb"):
+        evaluate.run(eval_config(root, report_to="wandb"), loaded=None, show_progress=False)
