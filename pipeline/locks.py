@@ -107,7 +107,15 @@ def _is_url(store: Any) -> bool:
 
 def remote_lock_file(url: str) -> Path:
     """The local lock file of the store at ``url`` (see the module docstring: this machine only), in a
-    per-user directory of the system's temporary directory."""
+    per-user directory of the system's temporary directory. Keyed by the URL as its filesystem spells it,
+    so that spellings of one store (s3a:// for s3://, a trailing slash) share one lock."""
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+        url = fs.unstrip_protocol(root)
+    except Exception:  # noqa: BLE001 (an unknown protocol, a filesystem that cannot be made: the store's own
+        pass  # access names the problem on one line; the lock then keys the URL as written)
     digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"mimic-pipeline-locks-{os.getuid()}" / f"{digest}{LOCK_SUFFIX}"
 

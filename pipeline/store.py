@@ -125,7 +125,13 @@ class StoreURL:
                              "endpoint (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)") from e
 
     def exists(self) -> bool:
-        return self._call(lambda fs, root: fs.exists(root))
+        """Whether anything is stored there. Object storage has no empty directories, but a bucket exists
+        with no object in it: an empty bucket (or memory:// directory) counts as absent, as a prefix
+        with no objects does, so that a store may be written at a bucket's root."""
+        def holds(fs: Any, root: str) -> bool:
+            return fs.exists(root) and (not fs.isdir(root) or bool(fs.ls(root, detail=False)))
+
+        return self._call(holds)
 
     def is_dir(self) -> bool:
         return self._call(lambda fs, root: fs.isdir(root))
@@ -141,7 +147,18 @@ class StoreURL:
         return self._call(lambda fs, root: fs.cat_file(root)).decode()
 
     def rmtree(self) -> None:
-        self._call(lambda fs, root: fs.rm(root, recursive=True))
+        """Delete everything stored there; a store at a bucket's root (s3://bucket) leaves the bucket, which
+        fsspec's recursive rm would delete too (and the store could not be made again)."""
+        def rm(fs: Any, root: str) -> None:
+            split = getattr(fs, "split_path", None)  # object stores: (bucket, key, version)
+            if split is not None and not split(root)[1]:
+                names = fs.ls(root, detail=False)
+                if names:
+                    fs.rm(names, recursive=True)
+            else:
+                fs.rm(root, recursive=True)
+
+        self._call(rm)
 
 
 StorePath = Path | StoreURL
@@ -165,7 +182,8 @@ def _filesystem_class(protocol: str, url: str) -> None:
 def store_location(path: str | Path | StoreURL, check: bool = True) -> StorePath:
     """Where a store lives: a local Path (also for file://), or a StoreURL for any other fsspec URL, whose
     protocol is checked here unless not ``check`` (an unknown one, or one whose package is missing, is a
-    UserError; unchecked, the first access fails with the same package named)."""
+    UserError; unchecked, the first access fails with the same package named). A URL naming no path
+    (``s3://``) or with an empty segment (``s3://b//x``) is a UserError either way."""
     if isinstance(path, (Path, StoreURL)):
         return path
     text = str(path)
@@ -178,6 +196,10 @@ def store_location(path: str | Path | StoreURL, check: bool = True) -> StorePath
         inner = fsspec.core.split_protocol(part)[0]
         if inner:
             _filesystem_class(inner, text)
+    where = rest.split("::")[0].strip("/")
+    if not where or "//" in where:  # s3fs reads `b//x` as `b/x` in listings but not in gets: never the same store
+        raise UserError(f"{text}: " + ("names no bucket or path" if not where else "has an empty path segment (//)")
+                        + "; give the store's full location, e.g. s3://bucket/vqav2.zarr")
     return StoreURL(text)
 
 
@@ -368,6 +390,9 @@ def remove_store(path: str | Path | StoreURL) -> None:
     path = store_location(path)
     if not path.exists():
         return
+    if isinstance(path, Path) and path.is_dir() and not any(path.iterdir()):
+        path.rmdir()  # an empty directory holds nothing to lose; create_store makes it again
+        return
     try:
         is_store = "schema_version" in json.loads((path / "zarr.json").read_text()).get("attributes", {})
     except (OSError, ValueError, AttributeError):
@@ -404,7 +429,9 @@ class TeacherStore:
     def __init__(self, path: str | Path | StoreURL, mode: str = "r") -> None:
         self.path, self.mode = store_location(path), mode
         if not self.path.exists():
-            raise StoreError(f"no teacher store at {self.path}; run `pipeline teacher-cache ...` first")
+            gone = " (memory:// stores live only in the process that wrote them)" \
+                if str(self.path).startswith("memory:") else ""
+            raise StoreError(f"no teacher store at {self.path}{gone}; run `pipeline teacher-cache ...` first")
         try:
             self._group = zarr.open_group(_zarr_store(self.path, mode), mode=mode)
         except (zarr.errors.BaseZarrError, OSError, ValueError) as e:

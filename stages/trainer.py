@@ -11,6 +11,7 @@ import importlib
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,9 +82,10 @@ class Trainer:
         check_tracker(config.report_to)
         launched = os.environ.get("ACCELERATE_MIXED_PRECISION")  # `accelerate launch --mixed_precision` / its config
         if launched not in (None, "no", config.mixed_precision):
+            fix = (f"give --mixed-precision {launched} to train-student (the run records it)"
+                   if launched in ("fp16", "bf16") else "train-student autocasts in no, fp16 or bf16 only")
             raise UserError(f"accelerate launch asks for mixed precision {launched} but train-student has "
-                            f"--mixed-precision {config.mixed_precision}: give --mixed-precision {launched} to "
-                            "train-student (the run records it)")
+                            f"--mixed-precision {config.mixed_precision}: {fix}")
         acc = make_accelerator(config.mixed_precision, None if config.report_to == "none" else config.report_to,
                                run_dir)
         if acc.distributed_type in UNSUPPORTED:
@@ -220,6 +222,16 @@ class Trainer:
         }
         project = TENSORBOARD_DIR if self.config.report_to == "tensorboard" else WANDB_PROJECT
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.report_to == "tensorboard":
+            # TensorBoard opens its event file in a thread of its own, which prints a traceback of a write
+            # error before re-raising it here: a directory it cannot write is refused first
+            events = self.run_dir / TENSORBOARD_DIR
+            try:
+                events.mkdir(exist_ok=True)
+                tempfile.TemporaryFile(dir=events).close()
+            except OSError as err:
+                raise UserError(f"--report-to tensorboard cannot write its event files in {events} "
+                                f"({err.strerror or err}); make it a writable directory, or use --report-to none") from err
         self.accelerator.init_trackers(project, plain_values(config_to_dict(self.config)), init_kwargs=kwargs)
 
     def stop_trackers(self) -> None:

@@ -274,6 +274,8 @@ def test_remote_store_lock_is_local_and_refuses_a_second_writer_here():
     url = "s3://bucket/locked.zarr"
     lock = store_lock(url)
     assert lock.lock_file == remote_lock_file(url) == remote_lock_file(url + "/")
+    assert remote_lock_file("s3a://bucket/locked.zarr") == lock.lock_file  # s3fs's alias: the same store
+    assert remote_lock_file("s3://bucket/other.zarr") != lock.lock_file
     assert not str(lock.lock_file).startswith("s3:") and lock.lock_file.parent.name.startswith("mimic-pipeline-locks")
     with lock:
         code = ("import sys; from pipeline.locks import store_lock, LockedError\n"
@@ -310,3 +312,55 @@ def test_inspect_reports_the_same_store_at_a_url(tmp_path):
         assert b["size"]["arrays"][HS]["files"] == 3 and b["size"]["arrays"][LENGTHS]["files"] == 3
     finally:
         fs.rm("/inspect.zarr", recursive=True)
+
+
+def test_store_at_a_bucket_root_is_written_and_replaced_keeping_the_bucket(tmp_path, s3):
+    """An empty bucket is no existing store, and --overwrite of a store at a bucket's root deletes its objects,
+    not the bucket (fsspec's recursive rm would, and the store could not be made again)."""
+    loaded = fresh_llama()
+    s3.mkdir("whole-bucket")
+    url = "s3://whole-bucket"
+    assert cache_to(url, loaded) == StoreURL(url)
+    assert_same_objects(local_objects(cache_to(tmp_path / "two.zarr", loaded)), remote_objects(s3, "whole-bucket"))
+    cache_to(url + "/", loaded, shots=3, overwrite=True)
+    assert s3.exists("whole-bucket")
+    assert_same_objects(local_objects(cache_to(tmp_path / "three.zarr", loaded, shots=3)),
+                        remote_objects(s3, "whole-bucket"))
+    assert open_store(url).verify(full=True).samples == 5
+
+
+def test_an_empty_local_directory_is_replaced_by_overwrite(tmp_path):
+    """An empty directory was "not a usable store" without --overwrite and "not a teacher store" with it."""
+    empty = tmp_path / "empty.zarr"
+    empty.mkdir()
+    with pytest.raises(UserError, match="not a usable teacher store.*--overwrite"):
+        cache_to(empty, fresh_llama())
+    assert cache_to(empty, fresh_llama(), overwrite=True) == empty
+    assert open_store(empty).verify(full=True).samples == 5
+
+
+def test_urls_without_a_path_or_with_an_empty_segment_are_one_line(warm_pipeline):
+    for url, why in (("s3://", "names no bucket or path"), ("memory://", "names no bucket or path"),
+                     ("s3://bucket//x.zarr", r"has an empty path segment \(//\)")):
+        with pytest.raises(UserError, match=f"^{url}: {why}"):
+            store_location(url)
+    with pytest.raises(UserError, match="names no bucket or path"):  # was a TypeError in the store's lock
+        cache_to("s3://", fresh_llama())
+    res = warm_pipeline.run(["inspect", "memory://"], cwd=REPO, env=cli()[1])
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == ["error: memory://: names no bucket or path; "
+                                                                       "give the store's full location, e.g. "
+                                                                       "s3://bucket/vqav2.zarr"]
+
+
+def test_a_memory_store_read_by_another_process_is_one_line_naming_why(tmp_path, warm_pipeline):
+    fs = fsspec.filesystem("memory")
+    create_store("memory://elsewhere.zarr", LAYOUT, ATTRS)  # exists here, not in the process started below
+    try:
+        res = warm_pipeline.run(["train-student", "--cache", "memory://elsewhere.zarr", "--runs-dir",
+                                 str(tmp_path / "runs"), "--device", "cpu"], cwd=REPO, env=cli()[1])
+    finally:
+        fs.rm("/elsewhere.zarr", recursive=True)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert "no teacher store at memory://elsewhere.zarr (memory:// stores live only in the process" in lines[0]
+    assert not (tmp_path / "runs").exists()

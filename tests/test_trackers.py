@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -127,3 +128,38 @@ def test_mixed_precision_kill_and_resume_is_bit_identical_on_a_gpu(tmp_path, pre
     assert drop == [{k: v for k, v in r.items() if k != "samples_per_s"} for r in log_rows(resumed)]
     a, b = load_file(str(whole / "adapter.safetensors")), load_file(str(resumed / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_unwritable_tensorboard_directory_is_one_error_without_a_thread_traceback(tmp_path, llama,  # noqa: F811
+                                                                                     monkeypatch):
+    """TensorBoard opens its event file in a thread of its own, which printed a traceback before the error reached
+    the command. Its directory here is a link into /proc, where no file can be made (by root neither)."""
+    store = make_store(tmp_path, llama, n=2)
+    events = tmp_path / "runs" / "tb" / TENSORBOARD_DIR
+    events.parent.mkdir(parents=True)
+    events.symlink_to("/proc", target_is_directory=True)
+    in_threads = []
+    monkeypatch.setattr(threading, "excepthook", in_threads.append)
+    cfg = train_cfg(tmp_path, store, name="tb", max_steps=1, report_to="tensorboard")
+    with pytest.raises(UserError, match=rf"^--report-to tensorboard cannot write its event files in {events} "):
+        train_run(cfg, loaded=llama, show_progress=False)
+    assert in_threads == []
+    events.unlink()  # the same run in a directory that takes files: trained, its step in the event file
+    run_dir = train_run(cfg, loaded=llama, show_progress=False)
+    acc = EventAccumulator(str(run_dir / TENSORBOARD_DIR))
+    acc.Reload()
+    assert [s.step for s in acc.Scalars("train/loss")] == [r["step"] for r in log_rows(run_dir)] == [1]
+
+
+def test_a_launch_precision_train_student_lacks_is_refused_without_suggesting_it(tmp_path, llama, monkeypatch):  # noqa: F811
+    """`accelerate launch --mixed_precision fp8`: the refusal named `--mixed-precision fp8` as the fix, an
+    option value train-student itself refuses."""
+    store = make_store(tmp_path, llama, n=2)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(UserError, match=r"asks for mixed precision fp8 but train-student has --mixed-precision no: "
+                                        r"train-student autocasts in no, fp16 or bf16 only$"):
+        setup(train_cfg(tmp_path, store), llama)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(UserError, match=r"give --mixed-precision bf16 to train-student"):
+        setup(train_cfg(tmp_path, store), llama)
+    setup(train_cfg(tmp_path, store, mixed_precision="bf16"), llama).student.detach()
