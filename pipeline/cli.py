@@ -263,6 +263,9 @@ class user_errors:
 def _teacher_cache(config: TeacherCacheConfig) -> None:
     from stages import teacher_cache
 
+    if str(config.out or "").startswith("memory://"):  # in-process only: gone when this command exits
+        raise UserError(f"--out {config.out}: a memory:// store lives only in the process that writes it and would "
+                        "be lost when teacher-cache exits; use a local path or object storage (s3://, gs://, ...)")
     teacher_cache.run(config)
 
 

@@ -133,6 +133,17 @@ class StoreURL:
 
         return self._call(holds)
 
+    def check_bucket(self) -> None:
+        """Before a write: the bucket of an object store exists and is visible (StoreError, one line), so that a
+        typo is named before a model loads rather than when the first object is written."""
+        def bucket_exists(fs: Any, root: str) -> bool:
+            split = getattr(fs, "split_path", None)  # object stores: (bucket, key, version)
+            return split is None or fs.exists(split(root)[0])
+
+        if not self._call(bucket_exists):
+            raise StoreError(f"cannot write {self.url}: its bucket does not exist or is not visible with these "
+                             "credentials; create it first or check the name")
+
     def is_dir(self) -> bool:
         return self._call(lambda fs, root: fs.isdir(root))
 

@@ -289,6 +289,10 @@ def run(config: TeacherCacheConfig, loaded: Loaded | None = None, show_progress:
     rank, world, _ = dist_info()
     shots = config.shots if config.shots is not None else default_shots(config.model)
     task = load_task(config.task, **({"data_root": config.data_root} if config.data_root else {}))
+    # a path or an fsspec URL; a bad protocol or an unreachable bucket is named before the model loads
+    path = store_location(config.out) if config.out else default_store_path(config.task)
+    if not isinstance(path, Path):
+        path.check_bucket()
     if loaded is None:
         loaded = load_for_stage(config.model, config.device, config.dtype, config.revision, config.trust_remote_code)
     check_task_fits_model(task, loaded)
@@ -301,7 +305,6 @@ def run(config: TeacherCacheConfig, loaded: Loaded | None = None, show_progress:
     )
     limit = context_limit(loaded.model, config.max_length)
     check_topk(loaded.model, config.topk)
-    path = store_location(config.out) if config.out else default_store_path(config.task)  # a path or an fsspec URL
     with held_on_rank0(store_lock(path), rank, world):
         return _write(config, task, loaded, shots, plan, layout, path, limit, workers, show_progress)
 

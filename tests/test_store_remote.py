@@ -364,3 +364,22 @@ def test_a_memory_store_read_by_another_process_is_one_line_naming_why(tmp_path,
     assert res.returncode == 2 and len(lines) == 1, res.stderr
     assert "no teacher store at memory://elsewhere.zarr (memory:// stores live only in the process" in lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_out_url_is_named_before_the_model_loads(s3, monkeypatch, warm_pipeline):
+    """A typo'd protocol or a missing bucket used to surface only after the (possibly minutes-long) model load."""
+    import stages.teacher_cache as tc
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the store URL was checked")
+
+    monkeypatch.setattr(tc, "load_for_stage", no_model)
+    with pytest.raises(UserError, match=r"unknown protocol s4://"):
+        cache_to("s4://bucket/x.zarr", None)
+    with pytest.raises(UserError, match="no-such-bucket"):
+        cache_to("s3://no-such-bucket/x.zarr", None)
+    res = warm_pipeline.run(["teacher-cache", "--task", "antonyms", "--model", "smollm2-135m", "--out",
+                             "memory://lost.zarr"], cwd=REPO, env=cli()[1])
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert "memory:// store lives only in the process" in lines[0]
