@@ -92,10 +92,7 @@ class Trainer:
             raise UserError(f"train-student does not run under {UNSUPPORTED[acc.distributed_type]}: the base model is "
                             "frozen and each process holds a copy, only the student's gradients are averaged; use "
                             "an accelerate config of one or several processes (multi-GPU or multi-CPU) without it")
-        if config.mixed_precision != "no" and acc.device.type != loaded.device.type:
-            raise UserError(f"--mixed-precision {config.mixed_precision} autocasts on {acc.device.type}, but the model "
-                            f"is on {loaded.device}: use --device auto, or --mixed-precision no")
-        if config.mixed_precision == "fp16" and acc.scaler is None:
+        if config.mixed_precision == "fp16" and (acc.scaler is None or loaded.device.type != "cuda"):
             raise UserError("--mixed-precision fp16 needs a GPU (accelerate does no float16 autocast on a CPU, the "
                             "run would silently be full precision): use bf16 on a CPU")
         return acc
@@ -130,8 +127,15 @@ class Trainer:
     def micro_loss(self, items: list[Item], epoch: int) -> tuple[torch.Tensor, dict]:
         """L = L_align + lambda L_gt on one micro-batch (right-padded)."""
         hs, topk = self.targets(items, epoch)
-        with self.accelerator.autocast():  # --mixed-precision: the student's forward and its losses
+        with self.autocast():  # --mixed-precision: the student's forward and its losses
             return self.student_loss([it.prompt for it in items], hs, topk)
+
+    def autocast(self) -> Any:
+        """The Accelerator's autocast, on the device the model is on: a model kept on the CPU of a machine with a
+        GPU (--device cpu) autocasts bf16 on the CPU, where the Accelerator's own would target the GPU."""
+        if self.config.mixed_precision == "no" or self.accelerator.device.type == self.loaded.device.type:
+            return self.accelerator.autocast()
+        return torch.autocast(self.loaded.device.type, dtype=torch.bfloat16)  # fp16 off the GPU is refused above
 
     def student_loss(self, prompts: list, hs: list[torch.Tensor], topk: list | None) -> tuple[torch.Tensor, dict]:
         dev = self.loaded.device
