@@ -25,6 +25,23 @@ class Killed(Exception):
     """Stands for a kill in the middle of a step."""
 
 
+def killed_in_step(monkeypatch, step: int, cfg, loaded) -> None:
+    """Train ``cfg`` until its ``step``-th micro-batch (one per step here) raises ``Killed``, as a kill would stop
+    it; then put ``Trainer.micro_loss`` back for the resume."""
+    real, calls = Trainer.micro_loss, {"n": 0}
+
+    def dies(self, items, epoch):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise Killed
+        return real(self, items, epoch)
+
+    monkeypatch.setattr(Trainer, "micro_loss", dies)
+    with pytest.raises(Killed):
+        train_run(cfg, loaded=loaded, show_progress=False)
+    monkeypatch.setattr(Trainer, "micro_loss", real)
+
+
 def log_rows(run_dir):
     return [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
 
@@ -32,18 +49,7 @@ def log_rows(run_dir):
 def test_tensorboard_holds_the_logged_values_step_by_step_across_a_resume(tmp_path, llama, monkeypatch):  # noqa: F811
     store = make_store(tmp_path, llama, n=6)
     cfg = train_cfg(tmp_path, store, batch_size=1, grad_accum=1, checkpoint_every=2, report_to="tensorboard")
-    real, calls = Trainer.micro_loss, {"n": 0}
-
-    def dies_in_step_4(self, items, epoch):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise Killed
-        return real(self, items, epoch)
-
-    monkeypatch.setattr(Trainer, "micro_loss", dies_in_step_4)
-    with pytest.raises(Killed):  # steps 1-3 logged, the checkpoint of step 2 kept
-        train_run(cfg, loaded=llama, show_progress=False)
-    monkeypatch.setattr(Trainer, "micro_loss", real)
+    killed_in_step(monkeypatch, 4, cfg, llama)  # steps 1-3 logged, the checkpoint of step 2 kept
     run_dir = train_run(cfg, loaded=llama, show_progress=False)  # resumes at step 2: steps 3-6 again
     rows = log_rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -107,20 +113,9 @@ def test_mixed_precision_kill_and_resume_is_bit_identical_on_a_gpu(tmp_path, pre
 
     try:
         whole = train_run(cfg("whole"), loaded=loaded, show_progress=False)
-        real, calls = Trainer.micro_loss, {"n": 0}
-
-        def dies_in_step_4(self, items, epoch):
-            calls["n"] += 1
-            if calls["n"] == 4:
-                raise Killed
-            return real(self, items, epoch)
-
-        monkeypatch.setattr(Trainer, "micro_loss", dies_in_step_4)
-        with pytest.raises(Killed):
-            train_run(cfg("resumed"), loaded=loaded, show_progress=False)
+        killed_in_step(monkeypatch, 4, cfg("resumed"), loaded)
         state = torch.load(tmp_path / "runs" / "resumed" / "checkpoint" / "state.pt", weights_only=True)
         assert state["step"] == 2 and ("scaler" in state) == (precision == "fp16")
-        monkeypatch.setattr(Trainer, "micro_loss", real)
         resumed = train_run(cfg("resumed"), loaded=loaded, show_progress=False)
     finally:
         torch.use_deterministic_algorithms(False)
