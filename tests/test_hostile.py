@@ -280,6 +280,10 @@ CASES = [
     Case("demo-threads-zero", option("demo", "--threads", 0), ("'threads': got 0",)),
     Case("demo-bad-model", option("demo", "--model", "no-such-model-xyz"), ("no-such-model-xyz",)),
     Case("ev-batch-size-zero", option("evaluate", "--batch-size", 0), ("'batch_size'",)),
+    Case("ts-device-unknown", lambda w, d: ["train-student", "--cache", w.store, "--device", "tpu", "--runs-dir",
+                                            d / "runs"], ("unknown --device 'tpu'", "cuda:N")),
+    Case("ev-device-mps", lambda w, d: ["evaluate", "--task", "antonyms", "--model", w.model, "--modes", "zero-shot",
+                                        "--device", "mps", "--results-dir", d / "r"], ("--device mps", "cpu or cuda")),
     Case("config-yaml-syntax", lambda w, d: (d / "c.yaml").write_text("shots: 2\nlr: [1,\n") and
          ["train-student", "--config", d / "c.yaml"], ("c.yaml", "line 3")),
     Case("config-yaml-list", lambda w, d: (d / "c.yaml").write_text("- 1\n- 2\n") and
