@@ -14,6 +14,11 @@ mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
+  if [ -d .whl/tf524 ]; then  # the lock's transformers (the image's 5.17 runs multi-image beam search wrong)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site524 \
+      .whl/tf524/*.whl || exit 1
+    export PYTHONPATH=/tmp/site524:$PYTHONPATH
+  fi
 else
   export PYTHONPATH=$PWD
 fi
