@@ -7,6 +7,7 @@
 #   bash bench/run_gpu.sh profile   # bench/profile_mimic.py (host vs device time of MimIC)
 #   bash bench/run_gpu.sh idefics2  # bench/suite.py, Idefics2-8B shape, 8-shot
 #   bash bench/run_gpu.sh idefics1  # bench/suite.py, Idefics-9B shape, 32-shot
+#   bash bench/run_gpu.sh evalbatch # bench/eval_batch.py: largest batch and queries/s per mode, 3 beams
 # Wheels for zarr & co. travel in .whl/ (see docs/benchmarks.md); logs go to $OUT (default results/).
 set -o pipefail
 OUT=${OUT:-results}
@@ -54,5 +55,9 @@ case "$1" in
       --workers "${WORKERS:-8}" --sections "${SECTIONS:-stage1,stage2,overhead,infer,store}" --infer-batch "${INFER_BATCH:-4}" --out "$OUT/idefics1" \
       --work /tmp/bench-idefics1 2>&1 | tee "$OUT/idefics1.log" | grep -E "FAILED|Error|^\[|^\|"
     ;;
-  *) echo "usage: bash bench/run_gpu.sh check|log_z2|mu_paths|attention|profile|idefics2|idefics1"; exit 2 ;;
+  evalbatch)
+    python3 eval_batch.py --model "${MODEL:-idefics2-8b}" --shots 8 32 --max-batch "${MAX_BATCH:-256}" \
+      --out "$OUT/eval_batch" 2>&1 | tee "$OUT/eval_batch.log" | grep -E "FAIL|Error|^\|"
+    ;;
+  *) echo "usage: bash bench/run_gpu.sh check|log_z2|mu_paths|attention|profile|idefics2|idefics1|evalbatch"; exit 2 ;;
 esac
