@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import Report, build_model, machine, set_attention, sync  # noqa: E402
-from inference import eval_prompts, generate_batch, random_student  # noqa: E402
+from harness import Report, build_model, machine, set_attention  # noqa: E402
+from inference import eval_prompts, median_batch_seconds, random_student  # noqa: E402
 
 
 def peak_gib(device: torch.device) -> float:
@@ -47,20 +45,11 @@ def sweep(loaded, prompts_for, suppress, max_batch: int, repeats: int) -> list[d
         try:
             if loaded.device.type == "cuda":
                 torch.cuda.empty_cache()
-            generate_batch(loaded, batches[0], suppress)  # warm-up of this shape
-            if loaded.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(loaded.device)
-            times = []
-            for b in batches[1:]:
-                sync()
-                t0 = time.perf_counter()
-                generate_batch(loaded, b, suppress)
-                sync()
-                times.append(time.perf_counter() - t0)
+            reset = (lambda: torch.cuda.reset_peak_memory_stats(loaded.device)) if loaded.device.type == "cuda" else None
+            seconds = median_batch_seconds(loaded, batches, suppress, reset)  # peak memory of the timed batches
         except torch.cuda.OutOfMemoryError:
             rows.append({"batch": batch, "oom": True})
             break
-        seconds = statistics.median(times)
         rows.append({"batch": batch, "queries_per_s": batch / seconds, "ms_per_query": 1e3 * seconds / batch,
                      "peak_gib": peak_gib(loaded.device)})
         print(f"  batch {batch}: {batch / seconds:.2f} queries/s, peak {rows[-1]['peak_gib']:.1f} GiB", flush=True)

@@ -59,11 +59,12 @@ def generate_batch(loaded, prompts, suppress: list[int]) -> None:
             config.vocab_size -= extra
 
 
-def batched_latency(loaded, prompts, suppress, batch: int) -> float:
-    """ms per query when ``batch`` queries share one ``generate`` (as the evaluate stage does): the
-    first batch warms up, the median over the following batches is divided by ``batch``."""
-    batches = [prompts[i : i + batch] for i in range(0, len(prompts) - batch + 1, batch)]
+def median_batch_seconds(loaded, batches, suppress, after_warmup=None) -> float:
+    """Seconds of one ``generate`` call: the first batch warms up (then ``after_warmup()``, e.g. a reset of
+    the peak-memory counter), the median over the following batches."""
     generate_batch(loaded, batches[0], suppress)
+    if after_warmup is not None:
+        after_warmup()
     times = []
     for b in batches[1:]:
         sync()
@@ -71,7 +72,14 @@ def batched_latency(loaded, prompts, suppress, batch: int) -> float:
         generate_batch(loaded, b, suppress)
         sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3 / batch
+    return statistics.median(times)
+
+
+def batched_latency(loaded, prompts, suppress, batch: int) -> float:
+    """ms per query when ``batch`` queries share one ``generate`` (as the evaluate stage does): the
+    first batch warms up, the median over the following batches is divided by ``batch``."""
+    batches = [prompts[i : i + batch] for i in range(0, len(prompts) - batch + 1, batch)]
+    return median_batch_seconds(loaded, batches, suppress) * 1e3 / batch
 
 
 @contextmanager
