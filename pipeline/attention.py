@@ -50,7 +50,7 @@ class AttentionHeads(Protocol):
 class _HeadState:
     heads: MimicHeads | AttentionHeads
     switch: Switch
-    calls: int = field(default=0)
+    called: bool = field(default=False)  # a flag, not a count: a changing int would recompile a compiled forward
 
 
 def mimic_attention_forward(
@@ -74,7 +74,8 @@ def mimic_attention_forward(
     state: _HeadState | None = module.__dict__.get(_STATE_KEY)
     if state is None:
         return out, weights
-    state.calls += 1
+    if not state.called:
+        state.called = True
     if not state.switch.enabled:
         return out, weights
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -131,7 +132,7 @@ def _call_check_hook(model: nn.Module, states: list[_HeadState]) -> object:
     def hook(_module, _args, _output):
         if not states or not states[0].switch.enabled:
             return
-        missing = [i for i, s in enumerate(states) if s.calls == 0]
+        missing = [i for i, s in enumerate(states) if not s.called]
         handle.remove()
         if missing:
             raise RuntimeError(

@@ -245,11 +245,12 @@ def generate_batch(loaded: Loaded, prompts: Sequence[Any], max_new_tokens: int, 
     batch = generation_inputs(loaded, prompts)
     check_beam_images(loaded.model, batch, prompts, num_beams)
     tokenizer = tokenizer_of(loaded.processor)
+    options = dict(do_sample=False, num_return_sequences=1, stop_strings=list(loaded.family.stop_strings),
+                   tokenizer=tokenizer, pad_token_id=pad_token_id(loaded.processor))
     with torch.inference_mode():
-        out = loaded.model.generate(
-            **batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-            num_return_sequences=1, stop_strings=list(loaded.family.stop_strings), tokenizer=tokenizer,
-            pad_token_id=pad_token_id(loaded.processor),
-        )
+        if loaded.decoding is not None:  # decode steps through a compiled forward (pipeline.decoding)
+            out = loaded.decoding.generate(batch, max_new_tokens, num_beams, **options)
+        else:
+            out = loaded.model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, **options)
     new_tokens = out[:, batch["input_ids"].shape[1]:]
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -26,6 +26,7 @@ class Loaded:
     family: Any
     source: Any
     device: torch.device
+    decoding: Any = None  # pipeline.decoding.CompiledDecoding when generation runs compiled (evaluate --compile)
 
     @property
     def geometry(self):

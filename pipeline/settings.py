@@ -32,6 +32,7 @@ MODES = ("zero-shot", "icl", "student")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 """Autocast of stage 2's forwards through ``accelerate``: none, float16 (a GPU; loss scaling) or bfloat16."""
 TRACKERS = ("none", "tensorboard", "wandb")
+COMPILE_CHOICES = ("auto", "on", "off")  # pipeline.decoding
 """Experiment trackers stage 2 reports to through ``accelerate`` (besides its own train_log.jsonl)."""
 DEFAULT_DEMO_TASK = "shapes_group_vqa"
 
@@ -157,6 +158,10 @@ class EvalConfig(RuntimeOptions):
     report_to: str = opt("none", "Also log each mode's score, ms/query and mean L2 to an experiment tracker "
                                  "(accelerate): tensorboard (event files in <results-dir>/<task>/tensorboard/) or "
                                  "wandb (project mimic-pipeline).", TRACKERS)
+    compile: str = opt("auto", "Decode through a compiled forward over a static KV cache (CUDA graphs): auto = on "
+                               "CUDA, on, off. Same answers within float tolerance; each new batch shape compiles "
+                               "once (tens of seconds for an 8B model), so it pays off past a few batches.",
+                       COMPILE_CHOICES)
 
 
 @dataclass(frozen=True)

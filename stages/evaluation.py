@@ -580,7 +580,9 @@ class Evaluation:
             "mean_latency_ms": sum(r["latency_ms"] for r in records) / n,
             "mean_prompt_tokens": sum(r["prompt_tokens"] for r in records) / n,
             "generation": {"num_beams": self.config.num_beams, "max_new_tokens": self.task.spec.max_new_tokens,
-                           "stop_strings": list(self.loaded.family.stop_strings), "padding": "left"},
+                           "stop_strings": list(self.loaded.family.stop_strings), "padding": "left",
+                           # compiled: decode steps through pipeline.decoding (static cache, one graph)
+                           "decoding": "compiled" if getattr(self.loaded.decoding, "enabled", False) else "eager"},
             "config": {**config_to_dict(self.config), "task": self.task.name, "model": self.model_name,
                        "shots": self.shots},
             "fingerprint": fingerprint, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
