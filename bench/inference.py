@@ -8,7 +8,9 @@ for image features). Base and ICL run with stock sdpa attention; the student wit
 (random non-zero parameters) through the MimIC attention function. Latency = collate + host-to-device
 + ``generate``, median over the queries after one warm-up per mode; prompt building (CPU: images and
 tokenisation) is timed separately. With ``batch`` > 1 the same is measured with that many queries per
-``generate`` call (as the evaluate stage batches them), reported per query.
+``generate`` call (as the evaluate stage batches them), reported per query. With ``compiled`` every
+mode decodes through ``pipeline.decoding.CompiledDecoding`` (evaluate's ``--compile``; figures tagged
+"compiled"); its compilation happens in the warm-up batches and is reported apart.
 """
 
 from __future__ import annotations
@@ -50,10 +52,14 @@ def generate_batch(loaded, prompts, suppress: list[int]) -> None:
     # reshapes by config.vocab_size and fails ("shape '[1, 96000]' is invalid for input of size 96006")
     if extra:
         config.vocab_size += extra
+    options = dict(min_new_tokens=10, do_sample=False, pad_token_id=pad_token_id(loaded.processor),
+                   suppress_tokens=suppress)
     try:
         with torch.inference_mode():
-            loaded.model.generate(**batch, max_new_tokens=10, min_new_tokens=10, num_beams=3, do_sample=False,
-                                  pad_token_id=pad_token_id(loaded.processor), suppress_tokens=suppress)
+            if loaded.decoding is not None:  # evaluate --compile: decode steps compiled (pipeline.decoding)
+                loaded.decoding.generate(batch, 10, 3, **options)
+            else:
+                loaded.model.generate(**batch, max_new_tokens=10, num_beams=3, **options)
     finally:
         if extra:
             config.vocab_size -= extra
@@ -61,8 +67,10 @@ def generate_batch(loaded, prompts, suppress: list[int]) -> None:
 
 def median_batch_seconds(loaded, batches, suppress, after_warmup=None) -> float:
     """Seconds of one ``generate`` call: the first batch warms up (then ``after_warmup()``, e.g. a reset of
-    the peak-memory counter), the median over the following batches."""
-    generate_batch(loaded, batches[0], suppress)
+    the peak-memory counter), the median over the following batches. Compiled decoding warms up on every
+    batch (each new shape may compile; a compilation must not land in a timing)."""
+    for b in batches if loaded.decoding is not None else batches[:1]:  # compiled: every shape compiles here
+        generate_batch(loaded, b, suppress)
     if after_warmup is not None:
         after_warmup()
     times = []
@@ -99,9 +107,26 @@ def random_student(loaded):
 
 
 def inference(report: Report, loaded, n_queries: int = 6, shot_list: tuple[int, ...] = (8, 32),
-              batch: int = 1) -> None:
+              batch: int = 1, compiled: bool = False) -> None:
     """Per-query latency of every mode at batch 1 (``n_queries``; the first warms up) and, when
     ``batch`` > 1, with ``batch`` queries per ``generate`` call (three batches; the first warms up)."""
+    from pipeline.decoding import CompiledDecoding
+    from pipeline.tasks import load_task
+
+    if compiled:
+        loaded.decoding = CompiledDecoding(loaded.model)
+        t0 = time.perf_counter()
+        try:
+            _inference(report, loaded, n_queries, shot_list, batch, "compiled ")
+        finally:
+            report.extra["compiled decoding s (compilation included)"] = time.perf_counter() - t0
+            report.extra["compiled decoding steps"] = dict(loaded.decoding.steps, enabled=loaded.decoding.enabled)
+            loaded.decoding = None
+        return
+    _inference(report, loaded, n_queries, shot_list, batch, "")
+
+
+def _inference(report: Report, loaded, n_queries: int, shot_list: tuple[int, ...], batch: int, kind: str) -> None:
     from pipeline.tasks import load_task
 
     task = load_task("shapes_vqa")
@@ -109,7 +134,7 @@ def inference(report: Report, loaded, n_queries: int = 6, shot_list: tuple[int, 
     suppress = [tok.convert_tokens_to_ids(t) for t in ("<image>", "<fake_token_around_image>")]
     info = {}
     for size, n in ((1, n_queries), (batch, 3 * batch))[: 1 if batch <= 1 else 2]:
-        tag = "" if size == 1 else f"B{size} "
+        tag = kind + ("" if size == 1 else f"B{size} ")
         zero, zero_build = eval_prompts(loaded, task, 0, n)
         info.setdefault("zero-shot", {"tokens": statistics.median(len(p.encoded) for p in zero),
                                       "build_ms": zero_build * 1e3})
@@ -132,6 +157,8 @@ def inference(report: Report, loaded, n_queries: int = 6, shot_list: tuple[int, 
         report.add(f"{tag}MimIC student ms/query", student_ms, "ms", ref=f"{tag}zero-shot ms/query")
         for k, ms in icl.items():
             report.add(f"{tag}{k}-shot ICL ms/query", ms, "ms", ref=f"{tag}MimIC student ms/query")
+    if kind:
+        return
     for mode, i in info.items():
         report.add(f"{mode} prompt build ms/query (CPU)", i["build_ms"], "ms")
     report.extra["inference_prompts"] = info

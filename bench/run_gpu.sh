@@ -47,12 +47,12 @@ case "$1" in
     ;;
   idefics2)
     python3 suite.py --model idefics2-8b --shots 8 --icl-shots 8 32 --n "${N:-96}" --batch 8 --steps "${STEPS:-12}" \
-      --workers "${WORKERS:-8}" --sections "${SECTIONS:-stage1,stage2,overhead,infer,store}" --infer-batch "${INFER_BATCH:-4}" --out "$OUT/idefics2" \
+      --workers "${WORKERS:-8}" --sections "${SECTIONS:-stage1,stage2,overhead,infer,compiled,store}" --infer-batch "${INFER_BATCH:-4}" --out "$OUT/idefics2" \
       --work /tmp/bench-idefics2 2>&1 | tee "$OUT/idefics2.log" | grep -E "FAILED|Error|^\[|^\|"
     ;;
   idefics1)
     python3 suite.py --model idefics-9b --shots 32 --icl-shots 8 32 --n "${N:-96}" --batch 8 --steps "${STEPS:-12}" \
-      --workers "${WORKERS:-8}" --sections "${SECTIONS:-stage1,stage2,overhead,infer,store}" --infer-batch "${INFER_BATCH:-4}" --out "$OUT/idefics1" \
+      --workers "${WORKERS:-8}" --sections "${SECTIONS:-stage1,stage2,overhead,infer,compiled,store}" --infer-batch "${INFER_BATCH:-4}" --out "$OUT/idefics1" \
       --work /tmp/bench-idefics1 2>&1 | tee "$OUT/idefics1.log" | grep -E "FAILED|Error|^\[|^\|"
     ;;
   evalbatch)

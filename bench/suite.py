@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from harness import Report, build_model, machine, matmul_tflops
 
-SECTIONS = ("stage1", "stage2", "overhead", "infer", "store")
+SECTIONS = ("stage1", "stage2", "overhead", "infer", "compiled", "store")
+"""compiled: the inference section again with decode steps compiled (evaluate --compile, pipeline.decoding)."""
 
 
 def main() -> None:
@@ -117,6 +118,11 @@ def main() -> None:
 
         inference(report, loaded, args.queries, tuple(args.icl_shots), args.infer_batch)
 
+    def s_compiled():
+        from inference import inference
+
+        inference(report, loaded, args.queries, tuple(args.icl_shots), args.infer_batch, compiled=True)
+
     def s5():
         from store_io import store_io
 
@@ -124,7 +130,7 @@ def main() -> None:
         store_io(report, store, args.workers, state["samples_per_s"], state.get("offline_samples_per_s", 0.0),
                  work)
 
-    for name, fn in zip(SECTIONS, (s1, s2, s3, s4, s5), strict=True):
+    for name, fn in zip(SECTIONS, (s1, s2, s3, s4, s_compiled, s5), strict=True):
         section(name, fn)
     report.save(out / "suite.json")
     (out / "table.md").write_text(report.table() + "\n")

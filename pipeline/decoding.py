@@ -101,7 +101,7 @@ class CompiledDecoding:
             # of 8 would silently fall back to eager in a long evaluation
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._eager = model.forward
-            self._compiled = torch.compile(model.forward, mode=self.mode, dynamic=False)
+            self._compiled = torch.compile(model.forward, mode=self.mode)  # shapes: static, then dynamic after a change
         rows = batch["input_ids"].shape[0] * num_beams
         cache = self.cache_for(rows, batch["input_ids"].shape[1] + max_new_tokens)
         own = model.__dict__.get("forward")  # an instance forward (accelerate's hooks) is put back as it was
