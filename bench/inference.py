@@ -111,7 +111,6 @@ def inference(report: Report, loaded, n_queries: int = 6, shot_list: tuple[int, 
     """Per-query latency of every mode at batch 1 (``n_queries``; the first warms up) and, when
     ``batch`` > 1, with ``batch`` queries per ``generate`` call (three batches; the first warms up)."""
     from pipeline.decoding import CompiledDecoding
-    from pipeline.tasks import load_task
 
     if compiled:
         loaded.decoding = CompiledDecoding(loaded.model)

@@ -8,6 +8,7 @@
 #   bash bench/run_gpu.sh idefics2  # bench/suite.py, Idefics2-8B shape, 8-shot
 #   bash bench/run_gpu.sh idefics1  # bench/suite.py, Idefics-9B shape, 32-shot
 #   bash bench/run_gpu.sh evalbatch # bench/eval_batch.py: largest batch and queries/s per mode, 3 beams
+#   bash bench/run_gpu.sh stage1    # bench/suite.py --sections stage1, one fresh process per variant (cold, then warm)
 # Wheels for zarr & co. travel in .whl/ (see docs/benchmarks.md); logs go to $OUT (default results/).
 set -o pipefail
 OUT=${OUT:-results}
@@ -55,9 +56,20 @@ case "$1" in
       --workers "${WORKERS:-8}" --sections "${SECTIONS:-stage1,stage2,overhead,infer,compiled,store}" --infer-batch "${INFER_BATCH:-4}" --out "$OUT/idefics1" \
       --work /tmp/bench-idefics1 2>&1 | tee "$OUT/idefics1.log" | grep -E "FAILED|Error|^\[|^\|"
     ;;
+  stage1)  # each variant in a fresh process: its first teacher-cache is the cold run a user meets
+    for v in ${VARIANTS:-default writers1 hostreg}; do
+      extra=""; conf=""
+      [ "$v" = writers1 ] && extra="--writers 1"
+      [ "$v" = hostreg ] && conf="pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
+      PYTORCH_CUDA_ALLOC_CONF=$conf python3 suite.py --model idefics2-8b --shots 8 --n "${N:-160}" --batch 8 \
+        --workers "${WORKERS:-8}" $extra --sections stage1 --out "$OUT/stage1-$v" --work "/tmp/bench-stage1-$v" \
+        2>&1 | tee "$OUT/stage1-$v.log" | grep -E "FAILED|Error|^\[" | sed "s/^/$v /"
+      rm -rf "/tmp/bench-stage1-$v"
+    done
+    ;;
   evalbatch)
     python3 eval_batch.py --model "${MODEL:-idefics2-8b}" --shots 8 32 --max-batch "${MAX_BATCH:-256}" \
       --out "$OUT/eval_batch" 2>&1 | tee "$OUT/eval_batch.log" | grep -E "FAIL|Error|^\|"
     ;;
-  *) echo "usage: bash bench/run_gpu.sh check|log_z2|mu_paths|attention|profile|idefics2|idefics1|evalbatch"; exit 2 ;;
+  *) echo "usage: bash bench/run_gpu.sh check|log_z2|mu_paths|attention|profile|idefics2|idefics1|evalbatch|stage1"; exit 2 ;;
 esac

@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="stage 1 and stage 2 batch size")
     ap.add_argument("--steps", type=int, default=12, help="stage 2 optimiser steps per timed run")
     ap.add_argument("--workers", type=int, default=8, help="prompt / store reader processes")
+    ap.add_argument("--writers", type=int, default=None, help="teacher-cache --writers (default: its own)")
     ap.add_argument("--queries", type=int, default=6, help="inference queries per mode")
     ap.add_argument("--infer-batch", type=int, default=8,
                     help="also time inference with this many queries per generate call (1: batch 1 only)")
@@ -81,7 +82,8 @@ def main() -> None:
     def s1():
         from stage_speed import stage1
 
-        state.update(stage1(report, loaded, args.model, args.shots, args.n, args.batch, args.workers, work, peak))
+        state.update(stage1(report, loaded, args.model, args.shots, args.n, args.batch, args.workers, work, peak,
+                                     args.writers))
         saved.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in state.items()}))
 
     def stage1_store() -> Path:

@@ -247,3 +247,4 @@ def _notebook(bar_class: type) -> bool:
 def default_store_path(task: str) -> Path:
     name = Path(task).stem if task.endswith((".yaml", ".yml")) else task
     return Path("cache") / f"{name}.zarr"
+

@@ -31,6 +31,7 @@ import errno
 import hashlib
 import json
 import math
+import os
 import posixpath
 import queue
 import shutil
@@ -741,24 +742,39 @@ class TeacherStore:
         return orphans
 
 
-class ShardWriter:
-    """Writes shards on a background thread so the producer (the GPU loop) never waits on compression
-    or disk. `submit` blocks once `depth` shards are queued; an exception in the thread is re-raised
-    by the next `submit` or by `close`, never lost. Use as a context manager."""
+def default_writers() -> int:
+    """Writer threads: a quarter of the CPU cores, 1 to 4. One thread compresses ~360 MiB/s (blosc zstd
+    level 1, which runs without the GIL), less than an 8B model's teacher produces on an H100/H200
+    (~420 MB/s, docs/benchmarks.md); the other cores build prompts and collate."""
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
 
-    def __init__(self, store: TeacherStore, depth: int = 2) -> None:
+
+class ShardWriter:
+    """Writes shards on ``writers`` background threads so the producer (the GPU loop) never waits on
+    compression or disk. Shards are independent files with their own done flags, so they may finish
+    in any order (resume reads the flags). `submit` blocks once `depth` shards wait; an exception in a
+    thread is re-raised by the next `submit` or by `close`, never lost. Use as a context manager."""
+
+    def __init__(self, store: TeacherStore, depth: int = 2, writers: int | None = None) -> None:
         self._store, self._error, self._closed = store, None, False
+        self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._run, name="teacher-store-writer", daemon=True)
-        self._thread.start()
+        n = writers if writers is not None else default_writers()
+        if n < 1:
+            raise ValueError(f"writers must be >= 1, got {n}")
+        self._threads = [threading.Thread(target=self._run, name=f"teacher-store-writer-{i}", daemon=True)
+                         for i in range(n)]
+        for t in self._threads:
+            t.start()
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             if self._error is None:  # after a failure keep draining, so submit() never blocks forever
                 try:
                     self._store.write_shard(*item)
-                except BaseException as e:  # handed to the caller
-                    self._error = e
+                except BaseException as e:  # handed to the caller (the first one; later ones follow from it)
+                    with self._lock:
+                        self._error = self._error or e
 
     def _raise_pending(self) -> None:
         if self._error is not None:
@@ -771,11 +787,13 @@ class ShardWriter:
         self._queue.put((shard_id, list(records)))
 
     def close(self) -> None:
-        """Finish queued shards, stop the thread, re-raise its exception if any."""
+        """Finish queued shards, stop the threads, re-raise the first exception if any."""
         if not self._closed:
             self._closed = True
-            self._queue.put(None)
-            self._thread.join()
+            for _ in self._threads:
+                self._queue.put(None)
+            for t in self._threads:
+                t.join()
         self._raise_pending()
 
     def __enter__(self) -> ShardWriter:

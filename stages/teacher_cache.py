@@ -320,7 +320,7 @@ def _write(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: int, pl
     runner = TeacherRunner(loaded, config.layer_target, config.topk, config.batch_size)
     total = sum(len(store.shard_samples(s)) for s in pending)
     progress = Progress(total, f"teacher-cache {task.name} ({shots}-shot)", enabled=show_progress and rank == 0)
-    with ShardWriter(store) as writer:
+    with ShardWriter(store, writers=config.writers) as writer:
         shards = shard_prompts(task, loaded, plan, store, pending, limit, workers)
         for shard, items, prompts, collated in collate_ahead(runner, shards):
             outputs = runner.run_sorted(prompts, collated)

@@ -214,14 +214,19 @@ def test_validate_fingerprint_and_incomplete(tmp_path):
         store.write_shard(0, [SampleRecord(torch.zeros(2, L, D), [1, 2], [], 0)] * 4)
 
 
-def test_shard_writer_surfaces_thread_exception(tmp_path):
+@pytest.mark.parametrize("writers", [1, 3])
+def test_shard_writer_surfaces_thread_exception(tmp_path, writers):
     store = create_store(tmp_path / "t.zarr", LAYOUT, ATTRS)
-    with ShardWriter(store) as writer:
+    with ShardWriter(store, writers=writers) as writer:
         for s in (0, 1, 2):
             writer.submit(s, shard_records(store, s))
     store.validate()
+    for i in range(N):  # every sample where it belongs, whichever thread wrote its shard
+        want = make_record(i)
+        got = store.read(i)
+        assert torch.equal(got.hs, want.hs) and list(got.token_ids) == list(want.token_ids)
     store2 = create_store(tmp_path / "u.zarr", LAYOUT, ATTRS)
-    writer = ShardWriter(store2, depth=1)
+    writer = ShardWriter(store2, depth=1, writers=writers)
     writer.submit(0, shard_records(store2, 1)[:2])  # wrong count: fails in the thread
     with pytest.raises(ValueError, match="expected 4 records"):
         for _ in range(20):  # must surface on a later submit (or at the latest close), never hang
