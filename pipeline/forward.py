@@ -75,7 +75,8 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def pin_batch(batch: dict, pin: bool) -> dict:
-    """The collated batch with its tensors in page-locked memory when ``pin`` (CUDA), unchanged otherwise.
+    """The collated batch with its tensors in page-locked memory when ``pin`` (CUDA), unchanged otherwise
+    (tensors already page-locked, as ``collate(..., pin=True)`` builds the images, are kept as they are).
 
     Pinned, ``to_device`` copies asynchronously; from pageable memory the host-to-device copy took
     1.2 s of a 24 s Idefics2 run on the critical path (docs/benchmarks.md B1). Pixels stay float32
@@ -109,8 +110,8 @@ class TeacherRunner:
         self.capture = StateCapture(loaded.model, layer_target)
         self.pin = loaded.device.type == "cuda"
 
-    def collate(self, prompts: list[Any]) -> dict:
-        return self.loaded.family.collate([p.encoded for p in prompts], self.loaded.processor, "right")
+    def collate(self, prompts: list[Any], pin: bool = False) -> dict:
+        return self.loaded.family.collate([p.encoded for p in prompts], self.loaded.processor, "right", pin=pin)
 
     def collate_sorted(self, prompts: list[Any]) -> tuple[int, list[tuple[list[int], dict]]]:
         """(batch size, [(prompt indices, CPU batch)]): ``run_sorted``'s batches, collated ahead of time
@@ -118,7 +119,7 @@ class TeacherRunner:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].encoded))
         size = self.batch_size
         chunks = [order[i : i + size] for i in range(0, len(order), size)]
-        return size, [(c, pin_batch(self.collate([prompts[j] for j in c]), self.pin)) for c in chunks]
+        return size, [(c, pin_batch(self.collate([prompts[j] for j in c], self.pin), self.pin)) for c in chunks]
 
     @torch.inference_mode()
     def forward(self, prompts: list[Any], to_cpu: bool = True, batch: dict | None = None) -> list[tuple[torch.Tensor, Any, Any]]:

@@ -540,7 +540,7 @@ class TeacherStore:
 
     def _pack(self, s: int, records: Sequence[SampleRecord]) -> dict[str, np.ndarray]:
         lay, n = self.layout, len(records)
-        out = {HS: np.zeros((n, lay.t_max, lay.n_layers, lay.hidden), np.uint16),
+        out = {HS: self._buffer(HS, (n, lay.t_max, lay.n_layers, lay.hidden), np.uint16, 0),
                LENGTHS: np.zeros(n, np.int32), TOKEN_IDS: np.full((n, lay.t_max), -1, np.int32),
                ICD_IDS: np.full((n, lay.shots), -1, np.int32), QUERY_IDS: np.zeros(n, np.int32)}
         if lay.topk is not None:
@@ -555,6 +555,18 @@ class TeacherStore:
                 out[TOPK_VALUES][j, :t] = r.topk_values.detach().float().cpu().numpy()
                 out[TOPK_INDICES][j, :t] = r.topk_indices.detach().cpu().numpy()
         return out
+
+    def _buffer(self, name: str, shape: tuple, dtype: Any, fill: int) -> np.ndarray:
+        """A packing buffer of this thread, reused shard after shard (filled with ``fill``): a fresh one
+        per shard (344 MB for 16 Idefics2 samples) is page-faulted in anew each time, which on the
+        benchmark VM also stalls the other threads' page faults. Zarr has encoded it when the write
+        returns, so the next shard of the same thread may overwrite it."""
+        cached = getattr(_PACKING, name, None)
+        if cached is None or cached.shape != shape or cached.dtype != dtype:
+            cached = np.empty(shape, dtype)
+            setattr(_PACKING, name, cached)
+        cached.fill(fill)
+        return cached
 
     def _check_record(self, s: int, j: int, r: SampleRecord, n_tokens: int) -> int:
         lay, t = self.layout, r.hs.shape[0] if r.hs.ndim == 3 else -1
@@ -742,11 +754,14 @@ class TeacherStore:
         return orphans
 
 
+_PACKING = threading.local()  # TeacherStore._buffer's buffers, one set per writing thread
+
+
 def default_writers() -> int:
-    """Writer threads: a quarter of the CPU cores, 1 to 4. One thread compresses ~360 MiB/s (blosc zstd
-    level 1, which runs without the GIL), less than an 8B model's teacher produces on an H100/H200
-    (~420 MB/s, docs/benchmarks.md); the other cores build prompts and collate."""
-    return max(1, min(4, (os.cpu_count() or 1) // 4))
+    """Writer threads: 2 from 8 CPU cores on, else 1. One thread compresses ~360 MiB/s (blosc zstd level
+    1, which runs without the GIL), less than an 8B model's teacher produces on an H100/H200 (~420 MB/s,
+    docs/benchmarks.md); the other cores build prompts and collate (4 writers were slower there)."""
+    return max(1, min(2, (os.cpu_count() or 1) // 4))
 
 
 class ShardWriter:

@@ -256,3 +256,18 @@ def test_round_separator_tokens():
     with pytest.raises(ValueError, match="end_of_utterance"):
         fam.check_processor(build_tokenizer(["<image>", "<fake_token_around_image>"]))
     assert dataclasses.replace(fam, required_tokens=()).check_processor(build_tokenizer()) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_pinned_collate_is_the_same_batch(tiny_family, synthetic_image):
+    """collate(pin=True) (teacher-cache on CUDA) builds the images in page-locked memory: same tensors."""
+    tf = tiny_family
+    if tf.family.image_token is None:
+        pytest.skip("text-only family")
+    encs = _encodings(tf, synthetic_image, True)
+    plain = tf.family.collate(encs, tf.processor, "right")
+    pinned = tf.family.collate(encs, tf.processor, "right", pin=True)
+    assert plain.keys() == pinned.keys()
+    for key, value in plain.items():
+        assert torch.equal(pinned[key], value) and pinned[key].dtype == value.dtype, key
+    assert pinned["pixel_values"].is_pinned() and not plain["pixel_values"].is_pinned()

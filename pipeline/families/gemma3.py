@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .base import Encoded, Family, process_one
+from .base import Encoded, Family, host_stack, process_one
 
 BOI = "<start_of_image>"
 SOFT_TOKEN = "<image_soft_token>"
@@ -33,14 +33,14 @@ def encode_image(family: Family, processor: Any, text: str, image: Any) -> Encod
 
 
 def collate_images(
-    family: Family, processor: Any, batch: Sequence[Encoded], text: dict[str, torch.Tensor]
+    family: Family, processor: Any, batch: Sequence[Encoded], text: dict[str, torch.Tensor], pin: bool = False
 ) -> dict[str, torch.Tensor]:
     """pixel_values (N, C, H, W) and token_type_ids (B, T): 1 on real ``<image_soft_token>`` positions."""
     images = [image for enc in batch for image in enc.images]
     soft_id = processor.tokenizer.convert_tokens_to_ids(SOFT_TOKEN)
     is_image = (text["input_ids"] == soft_id) & text["attention_mask"].bool()
     return {
-        "pixel_values": torch.stack([image["pixel_values"] for image in images]),
+        "pixel_values": host_stack([image["pixel_values"] for image in images], pin),
         "token_type_ids": is_image.to(torch.long),
     }
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .base import Encoded, Family, real_positions, tokenizer_of
+from .base import Encoded, Family, host_zeros, real_positions, tokenizer_of
 
 FAKE = "<fake_token_around_image>"
 IMAGE = "<image>"
@@ -49,14 +49,14 @@ def image_attention_indices(input_ids: Sequence[int], image_token_id: int, eos_t
 
 
 def collate_images(
-    family: Family, processor: Any, batch: Sequence[Encoded], text: dict[str, torch.Tensor]
+    family: Family, processor: Any, batch: Sequence[Encoded], text: dict[str, torch.Tensor], pin: bool = False
 ) -> dict[str, torch.Tensor]:
     """pixel_values (B, N_max, C, H, W) zero-padded (N_max >= 1) and image_attention_mask (B, T, N_max)."""
     tok = tokenizer_of(processor)
     image_id = tok.convert_tokens_to_ids(IMAGE)
     n_max = max(1, max(len(e.images) for e in batch))
     c, h, w = _image_dims(processor, batch)
-    pixel_values = torch.zeros(len(batch), n_max, c, h, w)
+    pixel_values = host_zeros((len(batch), n_max, c, h, w), torch.float32, pin)
     mask = torch.zeros(len(batch), text["input_ids"].shape[1], n_max, dtype=torch.long)
     for i, (enc, cols) in enumerate(zip(batch, real_positions(text["attention_mask"]), strict=True)):
         for j, image in enumerate(enc.images):

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .base import Encoded, Family, process_one
+from .base import Encoded, Family, host_zeros, process_one
 
 END_OF_UTTERANCE = "<end_of_utterance>"
 
@@ -28,7 +28,7 @@ def encode_crops(family: Family, processor: Any, text: str, image: Any) -> Encod
 
 
 def collate_crops(
-    family: Family, processor: Any, batch: Sequence[Encoded], text: dict[str, torch.Tensor]
+    family: Family, processor: Any, batch: Sequence[Encoded], text: dict[str, torch.Tensor], pin: bool = False
 ) -> dict[str, torch.Tensor]:
     """Crops of each sample in order, padded bottom-right to the largest crop and with zero crops."""
     crops = [image["pixel_values"] for enc in batch for image in enc.images]
@@ -36,8 +36,8 @@ def collate_crops(
     height = max(c.shape[-2] for c in crops)
     width = max(c.shape[-1] for c in crops)
     n_max = max(sum(image["pixel_values"].shape[0] for image in enc.images) for enc in batch)
-    pixel_values = torch.zeros(len(batch), n_max, channels, height, width, dtype=crops[0].dtype)
-    mask = torch.zeros(len(batch), n_max, height, width, dtype=torch.long)
+    pixel_values = host_zeros((len(batch), n_max, channels, height, width), crops[0].dtype, pin)
+    mask = host_zeros((len(batch), n_max, height, width), torch.long, pin)
     for i, enc in enumerate(batch):
         start = 0
         for image in enc.images:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .base import Encoded, Family, process_one
+from .base import Encoded, Family, host_cat, process_one
 
 IMG_CONTEXT = "<IMG_CONTEXT>"
 
@@ -28,10 +28,10 @@ def encode_image(family: Family, processor: Any, text: str, image: Any) -> Encod
 
 
 def collate_images(
-    family: Family, processor: Any, batch: Sequence[Encoded], text: dict[str, torch.Tensor]
+    family: Family, processor: Any, batch: Sequence[Encoded], text: dict[str, torch.Tensor], pin: bool = False
 ) -> dict[str, torch.Tensor]:
     """The tiles of every image of every sample, in order: (sum of tiles, C, H, W)."""
-    return {"pixel_values": torch.cat([image["pixel_values"] for enc in batch for image in enc.images])}
+    return {"pixel_values": host_cat([image["pixel_values"] for enc in batch for image in enc.images], pin)}
 
 
 INTERNVL = Family(

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .base import Encoded, Family, process_one
+from .base import Encoded, Family, host_stack, host_zeros, process_one
 
 
 def encode_image(family: Family, processor: Any, text: str, image: Any) -> Encoded:
@@ -30,15 +30,15 @@ def encode_image(family: Family, processor: Any, text: str, image: Any) -> Encod
 
 
 def collate_images(
-    family: Family, processor: Any, batch: Sequence[Encoded], text: dict[str, torch.Tensor]
+    family: Family, processor: Any, batch: Sequence[Encoded], text: dict[str, torch.Tensor], pin: bool = False
 ) -> dict[str, torch.Tensor]:
     """Images of all samples in order: (N, C, H, W), or (N, P_max, C, H, W) + image_sizes (N, 2)."""
     images = [image for enc in batch for image in enc.images]
     if "image_sizes" not in images[0]:
-        return {"pixel_values": torch.stack([image["pixel_values"] for image in images])}
+        return {"pixel_values": host_stack([image["pixel_values"] for image in images], pin)}
     tiles = [image["pixel_values"] for image in images]
     p_max = max(t.shape[0] for t in tiles)
-    pixel_values = torch.zeros(len(tiles), p_max, *tiles[0].shape[1:], dtype=tiles[0].dtype)
+    pixel_values = host_zeros((len(tiles), p_max, *tiles[0].shape[1:]), tiles[0].dtype, pin)
     for i, t in enumerate(tiles):
         pixel_values[i, : t.shape[0]] = t
     return {"pixel_values": pixel_values, "image_sizes": torch.stack([image["image_sizes"] for image in images])}

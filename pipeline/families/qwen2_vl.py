@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .base import Encoded, Family, process_one
+from .base import Encoded, Family, host_cat, process_one
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -28,12 +28,12 @@ def encode_image(family: Family, processor: Any, text: str, image: Any) -> Encod
 
 
 def collate_images(
-    family: Family, processor: Any, batch: Sequence[Encoded], text: dict[str, torch.Tensor]
+    family: Family, processor: Any, batch: Sequence[Encoded], text: dict[str, torch.Tensor], pin: bool = False
 ) -> dict[str, torch.Tensor]:
     """pixel_values (sum P, D), image_grid_thw (N, 3) and, where the processor emits it, mm_token_type_ids."""
     images = [image for enc in batch for image in enc.images]
     out = {
-        "pixel_values": torch.cat([image["pixel_values"] for image in images]),
+        "pixel_values": host_cat([image["pixel_values"] for image in images], pin),
         "image_grid_thw": torch.stack([image["image_grid_thw"] for image in images]),
     }
     if getattr(processor, "return_mm_token_type_ids", False):
