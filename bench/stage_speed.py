@@ -181,7 +181,14 @@ def stage1(report: Report, loaded, alias: str, shots: int, n: int, batch: int, w
     cold = teacher_cache_run(loaded, alias, shots, n, batch, workers, work / "stage1-cold.zarr", writers)
     cold.pop("prompts")
     run = teacher_cache_run(loaded, alias, shots, n, batch, workers, work / "stage1.zarr", writers)
-    batches = stock_batches(loaded, run.pop("prompts"), batch)
+    shard_prompts = run.pop("prompts")
+    if torch.cuda.is_available():  # teacher-cache collates into page-locked memory: the same tensors?
+        chunk = [p.encoded for p in shard_prompts[0][:batch]]
+        plain = loaded.family.collate(chunk, loaded.processor, "right")
+        pinned = loaded.family.collate(chunk, loaded.processor, "right", pin=True)
+        report.extra["pinned collate equals pageable"] = all(torch.equal(plain[k], pinned[k]) for k in plain)
+        report.extra["pinned collate is pinned"] = bool(pinned["pixel_values"].is_pinned())
+    batches = stock_batches(loaded, shard_prompts, batch)
     tokens = sum(b[1] for b in batches)
     images = sum(b[2] for b in batches)
     set_attention(loaded.model, "sdpa")
