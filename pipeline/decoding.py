@@ -32,13 +32,18 @@ import torch
 
 from pipeline.settings import COMPILE_CHOICES
 
+AUTO_COMPILE_QUERIES = 1000
+"""evaluate --compile auto compiles from this many queries per mode on. On the H200 (Idefics2-8B shape,
+3 beams, docs/benchmarks.md) a compiled decode saves ~0.2 s per query at batch 1 and compiling takes about
+a minute per mode and shape: a loss on the default 200 queries, a clear gain on VQAv2's 10,000."""
 
-def wants_compile(choice: str, device: torch.device) -> bool:
-    """``--compile``: auto compiles decoding on CUDA only (the CPU gains little and compiles for minutes on
-    a large model); on compiles on any device; off never."""
+
+def wants_compile(choice: str, device: torch.device, amount: int | None = None, at_least: int = 0) -> bool:
+    """``--compile``: on compiles on any device, off never, auto on CUDA only (the CPU gains little and
+    compiles for minutes on a large model) and only when ``amount`` (queries, steps) reaches ``at_least``."""
     if choice not in COMPILE_CHOICES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, not {choice!r}")
-    return choice == "on" or (choice == "auto" and device.type == "cuda")
+    return choice == "on" or (choice == "auto" and device.type == "cuda" and (amount is None or amount >= at_least))
 
 
 def _reorder_in_place(layer: Any, beam_idx: torch.Tensor) -> None:

@@ -42,9 +42,9 @@ FIT_FILE = "fit.json"
 VERSIONS_KEY = "versions"
 SCHEMA_KEY = "run_schema_version"
 RESUMABLE_KEYS = ("max_steps", "num_workers", "checkpoint_every", "overwrite", "force", "device", "runs_dir", "name",
-                  "report_to")
+                  "report_to", "compile")
 """Options that may change between a run and its resumption (the rest must match the checkpoint's); an
-experiment tracker only watches."""
+experiment tracker only watches, compiling computes the same values."""
 
 
 CHECKPOINT_DIR = "checkpoint"

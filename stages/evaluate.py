@@ -30,7 +30,7 @@ from pipeline.adapters import (
     read_adapter_tensors,
 )
 from pipeline.config import ConfigError, UserError
-from pipeline.decoding import CompiledDecoding, wants_compile
+from pipeline.decoding import AUTO_COMPILE_QUERIES, CompiledDecoding, wants_compile
 from pipeline.locks import dir_lock
 from pipeline.metrics import JavaNotFoundError, score
 from pipeline.provenance import resolve
@@ -279,7 +279,8 @@ def run(config: EvalConfig, loaded: Loaded | None = None, show_progress: bool = 
                                     trust_remote_code=config.trust_remote_code)
         check_task_fits_model(task, loaded)
         check_runs_fit(runs, loaded, shots)
-        if loaded.decoding is None and wants_compile(config.compile, loaded.device):
+        if loaded.decoding is None and wants_compile(config.compile, loaded.device, len(examples),
+                                                     AUTO_COMPILE_QUERIES):
             loaded.decoding = CompiledDecoding(loaded.model)
         evaluation = Evaluation(config, task, loaded, examples, shots, show_progress, folder)
         evaluation.chair = chair

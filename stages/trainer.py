@@ -7,13 +7,15 @@ mixed precision, the mean of the ranks' gradients, gradient clipping and the exp
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +26,17 @@ from transformers import get_cosine_schedule_with_warmup
 
 from pipeline.capture import StateCapture
 from pipeline.config import UserError
+from pipeline.decoding import _compiler_error, wants_compile
 from pipeline.forward import TeacherRunner, forward_states, pad_states
 from pipeline.losses import align_l2sum, align_mse, answer_ce, gather_positions, kl_topk
 from pipeline.methods import get_method
 from pipeline.rundir import Checkpoint, RunDir
 from pipeline.runtime import Loaded, Progress, make_accelerator
 from stages.training import Item, StudentData, collate_items, steps_per_epoch
+
+AUTO_COMPILE_STEPS = 2500
+"""train-student --compile auto compiles from this many optimiser steps on: compiling the student's forward and
+backward took ~2 min on the H200 and saves ~84 ms per step (bench/model_overhead.py, docs/benchmarks.md)."""
 
 TRACKED = ("loss", "align", "gt", "lr", "grad_norm", "samples_per_s")
 """The values of a step's log row that ``--report-to`` sends to the tracker, as ``train/<key>``."""
@@ -75,6 +82,12 @@ class Trainer:
         total = self.steps_per_epoch * epochs
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
         self.stats = {"samples": 0, "data_s": 0.0, "compute_s": 0.0, "final_loss": float("nan"), "steps": 0}
+        # --compile: the student's forward through torch.compile (``compiled_forward``); off for the rest of
+        # the run after a compiler failure
+        self.compile = wants_compile(config.compile, loaded.device, self.total_steps, AUTO_COMPILE_STEPS)
+        self.compiled_calls = 0  # forwards that went through the compiled function
+        self._compiled: Callable | None = None
+        self._checked = False  # a student forward ran eagerly (see ``compiled_forward``)
 
     @staticmethod
     def make_accelerator(config: Any, loaded: Loaded, run_dir: Path) -> Any:
@@ -137,11 +150,52 @@ class Trainer:
             return self.accelerator.autocast()
         return torch.autocast(self.loaded.device.type, dtype=torch.bfloat16)  # fp16 off the GPU is refused above
 
+    @contextlib.contextmanager
+    def compiled_forward(self) -> Iterator[None]:
+        """``model.forward`` through ``torch.compile`` while the block runs (``--compile``), else unchanged.
+
+        Why: on a GPU each eager op costs 20-50 us of host time and MimIC adds ~30 small ops per layer, so an
+        eager student step is host-bound; compiled, they fuse (Idefics2-8B shape, H200, B8/T82: MimIC
+        forward+backward 181 ms eager, 97 ms compiled; bench/model_overhead.py). Default mode (no CUDA graphs: every step's activations are kept for the backward) and
+        automatic dynamic shapes: the first padded length compiles a static graph, the next a dynamic one
+        that serves every later length. Only the student's forward: the teacher's (``--online``) runs
+        under inference mode with the student switched off, eagerly. The first student forward is eager
+        too: the student's one-time check that every layer called its attention function is a hook that
+        removes itself, which dynamo cannot trace (it would run the model's forward uncompiled from then on)."""
+        if not (self.compile and self._checked):
+            yield
+            self._checked = True
+            return
+        model = self.loaded.model
+        eager = model.forward
+        if self._compiled is None:
+            import torch._dynamo
+
+            # graph breaks (a VLM's vision tower selects its real images by value) make several frames
+            # of transformers' shared decorators, each static then dynamic: more than the default 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._compiled = torch.compile(eager)
+
+        def compiled(*args: Any, **kwargs: Any) -> Any:
+            self.compiled_calls += 1
+            return self._compiled(*args, **kwargs)
+
+        own = model.__dict__.get("forward")  # an instance forward (accelerate's hooks) is put back as it was
+        model.forward = functools.wraps(eager)(compiled)  # callers that read the signature see the model's
+        try:
+            yield
+        finally:
+            if own is None:
+                del model.forward
+            else:
+                model.forward = own
+
     def student_loss(self, prompts: list, hs: list[torch.Tensor], topk: list | None) -> tuple[torch.Tensor, dict]:
         dev = self.loaded.device
         lengths = [len(p.encoded) for p in prompts]
         starts = [p.span_start for p in prompts]
-        run = forward_states(self.loaded, self.capture, prompts)
+        with self.compiled_forward():
+            run = forward_states(self.loaded, self.capture, prompts)
         out, batch, states, pos, mask = run.output, run.batch, run.states, run.positions, run.mask
         width = pos.shape[1]
         tmask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
@@ -327,6 +381,30 @@ class Trainer:
 
     def step(self, group: list[list[Item]], epoch: int, opt: Any, sched: Any, params: list) -> dict:
         """One optimiser step over the micro-batches of ``group`` (already loaded)."""
+        stats = dict(self.stats)
+        try:
+            totals = self.accumulate(group, epoch, opt)
+        except Exception as err:  # a compiler failure must not lose a step: eager computes the same
+            if not (self.compile and _compiler_error(err)):
+                raise
+            self.compile = False
+            reason = (str(err).splitlines() or [""])[0][:200]
+            warnings.warn(f"compiled training forward failed ({type(err).__name__}: {reason}); training eagerly "
+                          "from now on (--compile off skips the attempt)", stacklevel=2)
+            self.stats = stats  # the step again from the start: no gradient or count of the failed attempt
+            totals = self.accumulate(group, epoch, opt)
+        self.sync_grads(params)
+        totals = self.mean_over_ranks(totals)
+        grad_norm = self.accelerator.clip_grad_norm_(params, self.config.grad_clip)
+        opt.step()
+        lr = sched.get_last_lr()[0]
+        if not opt.step_was_skipped:  # fp16: an overflowing step changes nothing, the schedule included
+            sched.step()
+        return {**totals, "lr": lr, "grad_norm": float(grad_norm)}
+
+    def accumulate(self, group: list[list[Item]], epoch: int, opt: Any) -> dict[str, float]:
+        """Zeroed gradients, then forward and backward of every micro-batch of ``group``; the mean loss parts.
+        A compiler error may come from the backward too (its graph compiles at the first backward)."""
         opt.zero_grad(set_to_none=True)
         totals: dict[str, float] = {"loss": 0.0}
         n_micro = len(group)  # an epoch's last step may have fewer than --grad-accum: divided here, not by accelerate
@@ -339,14 +417,7 @@ class Trainer:
             totals["loss"] += float(loss.detach()) / n_micro
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v / n_micro
-        self.sync_grads(params)
-        totals = self.mean_over_ranks(totals)
-        grad_norm = self.accelerator.clip_grad_norm_(params, self.config.grad_clip)
-        opt.step()
-        lr = sched.get_last_lr()[0]
-        if not opt.step_was_skipped:  # fp16: an overflowing step changes nothing, the schedule included
-            sched.step()
-        return {**totals, "lr": lr, "grad_norm": float(grad_norm)}
+        return totals
 
     def summary(self) -> dict:
         s = self.stats
@@ -356,4 +427,5 @@ class Trainer:
                 "data_s": s["data_s"], "compute_s": s["compute_s"], "elapsed_s": elapsed, "align": self.align,
                 "epochs": self.epochs, "steps_per_epoch": self.steps_per_epoch,
                 "epochs_from": s.get("epochs_from", "--epochs"), "processes": self.world,
-                "samples_per_rank": s.get("samples_per_rank"), "mixed_precision": self.config.mixed_precision}
+                "samples_per_rank": s.get("samples_per_rank"), "mixed_precision": self.config.mixed_precision,
+                "compiled": self.compiled_calls > 0 and self.compile}

@@ -135,5 +135,7 @@ def test_wants_compile():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert [wants_compile(c, cpu) for c in ("auto", "on", "off")] == [False, True, False]
     assert [wants_compile(c, cuda) for c in ("auto", "on", "off")] == [True, True, False]
+    assert wants_compile("auto", cuda, 999, 1000) is False and wants_compile("auto", cuda, 1000, 1000) is True
+    assert wants_compile("on", cpu, 1, 1000) is True  # on: whatever the amount
     with pytest.raises(ValueError, match="one of auto, on, off"):
         wants_compile("yes", cpu)
