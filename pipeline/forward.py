@@ -8,6 +8,7 @@ analysis for zero-shot and student states. Also the host <-> device moves they s
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -85,6 +86,19 @@ def pin_batch(batch: dict, pin: bool) -> dict:
     if not pin:
         return batch
     return {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def cast_images(prompt: Any, dtype: torch.dtype) -> Any:
+    """``prompt`` with its floating image tensors in ``dtype`` when that is a 16-bit model dtype, else as it is.
+
+    The same values ``to_device`` gives (a float32 -> bfloat16/float16 cast rounds to nearest even on the CPU
+    as on the GPU), made on the host: teacher-cache's prompt workers send half the bytes to the main process,
+    which then collates, pins and copies half as much (docs/benchmarks.md, third round)."""
+    if dtype not in (torch.bfloat16, torch.float16) or not prompt.encoded.images:
+        return prompt
+    images = [{k: v.to(dtype) if torch.is_tensor(v) and v.dtype == torch.float32 else v for k, v in image.items()}
+              for image in prompt.encoded.images]
+    return dataclasses.replace(prompt, encoded=dataclasses.replace(prompt.encoded, images=images))
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:

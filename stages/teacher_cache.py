@@ -20,7 +20,7 @@ import torch
 
 from pipeline.config import UserError
 from pipeline.families import Encoded
-from pipeline.forward import TeacherRunner
+from pipeline.forward import TeacherRunner, cast_images, model_dtype
 from pipeline.locks import held_on_rank0, store_lock
 from pipeline.prompts import DemoCache, Prompt, build_prompt, check_alignment
 from pipeline.provenance import default_shots
@@ -232,12 +232,14 @@ class TeacherPromptData(torch.utils.data.Dataset):
     def __init__(self, task: Any, loaded: Loaded, plan: list[Planned], limit: int | None):
         self.task, self.loaded, self.plan, self.limit = task, loaded, plan, limit
         self.demo_cache = DemoCache()
+        self.dtype = model_dtype(loaded.model)
 
     def __len__(self) -> int:
         return len(self.plan)
 
     def __getitem__(self, i: int) -> Any:
-        return teacher_prompts(self.task, self.loaded, [self.plan[i]], self.limit, self.demo_cache)[0]
+        prompt = teacher_prompts(self.task, self.loaded, [self.plan[i]], self.limit, self.demo_cache)[0]
+        return cast_images(prompt, self.dtype)  # pixels cross to the main process in the model's dtype
 
 
 def _keep(item: Any) -> Any:

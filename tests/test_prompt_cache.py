@@ -231,3 +231,35 @@ def test_pinning_is_a_no_op_on_cpu_and_pins_when_asked():
     for key, value in batch.items():
         if torch.is_tensor(value):
             assert pinned[key].is_pinned() and torch.equal(pinned[key], value) and pinned[key].dtype == value.dtype
+
+
+def test_images_cast_in_the_workers_give_the_batch_the_device_gets(monkeypatch):
+    """TeacherPromptData casts pixels to the model's 16-bit dtype on the host: after collation and the move
+    to the device, bit for bit what the float32 prompts give (to_device's cast), so the store is unchanged."""
+    from pipeline.forward import cast_images
+
+    fam = tiny("idefics2")
+    loaded = wrap_model(fam.model, fam.processor, "tiny-idefics2")
+    task = load_task("shapes_vqa")
+    plan = plan_queries(task, loaded, shots=2, n_queries=3, seed=0)
+    prompts = teacher_prompts(task, loaded, plan, None)
+    assert prompts[0].encoded.images[0]["pixel_values"].dtype == torch.float32
+    assert cast_images(prompts[0], torch.float32) is prompts[0]  # a float32 model: nothing to do
+    cast = [cast_images(p, torch.bfloat16) for p in prompts]
+    assert cast[0].encoded.images[0]["pixel_values"].dtype == torch.bfloat16
+    assert prompts[0].encoded.images[0]["pixel_values"].dtype == torch.float32  # the original is untouched
+    want = to_device(loaded.family.collate([p.encoded for p in prompts], fam.processor), torch.device("cpu"),
+                     torch.bfloat16)
+    got = to_device(loaded.family.collate([p.encoded for p in cast], fam.processor), torch.device("cpu"),
+                    torch.bfloat16)
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]) and got[key].dtype == want[key].dtype, key
+    # the data the workers hand over: a bf16 model's TeacherPromptData casts (the shared tiny model is not
+    # converted: a round trip through bf16 would change it for later tests)
+    import stages.teacher_cache as tc
+
+    monkeypatch.setattr(tc, "model_dtype", lambda model: torch.bfloat16)
+    item = TeacherPromptData(task, loaded, plan, None)[0]
+    assert item.encoded.images[0]["pixel_values"].dtype == torch.bfloat16
+    assert item.encoded.images[0]["pixel_attention_mask"].dtype == torch.bool
