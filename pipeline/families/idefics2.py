@@ -41,6 +41,12 @@ def collate_crops(
     pixel_values = host_zeros((len(batch), n_max, channels, height, width), crops[0].dtype, pin)
     mask = host_zeros((len(batch), n_max, height, width), torch.bool, pin)
     for i, enc in enumerate(batch):
+        pixels = [image["pixel_values"] for image in enc.images]
+        if pixels and all(p.shape[-2:] == (height, width) for p in pixels):  # one copy per sample, not per crop
+            n = sum(p.shape[0] for p in pixels)
+            torch.cat(pixels, out=pixel_values[i, :n])
+            torch.cat([image["pixel_attention_mask"] for image in enc.images], out=mask[i, :n])
+            continue
         start = 0
         for image in enc.images:
             pix, pmask = image["pixel_values"], image["pixel_attention_mask"]
