@@ -69,8 +69,8 @@ class TeacherCacheConfig(RuntimeOptions):
     data_root: str | None = opt(None, "Root of the official data files (or env MIMIC_DATA).")
     num_workers: int | None = opt(None, "Processes preparing prompts and images while the GPU works; "
                                        "default 4 on CUDA, 0 (in the main process) on CPU.", at_least=0)
-    writers: int | None = opt(None, "Threads compressing and writing shards while the GPU works; default 2 from 8 "
-                                    "CPU cores on, else 1 (one compresses ~360 MiB/s).", at_least=1)
+    writers: int | None = opt(None, "Threads compressing and writing shards while the GPU works; default 1 (one "
+                                    "compresses ~360 MiB/s; more help once the GPU outruns it).", at_least=1)
     overwrite: bool = opt(False, "Replace an existing store made with a different configuration.")
 
 

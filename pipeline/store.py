@@ -31,7 +31,6 @@ import errno
 import hashlib
 import json
 import math
-import os
 import posixpath
 import queue
 import shutil
@@ -758,10 +757,12 @@ _PACKING = threading.local()  # TeacherStore._buffer's buffers, one set per writ
 
 
 def default_writers() -> int:
-    """Writer threads: 2 from 8 CPU cores on, else 1. One thread compresses ~360 MiB/s (blosc zstd level
-    1, which runs without the GIL), less than an 8B model's teacher produces on an H100/H200 (~420 MB/s,
-    docs/benchmarks.md); the other cores build prompts and collate (4 writers were slower there)."""
-    return max(1, min(2, (os.cpu_count() or 1) // 4))
+    """Writer threads by default: 1. One thread compresses ~360 MiB/s (blosc zstd level 1, without the GIL),
+    about what an 8B model's teacher produces at stock-forward speed on an H200 (~420 MB/s); but on the
+    H200 host 2 and 4 writers made the first teacher-cache of a process slower (6.9-7.3 against 9.2
+    samples/s: its forwards took 11.6-12.8 s instead of 7.5) while stage 1 is bound by its collate thread
+    anyway (docs/benchmarks.md, third round). ``--writers`` raises it."""
+    return 1
 
 
 class ShardWriter:

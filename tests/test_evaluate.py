@@ -351,3 +351,22 @@ def test_report_to_a_missing_tracker_package_is_refused_before_the_model(trained
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     with pytest.raises(UserError, match="pip install wandb"):
         evaluate.run(eval_config(root, report_to="wandb"), loaded=None, show_progress=False)
+
+
+def test_compiled_decoding_gives_the_same_results(evaluated, tmp_path):
+    """evaluate --compile on (a static cache and a compiled decode step, pipeline.decoding): every mode's
+    generations equal the eager run's; the result says how it decoded; auto stays eager on the CPU."""
+    root, run_dir, _, out = evaluated
+    loaded = fresh_loaded()
+    compiled = evaluate.run(eval_config(root, runs=(str(run_dir),), results_dir=str(tmp_path / "c"), compile="on",
+                                        l2=False), loaded=loaded, show_progress=False)
+    assert loaded.decoding is not None and loaded.decoding.enabled and loaded.decoding.steps["compiled"] > 0
+    for name, result in compiled["results"].items():
+        want = out["results"][name]
+        assert [r["generation"] for r in result["records"]] == [r["generation"] for r in want["records"]], name
+        assert result["score"] == want["score"]
+        assert result["generation"]["decoding"] == "compiled" and want["generation"]["decoding"] == "eager"
+    auto = fresh_loaded()
+    evaluate.run(eval_config(root, modes=("zero-shot",), results_dir=str(tmp_path / "a"), l2=False), loaded=auto,
+                 show_progress=False)
+    assert auto.decoding is None  # --compile auto: CUDA only
