@@ -82,15 +82,19 @@ def test_compiled_decoding_matches_eager(llama, student):
             handle.detach()
 
 
+def broken_compile(error: Exception):
+    """A ``torch.compile`` whose compiled function raises ``error`` when called."""
+    def compile_(fn, **_):
+        def run(*a, **k):
+            raise error
+        return run
+    return compile_
+
+
 def test_compiler_failure_falls_back_to_eager(llama, monkeypatch):
     from torch._dynamo.exc import TorchRuntimeError
 
-    def broken(fn, **_):
-        def run(*a, **k):
-            raise TorchRuntimeError("inductor could not compile")
-        return run
-
-    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(torch, "compile", broken_compile(TorchRuntimeError("inductor could not compile")))
     dec = CompiledDecoding(llama)
     want = eager(llama, batch(), 3)
     with pytest.warns(UserWarning, match="compiled decoding failed .*generating eagerly"):
@@ -105,12 +109,7 @@ def test_compiler_failure_falls_back_to_eager(llama, monkeypatch):
 
 
 def test_other_errors_are_not_swallowed(llama, monkeypatch):
-    def broken(fn, **_):
-        def run(*a, **k):
-            raise ValueError("a bug, not a compiler failure")
-        return run
-
-    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(torch, "compile", broken_compile(ValueError("a bug, not a compiler failure")))
     with pytest.raises(ValueError, match="a bug"), torch.no_grad():
         CompiledDecoding(llama).generate(batch(), NEW, 1, **OPTIONS)
     assert "forward" not in llama.__dict__

@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import tiny
 from safetensors.torch import load_file
+from test_decoding import broken_compile
 from test_train_student import make_store, train_cfg
 
 from pipeline.runtime import wrap_model
@@ -92,15 +93,6 @@ def test_compiled_step_matches_eager(trained_setup):
     assert counters["stats"]["unique_graphs"] == graphs
     if trainer.loaded.model.config.model_type == "llama":  # one graph of the whole forward, no graph breaks
         assert graphs == 2 and not counters["graph_break"], dict(counters["graph_break"])
-
-
-def broken_compile(error):
-    def compile_(fn, **_):
-        def run(*a, **k):
-            raise error
-        return run
-
-    return compile_
 
 
 def test_compiler_failure_redoes_the_step_eagerly(tmp_path, monkeypatch):
