@@ -130,10 +130,13 @@ class TeacherRunner:
     def collate_sorted(self, prompts: list[Any]) -> tuple[int, list[tuple[list[int], dict]]]:
         """(batch size, [(prompt indices, CPU batch)]): ``run_sorted``'s batches, collated ahead of time
         (and page-locked on CUDA, so their host-to-device copies are asynchronous)."""
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].encoded))
-        size = self.batch_size
-        chunks = [order[i : i + size] for i in range(0, len(order), size)]
-        return size, [(c, pin_batch(self.collate([prompts[j] for j in c], self.pin), self.pin)) for c in chunks]
+        return self.pin_sorted(sorted_batches(self.loaded, prompts, self.batch_size, self.pin))
+
+    def pin_sorted(self, collated: tuple[int, list[tuple[list[int], dict]]]) -> tuple[int, list]:
+        """``collate_sorted``'s result with every batch page-locked on CUDA (batches collated elsewhere,
+        e.g. in a prompt worker, arrive in pageable memory)."""
+        size, chunks = collated
+        return size, [(c, pin_batch(b, self.pin)) for c, b in chunks]
 
     @torch.inference_mode()
     def forward(self, prompts: list[Any], to_cpu: bool = True, batch: dict | None = None) -> list[tuple[torch.Tensor, Any, Any]]:
@@ -192,6 +195,16 @@ class TeacherRunner:
                 torch.cuda.empty_cache()
                 self.batch_size //= 2
         return [results[j] for j in range(len(prompts))]
+
+
+def sorted_batches(loaded: Loaded, prompts: list[Any], size: int, pin: bool = False
+                   ) -> tuple[int, list[tuple[list[int], dict]]]:
+    """(size, [(prompt indices, CPU batch)]): ``prompts`` sorted by length and collated (right padding) in
+    batches of ``size``, as ``TeacherRunner.run_sorted`` runs them."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].encoded))
+    chunks = [order[i : i + size] for i in range(0, len(order), size)]
+    return size, [(c, loaded.family.collate([prompts[j].encoded for j in c], loaded.processor, "right", pin=pin))
+                  for c in chunks]
 
 
 def keeps_logits(model: Any) -> bool:

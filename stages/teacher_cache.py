@@ -20,7 +20,7 @@ import torch
 
 from pipeline.config import UserError
 from pipeline.families import Encoded
-from pipeline.forward import TeacherRunner, cast_images, model_dtype
+from pipeline.forward import TeacherRunner, cast_images, model_dtype, sorted_batches
 from pipeline.locks import held_on_rank0, store_lock
 from pipeline.prompts import DemoCache, Prompt, build_prompt, check_alignment
 from pipeline.provenance import default_shots
@@ -224,22 +224,37 @@ def teacher_prompts(task: Any, loaded: Loaded, plan: list[Planned], limit: int |
     return prompts
 
 
-class TeacherPromptData(torch.utils.data.Dataset):
-    """Teacher prompts of planned samples, built in DataLoader workers while the device runs earlier
-    batches (image processing and tokenisation: ~75 ms of one CPU core per Idefics2 8-shot prompt).
-    Each worker reuses demonstration encodings through its own copy of ``demo_cache`` (empty at fork)."""
+class ShardData(torch.utils.data.Dataset):
+    """Whole shards, each built in one DataLoader worker while the device runs earlier shards: the teacher
+    prompts of its samples (image processing and tokenisation, ~75 ms of one CPU core per Idefics2 8-shot
+    prompt; pixels cast to the model's 16-bit dtype) and their batches collated as ``run_sorted`` runs them.
 
-    def __init__(self, task: Any, loaded: Loaded, plan: list[Planned], limit: int | None):
-        self.task, self.loaded, self.plan, self.limit = task, loaded, plan, limit
+    Why collate here: on the H200 host the main process's collate thread spent 0.62-0.71 s per Idefics2
+    batch (docs/benchmarks.md, third round), 15x what the same collation costs alone, bounding stage 1 at
+    0.43-0.49x the stock forward; in a worker process it shares no GIL with the forward loop, and the main
+    process receives each batch as a few tensors instead of ~150 per-image ones to copy. Each worker
+    reuses demonstration encodings through its own copy of ``demo_cache`` (empty at fork). A user error
+    (a prompt over the length limit) comes back as a value, re-raised by the consumer: raised in a worker,
+    the DataLoader would wrap it in a multi-line message with the worker's traceback."""
+
+    def __init__(self, task: Any, loaded: Loaded, plan: list[Planned], shards: list[list[int]],
+                 limit: int | None, batch_size: int):
+        self.task, self.loaded, self.plan, self.shards, self.limit = task, loaded, plan, shards, limit
+        self.batch_size = batch_size
         self.demo_cache = DemoCache()
         self.dtype = model_dtype(loaded.model)
 
     def __len__(self) -> int:
-        return len(self.plan)
+        return len(self.shards)
 
-    def __getitem__(self, i: int) -> Any:
-        prompt = teacher_prompts(self.task, self.loaded, [self.plan[i]], self.limit, self.demo_cache)[0]
-        return cast_images(prompt, self.dtype)  # pixels cross to the main process in the model's dtype
+    def __getitem__(self, k: int) -> tuple[list[Any], tuple] | UserError:
+        try:
+            items = [self.plan[i] for i in self.shards[k]]
+            prompts = [cast_images(p, self.dtype)  # pixels cross to the main process in the model's dtype
+                       for p in teacher_prompts(self.task, self.loaded, items, self.limit, self.demo_cache)]
+        except UserError as err:
+            return err
+        return prompts, sorted_batches(self.loaded, prompts, self.batch_size)
 
 
 def _keep(item: Any) -> Any:
@@ -247,35 +262,37 @@ def _keep(item: Any) -> Any:
 
 
 def shard_prompts(task: Any, loaded: Loaded, plan: list[Planned], store: Any, pending: list[int],
-                  limit: int | None, num_workers: int):
-    """Yield (shard, planned items, teacher prompts) for each pending shard, in order; with
-    ``num_workers`` > 0 the prompts are built that many processes ahead of the consumer."""
+                  limit: int | None, num_workers: int, batch_size: int):
+    """Yield (shard, planned items, teacher prompts, collated batches or None) for each pending shard, in
+    order; with ``num_workers`` > 0 whole shards are built and collated (``ShardData``) that many processes
+    ahead of the consumer, else the prompts are built here and collated by ``collate_ahead``."""
     if num_workers <= 0:
         demo_cache = DemoCache()
         for shard in pending:
             items = [plan[i] for i in store.shard_samples(shard)]
-            yield shard, items, teacher_prompts(task, loaded, items, limit, demo_cache)
+            yield shard, items, teacher_prompts(task, loaded, items, limit, demo_cache), None
         return
-    order = [i for shard in pending for i in store.shard_samples(shard)]
-    loader = torch.utils.data.DataLoader(TeacherPromptData(task, loaded, plan, limit), sampler=order,
-                                         batch_size=None, collate_fn=_keep, num_workers=num_workers,
-                                         prefetch_factor=4)
-    prompts = iter(loader)
-    for shard in pending:
-        rows = store.shard_samples(shard)
-        yield shard, [plan[i] for i in rows], [next(prompts) for _ in rows]
+    rows = [list(store.shard_samples(shard)) for shard in pending]
+    loader = torch.utils.data.DataLoader(ShardData(task, loaded, plan, rows, limit, batch_size), batch_size=None,
+                                         collate_fn=_keep, num_workers=num_workers, prefetch_factor=2)
+    for shard, shard_rows, built in zip(pending, rows, loader, strict=True):
+        if isinstance(built, UserError):
+            raise UserError(str(built))
+        prompts, collated = built
+        yield shard, [plan[i] for i in shard_rows], prompts, collated
 
 
 def collate_ahead(runner: TeacherRunner, shards: Any):
-    """Yield (shard, items, prompts, collated) with each shard's batches collated on a thread while
-    the device runs the previous shard (collating an Idefics2 8-shot batch of 8 takes ~0.5 s of CPU)."""
+    """Yield (shard, items, prompts, collated) with each shard's batches collated (or, collated by a prompt
+    worker, page-locked) on a thread while the device runs the previous shard."""
     from concurrent.futures import ThreadPoolExecutor
 
     pool, previous = None, None
     try:
-        for shard, items, prompts in shards:
+        for shard, items, prompts, collated in shards:
             pool = pool or ThreadPoolExecutor(1, thread_name_prefix="teacher-collate")  # after workers fork
-            future = pool.submit(runner.collate_sorted, prompts)
+            future = (pool.submit(runner.collate_sorted, prompts) if collated is None
+                      else pool.submit(runner.pin_sorted, collated))
             if previous is not None:
                 yield *previous[:3], previous[3].result()
             previous = (shard, items, prompts, future)
@@ -323,7 +340,7 @@ def _write(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: int, pl
     total = sum(len(store.shard_samples(s)) for s in pending)
     progress = Progress(total, f"teacher-cache {task.name} ({shots}-shot)", enabled=show_progress and rank == 0)
     with ShardWriter(store, writers=config.writers) as writer:
-        shards = shard_prompts(task, loaded, plan, store, pending, limit, workers)
+        shards = shard_prompts(task, loaded, plan, store, pending, limit, workers, runner.batch_size)
         for shard, items, prompts, collated in collate_ahead(runner, shards):
             outputs = runner.run_sorted(prompts, collated)
             records = [

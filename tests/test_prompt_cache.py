@@ -12,13 +12,14 @@ import pytest
 import torch
 from conftest import tiny
 
+from pipeline.config import UserError
 from pipeline.families.base import Family
 from pipeline.forward import TeacherRunner, pin_batch, to_device
 from pipeline.prompts import DemoCache, Prompt, build_prompt, copy_encoded, encoded_bytes
 from pipeline.runtime import wrap_model
 from pipeline.tasks import load_task
 from pipeline.tasks.base import Example, TaskSpec
-from stages.teacher_cache import TeacherPromptData, plan_queries, teacher_prompts
+from stages.teacher_cache import ShardData, plan_queries, teacher_prompts
 
 SPEC = TaskSpec("vqa", "vqa", "vqa_accuracy", prompt="Question:{question} Short answer:")
 SIZES = [(56, 56), (84, 56), (56, 84)]
@@ -176,9 +177,9 @@ def test_stage1_teacher_prompts_with_the_cache(num_workers):
         cached = teacher_prompts(task, loaded, plan, None, cache)
         assert (cache.misses, cache.hits) == (3, 2 * len(plan) - 3)
     else:
-        data = TeacherPromptData(task, loaded, plan, None)
+        data = ShardData(task, loaded, plan, [[0, 1, 2], [3, 4, 5]], None, batch_size=2)
         loader = torch.utils.data.DataLoader(data, batch_size=None, collate_fn=_keep, num_workers=num_workers)
-        cached = list(loader)
+        cached = [prompt for prompts, _ in loader for prompt in prompts]
         assert len(data.demo_cache) == 0  # filled in the workers only
     for got, want in zip(cached, plain, strict=True):
         _assert_same(got, want)
@@ -234,7 +235,7 @@ def test_pinning_is_a_no_op_on_cpu_and_pins_when_asked():
 
 
 def test_images_cast_in_the_workers_give_the_batch_the_device_gets(monkeypatch):
-    """TeacherPromptData casts pixels to the model's 16-bit dtype on the host: after collation and the move
+    """ShardData casts pixels to the model's 16-bit dtype on the host: after collation and the move
     to the device, bit for bit what the float32 prompts give (to_device's cast), so the store is unchanged."""
     from pipeline.forward import cast_images
 
@@ -255,11 +256,21 @@ def test_images_cast_in_the_workers_give_the_batch_the_device_gets(monkeypatch):
     assert want.keys() == got.keys()
     for key in want:
         assert torch.equal(got[key], want[key]) and got[key].dtype == want[key].dtype, key
-    # the data the workers hand over: a bf16 model's TeacherPromptData casts (the shared tiny model is not
+    # the data the workers hand over: a bf16 model's ShardData casts (the shared tiny model is not
     # converted: a round trip through bf16 would change it for later tests)
     import stages.teacher_cache as tc
 
     monkeypatch.setattr(tc, "model_dtype", lambda model: torch.bfloat16)
-    item = TeacherPromptData(task, loaded, plan, None)[0]
+    prompts, (size, batches) = ShardData(task, loaded, plan, [[0, 1, 2]], None, batch_size=2)[0]
+    item = prompts[0]
     assert item.encoded.images[0]["pixel_values"].dtype == torch.bfloat16
     assert item.encoded.images[0]["pixel_attention_mask"].dtype == torch.bool
+    # and its batches are run_sorted's: sorted by length, 2 a batch, the same tensors as collating here
+    order = sorted(range(3), key=lambda i: len(prompts[i].encoded))
+    assert size == 2 and [c for c, _ in batches] == [order[:2], order[2:]]
+    for chunk, got in batches:
+        want = loaded.family.collate([prompts[j].encoded for j in chunk], fam.processor, "right")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # a prompt over the limit comes back as a UserError value (re-raised by shard_prompts as one line)
+    err = ShardData(task, loaded, plan, [[0]], 3, batch_size=2)[0]
+    assert isinstance(err, UserError) and "more than the limit 3" in str(err)

@@ -89,6 +89,25 @@ def test_batched_matches_unbatched_and_topk(tmp_path):
         assert torch.all(a.topk_values <= 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompt_workers_write_the_store_the_main_process_writes(tmp_path, dtype):
+    """--num-workers (the CUDA default): whole shards built, cast to a 16-bit model dtype and collated in
+    worker processes (ShardData) give the store the main process alone writes, bit for bit; a prompt over
+    --max-length stops the run with the one-line error, not a worker traceback."""
+    import copy
+
+    fam = tiny("idefics2")
+    loaded = wrap_model(copy.deepcopy(fam.model).to(dtype), fam.processor, "tiny-idefics2")
+    alone = open_store(cache(tmp_path / "a", loaded, n_queries=6, batch_size=2, num_workers=0))
+    workers = open_store(cache(tmp_path / "b", loaded, n_queries=6, batch_size=2, num_workers=2))
+    for k in ARRAYS:
+        assert np.array_equal(alone.read_array(k), workers.read_array(k)), k
+    assert alone.read_array("done").all()
+    with pytest.raises(UserError) as err:
+        cache(tmp_path / "c", loaded, n_queries=6, batch_size=2, num_workers=2, max_length=20)
+    assert "more than the limit 20" in str(err.value) and "Traceback" not in str(err.value)
+
+
 def test_resume_and_refusals(tmp_path):
     fam = tiny("llama")
     loaded = wrap_model(fam.model, fam.processor, "tiny-llama")
