@@ -140,7 +140,10 @@ class WarmProcess:
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:
-            os.kill(self.pid, sig)
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # it ended (and was reaped) before its exit status was read: as Popen does
+                pass
 
     def kill(self) -> None:
         import signal
