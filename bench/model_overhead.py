@@ -14,7 +14,7 @@ compilation is excluded; the compile seconds (the warm-up calls) are reported ap
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import time
 from typing import Any
 
@@ -84,6 +84,7 @@ def measure(report: Report, loaded, shapes: dict, routing: str, iters: int, comp
     through ``torch.compile(model.forward)``, warmed up untimed (the warm-up seconds reported apart)."""
     from harness import sync
 
+    from pipeline.decoding import compile_fn, forward_replaced
     from pipeline.mimic import MuKernels
     from pipeline.students import new_student
 
@@ -102,12 +103,7 @@ def measure(report: Report, loaded, shapes: dict, routing: str, iters: int, comp
         if compiled:
             with torch.no_grad():  # the student's one-time layer check (a self-removing hook) runs eagerly
                 model(**student_batch, use_cache=False, logits_to_keep=1)
-    own = model.__dict__.get("forward")
-    if compiled:
-        torch._dynamo.reset()
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        eager = model.forward
-        model.forward = functools.wraps(eager)(torch.compile(eager))
+    stack = contextlib.ExitStack()  # the compiled forward, in place while the figures are taken
 
     def timed(label: str, fn, ref: str | None) -> None:
         if compiled:
@@ -119,6 +115,9 @@ def measure(report: Report, loaded, shapes: dict, routing: str, iters: int, comp
         report.add(label, time_fn(fn, 0 if compiled else 2, iters)["median_ms"], "ms", ref=ref)
 
     try:
+        if compiled:
+            torch._dynamo.reset()
+            stack.enter_context(forward_replaced(model, compile_fn(model.forward)))
         for name, b in shapes.items():
             ref = f"{prefix}fwd stock sdpa {name} B{len(b['input_ids'])}/T{b['input_ids'].shape[1]}"
             label = ref if routing == "sdpa" else ref.replace("stock sdpa", TAGS[routing])
@@ -132,11 +131,7 @@ def measure(report: Report, loaded, shapes: dict, routing: str, iters: int, comp
         finally:
             hook.remove()
     finally:
-        if compiled:
-            if own is None:
-                del model.forward
-            else:
-                model.forward = own
+        stack.close()
         if student is not None:
             student.detach()
         for p in model.parameters():

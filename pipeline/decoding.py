@@ -22,10 +22,11 @@ failure turns compilation off with a warning and the batch is generated eagerly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -44,6 +45,39 @@ def wants_compile(choice: str, device: torch.device, amount: int | None = None, 
     if choice not in COMPILE_CHOICES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, not {choice!r}")
     return choice == "on" or (choice == "auto" and device.type == "cuda" and (amount is None or amount >= at_least))
+
+
+RECOMPILE_LIMIT = 64
+"""torch.compile's recompile limit once compiling is on: one graph per shape bucket, per student switch state
+and per frame around a VLM's graph breaks; the default of 8 would silently fall back to eager in a long run."""
+
+
+def compile_fn(fn: Callable, **options: Any) -> Callable:
+    """``torch.compile(fn, **options)`` with the recompile limit raised to ``RECOMPILE_LIMIT`` (process-wide)."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(fn, **options)
+
+
+@contextlib.contextmanager
+def forward_replaced(model: torch.nn.Module, fn: Callable) -> Iterator[None]:
+    """``model.forward`` is ``fn`` while the block runs, showing the model's own signature (``generate``
+    chooses its inputs, e.g. the position_ids of left-padded rows, by reading it); afterwards the instance
+    attribute is exactly as it was (the class's forward, or an instance forward such as accelerate's hooks)."""
+    own = model.__dict__.get("forward")
+
+    def call(*args: Any, **kwargs: Any) -> Any:  # a function of its own: a bound method takes no attributes
+        return fn(*args, **kwargs)
+
+    model.forward = functools.wraps(model.forward)(call)
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
 
 
 def _reorder_in_place(layer: Any, beam_idx: torch.Tensor) -> None:
@@ -100,37 +134,24 @@ class CompiledDecoding:
         if not self.enabled:
             return model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, **kwargs)
         if self._compiled is None:
-            import torch._dynamo
-
-            # one graph per (rows, cache length) bucket and per student switch state; the default limit
-            # of 8 would silently fall back to eager in a long evaluation
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._eager = model.forward
-            self._compiled = torch.compile(model.forward, mode=self.mode)  # shapes: static, then dynamic after a change
+            self._compiled = compile_fn(model.forward, mode=self.mode)  # shapes: static, then dynamic after a change
         rows = batch["input_ids"].shape[0] * num_beams
         cache = self.cache_for(rows, batch["input_ids"].shape[1] + max_new_tokens)
-        own = model.__dict__.get("forward")  # an instance forward (accelerate's hooks) is put back as it was
-        # generate reads the forward's signature to choose its inputs (position_ids of left-padded rows):
-        # the dispatcher must show the model's own
-        model.forward = functools.wraps(self._eager)(lambda *a, **k: self._forward(*a, **k))
         try:
-            return model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, cache=cache,
-                                  disable_compile=True, **kwargs)
+            with forward_replaced(model, self._forward):
+                return model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, cache=cache,
+                                      disable_compile=True, **kwargs)
         except Exception as err:  # a compiler failure must not lose an evaluation: eager computes the same
-            if not _compiler_error(err):
+            if not compiler_error(err):
                 raise
             self.enabled = False
             warnings.warn(f"compiled decoding failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
                           "generating eagerly from now on (--compile off skips the attempt)", stacklevel=2)
-        finally:
-            if own is None:
-                del model.forward  # the class's forward again
-            else:
-                model.forward = own
         return model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, **kwargs)
 
 
-def _compiler_error(err: BaseException) -> bool:
+def compiler_error(err: BaseException) -> bool:
     """Whether ``err`` comes from torch.compile (dynamo, inductor, a missing C++ compiler or triton)."""
     names = {type(e).__module__ for e in _chain(err)}
     return any(n.startswith(("torch._dynamo", "torch._inductor", "torch.fx", "triton")) for n in names) or \

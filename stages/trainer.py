@@ -7,7 +7,6 @@ mixed precision, the mean of the ranks' gradients, gradient clipping and the exp
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import json
 import math
@@ -26,7 +25,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from pipeline.capture import StateCapture
 from pipeline.config import UserError
-from pipeline.decoding import _compiler_error, wants_compile
+from pipeline.decoding import compile_fn, compiler_error, forward_replaced, wants_compile
 from pipeline.forward import TeacherRunner, forward_states, pad_states
 from pipeline.losses import align_l2sum, align_mse, answer_ce, gather_positions, kl_topk
 from pipeline.methods import get_method
@@ -156,8 +155,8 @@ class Trainer:
 
         Why: on a GPU each eager op costs 20-50 us of host time and MimIC adds ~30 small ops per layer, so an
         eager student step is host-bound; compiled, they fuse (Idefics2-8B shape, H200, B8/T82: MimIC
-        forward+backward 181 ms eager, 97 ms compiled; bench/model_overhead.py). Default mode (no CUDA graphs: every step's activations are kept for the backward) and
-        automatic dynamic shapes: the first padded length compiles a static graph, the next a dynamic one
+        forward+backward 181 ms eager, 97 ms compiled; bench/model_overhead.py). Default mode (no CUDA graphs:
+        every step's activations are kept for the backward) and automatic dynamic shapes: the first padded length compiles a static graph, the next a dynamic one
         that serves every later length. Only the student's forward: the teacher's (``--online``) runs
         under inference mode with the student switched off, eagerly. The first student forward is eager
         too: the student's one-time check that every layer called its attention function is a hook that
@@ -167,28 +166,17 @@ class Trainer:
             self._checked = True
             return
         model = self.loaded.model
-        eager = model.forward
         if self._compiled is None:
-            import torch._dynamo
-
-            # graph breaks (a VLM's vision tower selects its real images by value) make several frames
-            # of transformers' shared decorators, each static then dynamic: more than the default 8
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self._compiled = torch.compile(eager)
+            # graph breaks (a VLM's vision tower selects its real images by value) make several frames of
+            # transformers' shared decorators, each static then dynamic: compile_fn raises the recompile limit
+            self._compiled = compile_fn(model.forward)
 
         def compiled(*args: Any, **kwargs: Any) -> Any:
             self.compiled_calls += 1
             return self._compiled(*args, **kwargs)
 
-        own = model.__dict__.get("forward")  # an instance forward (accelerate's hooks) is put back as it was
-        model.forward = functools.wraps(eager)(compiled)  # callers that read the signature see the model's
-        try:
+        with forward_replaced(model, compiled):
             yield
-        finally:
-            if own is None:
-                del model.forward
-            else:
-                model.forward = own
 
     def student_loss(self, prompts: list, hs: list[torch.Tensor], topk: list | None) -> tuple[torch.Tensor, dict]:
         dev = self.loaded.device
@@ -385,7 +373,7 @@ class Trainer:
         try:
             totals = self.accumulate(group, epoch, opt)
         except Exception as err:  # a compiler failure must not lose a step: eager computes the same
-            if not (self.compile and _compiler_error(err)):
+            if not (self.compile and compiler_error(err)):
                 raise
             self.compile = False
             reason = (str(err).splitlines() or [""])[0][:200]
