@@ -47,6 +47,18 @@ def tiny_family(request: pytest.FixtureRequest) -> TinyFamily:
 
 
 @pytest.fixture
+def hf_cache(tmp_path) -> str:
+    """A fresh HuggingFace datasets cache directory for a task test."""
+    return str(tmp_path / "hf-cache")
+
+
+@pytest.fixture
+def no_data_env(monkeypatch) -> None:
+    """No MIMIC_DATA from the environment: data roots come from the test alone."""
+    monkeypatch.delenv("MIMIC_DATA", raising=False)
+
+
+@pytest.fixture
 def synthetic_image() -> Any:
     """``synthetic_image(seed, size=(56, 56))``: a seeded small PIL RGB image with drawn shapes."""
     return _synthetic_image

@@ -20,15 +20,7 @@ from pipeline.config import UserError  # noqa: E402
 from pipeline.tasks import load_task  # noqa: E402
 from pipeline.tasks.hub import check_source  # noqa: E402
 
-
-@pytest.fixture
-def hf_cache(tmp_path):
-    return str(tmp_path / "hf-cache")
-
-
-@pytest.fixture(autouse=True)
-def no_data_env(monkeypatch):
-    monkeypatch.delenv("MIMIC_DATA", raising=False)
+pytestmark = pytest.mark.usefixtures("no_data_env")  # conftest.py
 
 
 def png(path, colour=(200, 10, 10), size=(6, 4)):

@@ -18,11 +18,6 @@ from pipeline.tasks import load_task  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def hf_cache(tmp_path):
-    return str(tmp_path / "hf-cache")
-
-
 def jsonl(*rows) -> str:
     return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
 

@@ -56,14 +56,7 @@ def vqa_rows(start, n):
     return [(start + k, 100 + start + k, f"What is {k}?", (f"ans{k}",) * 9 + ("other",)) for k in range(n)]
 
 
-@pytest.fixture
-def hf_cache(tmp_path):
-    return str(tmp_path / "hf-cache")
-
-
-@pytest.fixture(autouse=True)
-def no_data_env(monkeypatch):
-    monkeypatch.delenv("MIMIC_DATA", raising=False)
+pytestmark = pytest.mark.usefixtures("no_data_env")  # conftest.py
 
 
 # --- registry ---------------------------------------------------------------------------------
