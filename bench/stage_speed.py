@@ -39,7 +39,7 @@ def _wrap(owner: Any, name: str, timers: Timers, key: str, keep: list | None = N
         sync()
         timers.add(key, time.perf_counter() - t0)
         if keep is not None:
-            keep.append(args[arg])
+            keep.append(args[arg:])
         return out
 
     setattr(owner, name, wrapped)
@@ -47,9 +47,12 @@ def _wrap(owner: Any, name: str, timers: Timers, key: str, keep: list | None = N
 
 
 def _timed_generator(module: Any, name: str, timers: Timers, key: str):
+    """Wrap a generator function: total seconds waiting for its items in ``timers[key]``, and each wait with
+    its start (seconds since the generator was created) in ``timers[key + "_each"]``."""
     original = getattr(module, name)
 
     def wrapped(*args, **kwargs):
+        start, each = time.perf_counter(), timers.setdefault(key + "_each", [])
         it = original(*args, **kwargs)
         while True:
             t0 = time.perf_counter()
@@ -59,6 +62,7 @@ def _timed_generator(module: Any, name: str, timers: Timers, key: str):
                 return
             finally:
                 timers.add(key, time.perf_counter() - t0)
+                each.append((round(t0 - start, 3), round(time.perf_counter() - t0, 3)))
             yield item
 
     setattr(module, name, wrapped)
@@ -91,9 +95,10 @@ def teacher_cache_run(loaded, alias: str, shots: int, n: int, batch: int, worker
     import pipeline.store as store_mod
     import stages.teacher_cache as tc
 
-    timers, prompts = Timers(), []
-    undo = [_wrap(tc.TeacherRunner, "run_sorted", timers, "forward_s", prompts),
+    timers, runs = Timers(), []
+    undo = [_wrap(tc.TeacherRunner, "run_sorted", timers, "forward_s", runs),  # keeps (prompts, collated, rebuild)
             _wrap(tc, "plan_queries", timers, "plan_s"),
+            _wrap(store_mod.TeacherStore, "validate", timers, "validate_s"),
             _wrap(fw, "to_device", timers, "to_device_s"),
             _wrap(fw, "pin_batch", timers, "pin_s"),
             _wrap(store_mod.ShardWriter, "submit", timers, "submit_wait_s"),
@@ -121,18 +126,17 @@ def teacher_cache_run(loaded, alias: str, shots: int, n: int, batch: int, worker
     finally:
         for u in undo:
             u()
-    return {"wall_s": wall, **timers, "prompts": prompts}
+    return {"wall_s": wall, **timers, "runs": runs}
 
 
-def stock_batches(loaded, shard_prompts: list[list[Any]], batch: int) -> list[tuple[dict, int, int]]:
-    """(CPU batch, real text tokens, images) in run_sorted's order and sizes."""
+def stock_batches(runs: list[tuple]) -> list[tuple[dict, int, int]]:
+    """(CPU batch, real text tokens, images): the batches run_sorted ran (collated by the prompt workers or
+    the collate thread), in its order."""
     out = []
-    for prompts in shard_prompts:
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].encoded))
-        for i in range(0, len(order), batch):
-            chunk = [prompts[j].encoded for j in order[i : i + batch]]
-            coll = loaded.family.collate(chunk, loaded.processor, "right")
-            out.append((coll, sum(len(e) for e in chunk), sum(len(e.images) for e in chunk)))
+    for prompts, (_, chunks), _ in runs:
+        for chunk, coll in chunks:
+            encoded = [prompts[j].encoded for j in chunk]
+            out.append((coll, sum(len(e) for e in encoded), sum(len(e.images) for e in encoded)))
     return out
 
 
@@ -167,7 +171,7 @@ def ablations(report: Report, loaded, alias: str, shots: int, n: int, batch: int
             run = teacher_cache_run(loaded, alias, shots, n, batch, workers, work / f"stage1-{name}.zarr")
         finally:
             setattr(module, attr, saved)
-        report.extra.setdefault("stage1_ablations", {})[name] = {k: v for k, v in run.items() if k != "prompts"}
+        report.extra.setdefault("stage1_ablations", {})[name] = {k: v for k, v in run.items() if k != "runs"}
         report.add(f"teacher-cache + store samples/s ({name})", n / run["wall_s"], "samples/s",
                    ref="teacher-cache + store samples/s (end to end)")
 
@@ -179,16 +183,17 @@ def stage1(report: Report, loaded, alias: str, shots: int, n: int, batch: int, w
     Twice: cold (the first teacher-cache of this process, as a user meets it: call this first) and warm
     (the same again in the same process); the stock forward runs after both."""
     cold = teacher_cache_run(loaded, alias, shots, n, batch, workers, work / "stage1-cold.zarr", writers)
-    cold.pop("prompts")
+    cold.pop("runs")
     run = teacher_cache_run(loaded, alias, shots, n, batch, workers, work / "stage1.zarr", writers)
-    shard_prompts = run.pop("prompts")
+    runs = run.pop("runs")
     if torch.cuda.is_available():  # teacher-cache collates into page-locked memory: the same tensors?
-        chunk = [p.encoded for p in shard_prompts[0][:batch]]
+        prompts, _, rebuild = runs[0]  # the first shard's prompts (rebuilt with their images after workers)
+        chunk = [p.encoded for p in (rebuild() if rebuild is not None else prompts)[:batch]]
         plain = loaded.family.collate(chunk, loaded.processor, "right")
         pinned = loaded.family.collate(chunk, loaded.processor, "right", pin=True)
         report.extra["pinned collate equals pageable"] = all(torch.equal(plain[k], pinned[k]) for k in plain)
         report.extra["pinned collate is pinned"] = bool(pinned["pixel_values"].is_pinned())
-    batches = stock_batches(loaded, shard_prompts, batch)
+    batches = stock_batches(runs)
     tokens = sum(b[1] for b in batches)
     images = sum(b[2] for b in batches)
     set_attention(loaded.model, "sdpa")

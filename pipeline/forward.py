@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +101,19 @@ def cast_images(prompt: Any, dtype: torch.dtype) -> Any:
     return dataclasses.replace(prompt, encoded=dataclasses.replace(prompt.encoded, images=images))
 
 
+def without_images(prompt: Any) -> Any:
+    """``prompt`` with each image's tensors left out (``None`` in their place, so that collating it fails
+    at once instead of running the model without its images); its ids, spans and image count stay.
+
+    What a teacher-cache prompt worker sends back beside the batches it collated (``ShardData``): the
+    per-image tensors were a second copy of the pixels, ~290 tensors a shard, each crossing processes as
+    its own shared-memory file; the main process needs the prompts' lengths and spans only."""
+    if not prompt.encoded.images:
+        return prompt
+    encoded = dataclasses.replace(prompt.encoded, images=[None] * len(prompt.encoded.images))
+    return dataclasses.replace(prompt, encoded=encoded)
+
+
 def to_host(t: torch.Tensor) -> torch.Tensor:
     """Device -> host through page-locked memory, which torch's caching host allocator reuses: a
     fresh pageable buffer per batch (and a copy per sample) cost ~0.16 s per Idefics2 batch of 8 on
@@ -167,9 +180,12 @@ class TeacherRunner:
             results.append((states[b, : n - s] if to_cpu else states[b, : n - s].clone(), *k))
         return results
 
-    def run_sorted(self, prompts: list[Any], collated: tuple | None = None) -> list[tuple[torch.Tensor, Any, Any]]:
+    def run_sorted(self, prompts: list[Any], collated: tuple | None = None,
+                   rebuild: Callable[[], list[Any]] | None = None) -> list[tuple[torch.Tensor, Any, Any]]:
         """Batches of similar length; halve the batch on CUDA out-of-memory (``--batch-size 0``).
-        ``collated``: ``collate_sorted(prompts)``, used while the batch size is the one it was made for."""
+        ``collated``: ``collate_sorted(prompts)``, used while the batch size is the one it was made for.
+        ``rebuild``: the same prompts with their images, when ``prompts`` came without them
+        (``without_images``) and a new batch size means collating again."""
         if collated is not None and collated[0] == self.batch_size:
             try:
                 done = {j: r for chunk, batch in collated[1]
@@ -180,6 +196,8 @@ class TeacherRunner:
                     raise
                 torch.cuda.empty_cache()
                 self.batch_size //= 2
+        if rebuild is not None:
+            prompts = rebuild()
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].encoded))
         results: dict[int, Any] = {}
         i = 0

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.config import UserError
 from pipeline.families import Encoded
-from pipeline.forward import TeacherRunner, cast_images, model_dtype, sorted_batches
+from pipeline.forward import TeacherRunner, cast_images, model_dtype, sorted_batches, without_images
 from pipeline.locks import held_on_rank0, store_lock
 from pipeline.prompts import DemoCache, Prompt, build_prompt, check_alignment
 from pipeline.provenance import default_shots
@@ -254,7 +254,9 @@ class ShardData(torch.utils.data.Dataset):
                        for p in teacher_prompts(self.task, self.loaded, items, self.limit, self.demo_cache)]
         except UserError as err:
             return err
-        return prompts, sorted_batches(self.loaded, prompts, self.batch_size)
+        # the batches carry the pixels; the prompts go back without theirs (the consumer needs lengths and
+        # spans, and rebuilds the prompts in the rare case it must collate again: a smaller batch after OOM)
+        return [without_images(p) for p in prompts], sorted_batches(self.loaded, prompts, self.batch_size)
 
 
 def _keep(item: Any) -> Any:
@@ -265,7 +267,8 @@ def shard_prompts(task: Any, loaded: Loaded, plan: list[Planned], store: Any, pe
                   limit: int | None, num_workers: int, batch_size: int):
     """Yield (shard, planned items, teacher prompts, collated batches or None) for each pending shard, in
     order; with ``num_workers`` > 0 whole shards are built and collated (``ShardData``) that many processes
-    ahead of the consumer, else the prompts are built here and collated by ``collate_ahead``."""
+    ahead of the consumer, the prompts coming without their images (``without_images``), else the prompts
+    are built here and collated by ``collate_ahead``."""
     if num_workers <= 0:
         demo_cache = DemoCache()
         for shard in pending:
@@ -341,8 +344,11 @@ def _write(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: int, pl
     progress = Progress(total, f"teacher-cache {task.name} ({shots}-shot)", enabled=show_progress and rank == 0)
     with ShardWriter(store, writers=config.writers) as writer:
         shards = shard_prompts(task, loaded, plan, store, pending, limit, workers, runner.batch_size)
+        demo_cache = DemoCache()
         for shard, items, prompts, collated in collate_ahead(runner, shards):
-            outputs = runner.run_sorted(prompts, collated)
+            rebuild = None if workers <= 0 else (  # worker-built prompts come without their images
+                lambda items=items: teacher_prompts(task, loaded, items, limit, demo_cache))
+            outputs = runner.run_sorted(prompts, collated, rebuild)
             records = [
                 SampleRecord(hs=hs, token_ids=p.span_ids, icd_ids=p.demo_indices, query_id=p.query_index,
                              topk_values=tv, topk_indices=ti)

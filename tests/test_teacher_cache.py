@@ -108,6 +108,34 @@ def test_prompt_workers_write_the_store_the_main_process_writes(tmp_path, dtype)
     assert "more than the limit 20" in str(err.value) and "Traceback" not in str(err.value)
 
 
+def test_out_of_memory_with_prompt_workers_rebuilds_the_prompts(tmp_path, monkeypatch):
+    """Prompt workers send the prompts without their images (the batches carry the pixels). Out of memory
+    on a worker's batch, the runner halves the batch and collates again from the prompts rebuilt with their
+    images (those sent would fail to collate), for this shard and the next one, whose batches were made for
+    the old size: the store is the one a run at the halved size writes, bit for bit."""
+    import copy
+
+    from pipeline.forward import TeacherRunner
+
+    fam = tiny("idefics2")
+    loaded = wrap_model(copy.deepcopy(fam.model), fam.processor, "tiny-idefics2")
+    alone = open_store(cache(tmp_path / "a", loaded, n_queries=8, shard_size=4, batch_size=2, num_workers=0))
+    original, calls = TeacherRunner.forward, []
+
+    def forward(self, prompts, to_cpu=True, batch=None):
+        calls.append((len(prompts), batch is not None))
+        if batch is not None and len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, prompts, to_cpu, batch)
+
+    monkeypatch.setattr(TeacherRunner, "forward", forward)
+    halved = open_store(cache(tmp_path / "b", loaded, n_queries=8, shard_size=4, batch_size=0, num_workers=2))
+    assert calls[0] == (4, True)  # the auto batch of 4 on the CPU, collated by a worker, ran out of memory
+    assert calls[1:] == [(2, False)] * 4  # then batches of 2 collated here, in both shards
+    for k in ARRAYS:
+        assert np.array_equal(alone.read_array(k), halved.read_array(k)), k
+
+
 def test_resume_and_refusals(tmp_path):
     fam = tiny("llama")
     loaded = wrap_model(fam.model, fam.processor, "tiny-llama")
