@@ -31,7 +31,7 @@ from pipeline.losses import align_l2sum, align_mse, answer_ce, gather_positions,
 from pipeline.methods import get_method
 from pipeline.rundir import Checkpoint, RunDir
 from pipeline.runtime import Loaded, Progress, make_accelerator
-from stages.training import Item, StudentData, collate_items, steps_per_epoch
+from stages.training import Item, StudentCollate, StudentData, steps_per_epoch
 
 AUTO_COMPILE_STEPS = 2500
 """train-student --compile auto compiles from this many optimiser steps on: compiling the student's forward and
@@ -128,9 +128,13 @@ class Trainer:
         return [micro[i : i + acc] for i in range(0, len(micro), acc)]
 
     # ---- one micro-batch --------------------------------------------------------------------
-    def targets(self, items: list[Item], epoch: int) -> tuple[list[torch.Tensor], list | None]:
+    def targets(self, items: list[Item], epoch: int) -> tuple[list[torch.Tensor] | torch.Tensor, list | None]:
+        """The teacher's states of a micro-batch (a list per item, or already padded: ``MicroBatch.teacher``)
+        and its top-k log-probs: read from the store, or ``--online`` from a teacher forward."""
         if self.teacher is None:
-            return [it.hs for it in items], [it.topk for it in items] if items[0].topk is not None else None
+            topk = [it.topk for it in items] if items[0].topk is not None else None
+            padded = getattr(items, "teacher", None)
+            return (padded if padded is not None else [it.hs for it in items]), topk
         with self.student.disabled():
             outs = self.teacher.forward(self.data.teacher_prompts(items, epoch), to_cpu=False)
         topk = [(v, i) for _, v, i in outs] if outs[0][1] is not None else None
@@ -140,7 +144,7 @@ class Trainer:
         """L = L_align + lambda L_gt on one micro-batch (right-padded)."""
         hs, topk = self.targets(items, epoch)
         with self.autocast():  # --mixed-precision: the student's forward and its losses
-            return self.student_loss([it.prompt for it in items], hs, topk)
+            return self.student_loss([it.prompt for it in items], hs, topk, getattr(items, "batch", None))
 
     def autocast(self) -> Any:
         """The Accelerator's autocast, on the device the model is on: a model kept on the CPU of a machine with a
@@ -178,12 +182,15 @@ class Trainer:
         with forward_replaced(model, compiled):
             yield
 
-    def student_loss(self, prompts: list, hs: list[torch.Tensor], topk: list | None) -> tuple[torch.Tensor, dict]:
+    def student_loss(self, prompts: list, hs: list[torch.Tensor] | torch.Tensor, topk: list | None,
+                     batch: dict | None = None) -> tuple[torch.Tensor, dict]:
+        """``hs``: the teacher's states per prompt, or zero-padded to the span width; ``batch``: the prompts
+        collated (right padding), else collated here."""
         dev = self.loaded.device
         lengths = [len(p.encoded) for p in prompts]
         starts = [p.span_start for p in prompts]
         with self.compiled_forward():
-            run = forward_states(self.loaded, self.capture, prompts)
+            run = forward_states(self.loaded, self.capture, prompts, batch)
         out, batch, states, pos, mask = run.output, run.batch, run.states, run.positions, run.mask
         width = pos.shape[1]
         tmask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
@@ -193,7 +200,10 @@ class Trainer:
         gt = answer_ce(out.logits, batch["input_ids"], tmask)
         parts = {"gt": gt}
         if self.align in ("mse", "l2sum"):
-            teacher = pad_states([h.to(dev) for h in hs], width)
+            teacher = (hs.to(dev, non_blocking=True) if torch.is_tensor(hs)
+                       else pad_states([h.to(dev) for h in hs], width))
+            if teacher.shape[1] != width:
+                raise RuntimeError(f"teacher states padded to {teacher.shape[1]} positions, the student's span has {width}")
             fn = align_mse if self.align == "mse" else align_l2sum
             parts["align"] = fn(states, teacher, mask)
         elif self.align == "kl":
@@ -363,8 +373,9 @@ class Trainer:
     def loader(self, micro_batches: list[list[int]]) -> torch.utils.data.DataLoader:
         """Reads (store, images, tokenisation) in ``num_workers`` processes while the device computes."""
         return torch.utils.data.DataLoader(
-            self.data, batch_sampler=micro_batches, collate_fn=collate_items, num_workers=self.config.num_workers,
-            prefetch_factor=4 if self.config.num_workers else None,
+            self.data, batch_sampler=micro_batches, collate_fn=StudentCollate(self.loaded.family, self.loaded.processor),
+            num_workers=self.config.num_workers, prefetch_factor=4 if self.config.num_workers else None,
+            pin_memory=self.loaded.device.type == "cuda",
         )
 
     def step(self, group: list[list[Item]], epoch: int, opt: Any, sched: Any, params: list) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from pipeline.config import UserError
+from pipeline.forward import pad_states, without_images
 from pipeline.prompts import DemoCache, build_prompt, check_alignment
 from pipeline.retrieval import model_index
 from pipeline.runtime import Loaded
@@ -133,5 +135,40 @@ def demo_choice(config: Any, attrs: dict) -> str:
     return stored or asked or "random"
 
 
-def collate_items(items: list[Item]) -> list[Item]:
-    return items
+class MicroBatch(list):
+    """A micro-batch of ``Item`` as the training loader hands it over, with its tensors made where the items
+    were read (a DataLoader worker): ``batch``, the student prompts collated (right padding, as
+    ``forward_states`` collates them); offline, ``teacher``, the stored states zero-padded to the span width
+    (B, S, L, D). The items then come without their states and their prompts without images
+    (``without_images``): one copy of each crosses processes.
+
+    Why in the worker: collated in the main process, a teacher batch took 0.62-0.71 s of its thread on the H200
+    host while the forward ran (docs/benchmarks.md, third round); the student's step pays the same kind of
+    host work on the device's critical path. ``pin_memory`` (the DataLoader's ``pin_memory=True``) page-locks
+    the tensors so their copies to the device are asynchronous."""
+
+    batch: dict | None = None
+    teacher: torch.Tensor | None = None
+
+    def pin_memory(self) -> MicroBatch:
+        if self.batch is not None:
+            self.batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in self.batch.items()}
+        if self.teacher is not None:
+            self.teacher = self.teacher.pin_memory()
+        return self
+
+
+class StudentCollate:
+    """The training loader's ``collate_fn``: a ``MicroBatch`` of the items with their collated tensors."""
+
+    def __init__(self, family: Any, processor: Any):
+        self.family, self.processor = family, processor
+
+    def __call__(self, items: list[Item]) -> MicroBatch:
+        out = MicroBatch(items)
+        out.batch = self.family.collate([it.prompt.encoded for it in items], self.processor, "right")
+        if items[0].hs is not None:
+            width = max(len(it.prompt.encoded) - it.prompt.span_start for it in items)
+            out.teacher = pad_states([it.hs for it in items], width)
+        out[:] = [dataclasses.replace(it, prompt=without_images(it.prompt), hs=None) for it in items]
+        return out

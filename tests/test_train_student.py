@@ -104,6 +104,43 @@ def test_offline_and_online_first_step_agree(tmp_path, llama):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("online", [False, True])
+def test_loader_micro_batches_give_the_loss_of_items_collated_here(tmp_path, online):
+    """The training loader's workers collate the student prompts and pad the stored states
+    (``MicroBatch``); the items come without their states and their prompts without images. Loss and
+    gradients are those of the same items read and collated in the main process, bit for bit."""
+    import copy
+
+    from stages.training import MicroBatch
+
+    fam = tiny("idefics2")
+    loaded = wrap_model(copy.deepcopy(fam.model), fam.processor, "tiny-idefics2")
+    store = make_store(tmp_path, loaded, task="shapes_vqa", n=4)
+    trainer = setup(train_cfg(tmp_path, store, online=online, resample_demos=False, batch_size=3, num_workers=2),
+                    loaded)
+    micro = trainer.epoch_groups(0)[0][0]
+    (sent,) = list(trainer.loader([micro]))
+    assert isinstance(sent, MicroBatch) and len(sent) == 3 and sent.batch["pixel_values"].ndim == 5
+    assert (sent.teacher is None) == online and all(it.hs is None for it in sent)
+    assert all(image is None for it in sent for image in it.prompt.encoded.images)
+    if not online:  # zero-padded (B, S, L, D)
+        widths = [len(it.prompt.encoded) - it.prompt.span_start for it in sent]
+        assert sent.teacher.shape[:2] == (3, max(widths))
+        short = widths.index(min(widths))
+        assert min(widths) == max(widths) or not sent.teacher[short, min(widths):].any()
+    results = []
+    for items in (sent, [trainer.data[i] for i in micro]):
+        loss, parts = trainer.micro_loss(items, 0)
+        loss.backward()
+        results.append((loss.detach(), parts, [p.grad.clone() for _, p in trainer.student.trainable()]))
+        for _, p in trainer.student.trainable():
+            p.grad = None
+    (loss_a, parts_a, grads_a), (loss_b, parts_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b) and parts_a == parts_b and parts_a["align"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+    trainer.student.detach()
+
+
 @pytest.mark.parametrize("method", ["live", "lora"])
 def test_baselines_train_save_and_reload(tmp_path, llama, method):
     base_keys = set(llama.model.state_dict())
