@@ -370,11 +370,17 @@ class Trainer:
         finally:
             self.stop_trackers()
 
+    @property
+    def workers(self) -> int:
+        """``--num-workers``, by default 4 on CUDA (the step must not wait for collation) and 0 on the CPU."""
+        n = self.config.num_workers
+        return n if n is not None else (4 if self.loaded.device.type == "cuda" else 0)
+
     def loader(self, micro_batches: list[list[int]]) -> torch.utils.data.DataLoader:
         """Reads (store, images, tokenisation) in ``num_workers`` processes while the device computes."""
         return torch.utils.data.DataLoader(
             self.data, batch_sampler=micro_batches, collate_fn=StudentCollate(self.loaded.family, self.loaded.processor),
-            num_workers=self.config.num_workers, prefetch_factor=4 if self.config.num_workers else None,
+            num_workers=self.workers, prefetch_factor=4 if self.workers else None,
             pin_memory=self.loaded.device.type == "cuda",
         )
 
