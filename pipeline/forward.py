@@ -137,9 +137,6 @@ class TeacherRunner:
         self.capture = StateCapture(loaded.model, layer_target)
         self.pin = loaded.device.type == "cuda"
 
-    def collate(self, prompts: list[Any]) -> dict:
-        return self.loaded.family.collate([p.encoded for p in prompts], self.loaded.processor, "right")
-
     def collate_sorted(self, prompts: list[Any]) -> tuple[int, list[tuple[list[int], dict]]]:
         """(batch size, [(prompt indices, CPU batch)]): ``run_sorted``'s batches, collated ahead of time
         (and page-locked on CUDA, so their host-to-device copies are asynchronous)."""

@@ -224,8 +224,9 @@ def test_pinning_is_a_no_op_on_cpu_and_pins_when_asked():
     prompts = teacher_prompts(task, loaded, plan, None)
     size, chunks = runner.collate_sorted(prompts)
     assert size == 2 and [len(c) for c, _ in chunks] == [2, 1]
+    assert [j for c, _ in chunks for j in c] == sorted(range(3), key=lambda i: len(prompts[i].encoded))
     for chunk, batch in chunks:
-        want = runner.collate([prompts[j] for j in chunk])
+        want = loaded.family.collate([prompts[j].encoded for j in chunk], loaded.processor, "right")
         assert all(torch.equal(batch[k], want[k]) for k in want)
         assert pin_batch(batch, False) is batch
         moved = to_device(batch, torch.device("cpu"), torch.bfloat16)
