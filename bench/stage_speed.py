@@ -9,7 +9,10 @@ batch size, collated beforehand; host-to-device copy included) with attention ro
 once with every logit (a plain ``model(**batch)``) and once with ``logits_to_keep=1``.
 Stage 2: ``stages.train_student.run`` twice (offline, online) with the same model, batch and steps;
 per-step wall times come from wrapping ``Trainer.step`` and the waits for the DataLoader from wrapping
-``Trainer.loader`` (the Trainer's own ``data_s`` is never incremented).
+``Trainer.loader`` (the Trainer's own ``data_s`` is never incremented). With env ``STAGE2_PROFILE=1``, steps
+11-14 of the timed offline run run under ``torch.profiler`` (CPU and CUDA), the step's parts marked
+(``bench::step``, ``bench::accumulate``, ``bench::targets``, ``bench::student_loss``, ``bench::backward``;
+step minus accumulate: clipping, optimiser, schedule); the tables land in ``suite.json`` (``stage2_profile``).
 """
 
 from __future__ import annotations
@@ -261,7 +264,45 @@ class _TimedIter:
             self.timers.add("data_wait_s", time.perf_counter() - t0)
 
 
-def train_run(loaded, config, steps_out: list) -> tuple[dict, Timers]:
+def _marked(owner: Any, name: str, label: str):
+    """``owner.name`` inside a ``torch.profiler.record_function(label)`` range."""
+    original = getattr(owner, name)
+
+    def marked(*args, **kwargs):
+        with torch.profiler.record_function(label):
+            return original(*args, **kwargs)
+
+    setattr(owner, name, marked)
+    return lambda: setattr(owner, name, original)
+
+
+class StepProfile:
+    """torch.profiler over steps ``first`` .. ``first + count - 1`` of a run; ``tables`` after the run."""
+
+    def __init__(self, first: int = 10, count: int = 4):
+        self.first, self.count, self.prof, self.tables = first, count, None, {}
+
+    def before(self, index: int) -> None:
+        if index == self.first:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+
+    def after(self, index: int) -> None:
+        if self.prof is not None and index == self.first + self.count - 1:
+            sync()
+            self.prof.__exit__(None, None, None)
+            ka = self.prof.key_averages()
+            self.tables = {"steps": self.count,
+                           "by_cpu_total": ka.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60),
+                           "by_device_self": ka.table(sort_by="self_device_time_total", row_limit=30,
+                                                      max_name_column_width=60)}
+            self.prof = None
+
+
+def train_run(loaded, config, steps_out: list, profile: StepProfile | None = None) -> tuple[dict, Timers]:
     import stages.trainer as tr
     from stages.train_student import run
     from stages.training import StudentData
@@ -273,18 +314,32 @@ def train_run(loaded, config, steps_out: list) -> tuple[dict, Timers]:
         return _TimedIter(iter(original_loader(self, micro)), timers)
 
     def step(self, *args, **kwargs):
+        index = len(steps_out)
+        if profile is not None:
+            profile.before(index)
         t0 = time.perf_counter()
-        out = original_step(self, *args, **kwargs)
+        with torch.profiler.record_function("bench::step"):
+            out = original_step(self, *args, **kwargs)
         steps_out.append(time.perf_counter() - t0)  # ends with float(grad_norm): synchronised
+        if profile is not None:
+            profile.after(index)
         return out
 
     tr.Trainer.loader, tr.Trainer.step = loader, step
-    undo = _wrap(StudentData, "teacher_prompts", timers, "teacher_prompts_s")
+    undo = [_wrap(StudentData, "teacher_prompts", timers, "teacher_prompts_s")]
+    if profile is not None:
+        import accelerate
+
+        undo += [_marked(tr.Trainer, "accumulate", "bench::accumulate"),  # step minus this: clip, optimiser
+                 _marked(tr.Trainer, "targets", "bench::targets"),
+                 _marked(tr.Trainer, "student_loss", "bench::student_loss"),
+                 _marked(accelerate.Accelerator, "backward", "bench::backward")]
     try:
         run_dir = run(config, loaded=loaded, show_progress=False)
     finally:
         tr.Trainer.loader, tr.Trainer.step = original_loader, original_step
-        undo()
+        for u in undo:
+            u()
     return json.loads((Path(run_dir) / "summary.json").read_text()), timers
 
 
@@ -300,7 +355,12 @@ def stage2(report: Report, loaded, alias: str, shots: int, store: Path, n: int, 
                      else {"online": True, "task": "shapes_vqa", "shots": shots, "n_queries": n, "layer_target": "mlp"})
         train_run(loaded, TrainConfig(**common, **mode_args, max_steps=2, name=f"warm-{mode}"), [])
         steps_s: list[float] = []
-        summary, timers = train_run(loaded, TrainConfig(**common, **mode_args, max_steps=steps, name=mode), steps_s)
+        prof = StepProfile() if mode == "offline" and os.environ.get("STAGE2_PROFILE") and steps >= 14 else None
+        summary, timers = train_run(loaded, TrainConfig(**common, **mode_args, max_steps=steps, name=mode), steps_s,
+                                    prof)
+        if prof is not None:
+            report.extra["stage2_profile"] = prof.tables
+            print(prof.tables.get("by_cpu_total", ""), flush=True)
         steady = statistics.median(steps_s[2:] if len(steps_s) > 4 else steps_s)
         results[mode] = {"summary": summary, "timers": dict(timers), "step_s": steps_s, "steady_step_s": steady}
     report.extra["stage2"] = results
