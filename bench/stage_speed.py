@@ -9,8 +9,8 @@ batch size, collated beforehand; host-to-device copy included) with attention ro
 once with every logit (a plain ``model(**batch)``) and once with ``logits_to_keep=1``.
 Stage 2: ``stages.train_student.run`` twice (offline, online) with the same model, batch and steps;
 per-step wall times come from wrapping ``Trainer.step`` and the waits for the DataLoader from wrapping
-``Trainer.loader`` (the Trainer's own ``data_s`` is never incremented). With env ``STAGE2_PROFILE=1``, steps
-11-14 of the timed offline run run under ``torch.profiler`` (CPU and CUDA), the step's parts marked
+``Trainer.loader`` (the Trainer's own ``data_s`` is never incremented). With env ``STAGE2_PROFILE=1``, one more
+offline run of 14 steps runs its steps 0-3 and 10-13 under ``torch.profiler`` (CPU and CUDA), the step's parts marked
 (``bench::step``, ``bench::accumulate``, ``bench::targets``, ``bench::student_loss``, ``bench::backward``;
 step minus accumulate: clipping, optimiser, schedule); the tables land in ``suite.json`` (``stage2_profile``).
 """
@@ -101,6 +101,7 @@ def teacher_cache_run(loaded, alias: str, shots: int, n: int, batch: int, worker
     timers, runs = Timers(), []
     undo = [_wrap(tc.TeacherRunner, "run_sorted", timers, "forward_s", runs),  # keeps (prompts, collated, rebuild)
             _wrap(tc, "plan_queries", timers, "plan_s"),
+            _wrap(tc, "warm_up", timers, "warm_up_s"),  # on a thread inside plan_queries (CUDA)
             _wrap(store_mod.TeacherStore, "validate", timers, "validate_s"),
             _wrap(fw, "to_device", timers, "to_device_s"),
             _wrap(fw, "pin_batch", timers, "pin_s"),
@@ -277,13 +278,14 @@ def _marked(owner: Any, name: str, label: str):
 
 
 class StepProfile:
-    """torch.profiler over steps ``first`` .. ``first + count - 1`` of a run; ``tables`` after the run."""
+    """torch.profiler over windows of steps (``windows``: (first, count), steps counted from 0); after the
+    run, ``tables[f"steps {first}-{last}"]``: the key averages by CPU total and by device self time."""
 
-    def __init__(self, first: int = 10, count: int = 4):
-        self.first, self.count, self.prof, self.tables = first, count, None, {}
+    def __init__(self, windows: tuple[tuple[int, int], ...] = ((0, 4), (10, 4))):
+        self.windows, self.prof, self.tables = windows, None, {}
 
     def before(self, index: int) -> None:
-        if index == self.first:
+        if any(index == first for first, _ in self.windows):
             acts = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -291,14 +293,14 @@ class StepProfile:
             self.prof.__enter__()
 
     def after(self, index: int) -> None:
-        if self.prof is not None and index == self.first + self.count - 1:
+        window = next(((f, c) for f, c in self.windows if index == f + c - 1), None)
+        if self.prof is not None and window is not None:
             sync()
             self.prof.__exit__(None, None, None)
             ka = self.prof.key_averages()
-            self.tables = {"steps": self.count,
-                           "by_cpu_total": ka.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60),
-                           "by_device_self": ka.table(sort_by="self_device_time_total", row_limit=30,
-                                                      max_name_column_width=60)}
+            self.tables[f"steps {window[0]}-{index}"] = {
+                "by_cpu_total": ka.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60),
+                "by_device_self": ka.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60)}
             self.prof = None
 
 
@@ -310,14 +312,21 @@ def train_run(loaded, config, steps_out: list, profile: StepProfile | None = Non
     timers = Timers()
     original_loader, original_step = tr.Trainer.loader, tr.Trainer.step
 
+    origin = []
+
     def loader(self, micro):
-        return _TimedIter(iter(original_loader(self, micro)), timers)
+        origin.append(time.perf_counter())
+        t0 = time.perf_counter()
+        it = iter(original_loader(self, micro))  # forks the workers
+        timers.add("loader_start_s", time.perf_counter() - t0)
+        return _TimedIter(it, timers)
 
     def step(self, *args, **kwargs):
         index = len(steps_out)
         if profile is not None:
             profile.before(index)
         t0 = time.perf_counter()
+        timers.setdefault("step_start_s", []).append(round(t0 - origin[-1], 4))  # since the loader was made
         with torch.profiler.record_function("bench::step"):
             out = original_step(self, *args, **kwargs)
         steps_out.append(time.perf_counter() - t0)  # ends with float(grad_norm): synchronised
@@ -355,15 +364,16 @@ def stage2(report: Report, loaded, alias: str, shots: int, store: Path, n: int, 
                      else {"online": True, "task": "shapes_vqa", "shots": shots, "n_queries": n, "layer_target": "mlp"})
         train_run(loaded, TrainConfig(**common, **mode_args, max_steps=2, name=f"warm-{mode}"), [])
         steps_s: list[float] = []
-        prof = StepProfile() if mode == "offline" and os.environ.get("STAGE2_PROFILE") and steps >= 14 else None
-        summary, timers = train_run(loaded, TrainConfig(**common, **mode_args, max_steps=steps, name=mode), steps_s,
-                                    prof)
-        if prof is not None:
-            report.extra["stage2_profile"] = prof.tables
-            print(prof.tables.get("by_cpu_total", ""), flush=True)
+        summary, timers = train_run(loaded, TrainConfig(**common, **mode_args, max_steps=steps, name=mode), steps_s)
         steady = statistics.median(steps_s[2:] if len(steps_s) > 4 else steps_s)
         results[mode] = {"summary": summary, "timers": dict(timers), "step_s": steps_s, "steady_step_s": steady}
     report.extra["stage2"] = results
+    if os.environ.get("STAGE2_PROFILE"):  # a separate offline run, so that the timed ones carry no profiler
+        prof, prof_steps = StepProfile(), []
+        train_run(loaded, TrainConfig(**common, cache=str(store), max_steps=14, name="profile"), prof_steps, prof)
+        report.extra["stage2_profile"] = {"step_s": prof_steps, **prof.tables}
+        for name, t in prof.tables.items():
+            print(name, t["by_cpu_total"][:4000], flush=True)
     off, on = results["offline"], results["online"]
     report.add("online samples/s (end to end)", on["summary"]["samples_per_s"], "samples/s")
     report.add("offline samples/s (end to end)", off["summary"]["samples_per_s"], "samples/s",

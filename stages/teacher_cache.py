@@ -11,6 +11,8 @@ Aligned positions: every query+answer token (query image tokens included), BOS e
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -84,10 +86,14 @@ class PlanData(torch.utils.data.Dataset):
 
 
 def plan_queries(task: Any, loaded: Loaded, shots: int, n_queries: int, seed: int,
-                 num_workers: int = 0, demos: str = "random") -> list[Planned]:
+                 num_workers: int = 0, demos: str = "random",
+                 meanwhile: Callable[[Planned], None] | None = None) -> list[Planned]:
     """Sample demonstrations and tokenise the student side of every query (for T_max and checks),
     in ``num_workers`` processes when > 0. ``demos="similar"``: the support split's index is built (or
-    read from its cache) and every query embedded here, in the main process, before workers fork."""
+    read from its cache) and every query embedded here, in the main process, before workers fork.
+    ``meanwhile``: with workers, called with the first query's plan on a thread of this process while the
+    workers plan (``warm_up``), after they forked and joined before this returns, so no later fork
+    happens while it runs."""
     queries = task.split("train")
     task.split("support")  # loaded before workers fork
     n = min(n_queries, len(queries))
@@ -102,7 +108,36 @@ def plan_queries(task: Any, loaded: Loaded, shots: int, n_queries: int, seed: in
         return [data[i] for i in range(n)]
     loader = torch.utils.data.DataLoader(data, batch_size=None, collate_fn=_keep, num_workers=num_workers,
                                          prefetch_factor=8)
-    return list(loader)
+    planned = iter(loader)  # the workers fork here
+    thread = None
+    if meanwhile is not None:
+        thread = threading.Thread(target=lambda: meanwhile(data[0]), name="teacher-warm-up", daemon=True)
+        thread.start()
+    try:
+        return list(planned)
+    finally:
+        if thread is not None:
+            thread.join()
+
+
+WARM_UP_DEVICES = ("cuda",)
+"""Devices whose first forwards of a process are slow enough to hide behind planning (``warm_up``)."""
+
+
+def warm_up(task: Any, loaded: Loaded, runner: TeacherRunner, first: Planned, limit: int | None) -> None:
+    """One forward of a batch shaped like stage 1's (the first query's teacher prompt, ``runner.batch_size``
+    times), nothing kept. Why: a process's first forwards on CUDA load libraries and kernels (cuDNN's
+    attention, cuBLAS); on the H200 the first shard of a fresh process took 5.9 s against 0.8 s warm
+    (docs/benchmarks.md, fifth round). ``plan_queries`` runs this on a thread while its workers plan, so
+    the cost overlaps planning instead of delaying the first shard. Any failure here is left to the real
+    forwards, which meet the same problem and report it (an over-long prompt, out of memory)."""
+    try:
+        prompt = teacher_prompts(task, loaded, [first], limit)[0]
+        runner.forward([prompt] * runner.batch_size)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - see the docstring: the run itself raises it with its own message
+        pass
 
 
 def store_attrs(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: int, plan: list[Planned]) -> dict:
@@ -319,27 +354,30 @@ def run(config: TeacherCacheConfig, loaded: Loaded | None = None, show_progress:
         loaded = load_for_stage(config.model, config.device, config.dtype, config.revision, config.trust_remote_code)
     check_task_fits_model(task, loaded)
     workers = config.num_workers if config.num_workers is not None else (4 if loaded.device.type == "cuda" else 0)
-    plan = plan_queries(task, loaded, shots, config.n_queries, config.seed, workers, config.demos)
+    limit = context_limit(loaded.model, config.max_length)
+    check_topk(loaded.model, config.topk)
+    runner = TeacherRunner(loaded, config.layer_target, config.topk, config.batch_size)
+    meanwhile = ((lambda first: warm_up(task, loaded, runner, first, limit))
+                 if loaded.device.type in WARM_UP_DEVICES else None)
+    plan = plan_queries(task, loaded, shots, config.n_queries, config.seed, workers, config.demos, meanwhile)
     geometry = loaded.geometry
     layout = StoreLayout(
         n_samples=len(plan), t_max=max(len(p.span_ids) for p in plan), n_layers=geometry.num_layers,
         hidden=geometry.hidden_size, shots=shots, shard_size=config.shard_size, topk=config.topk or None,
     )
-    limit = context_limit(loaded.model, config.max_length)
-    check_topk(loaded.model, config.topk)
     with held_on_rank0(store_lock(path), rank, world):
-        return _write(config, task, loaded, shots, plan, layout, path, limit, workers, show_progress)
+        return _write(config, task, loaded, shots, plan, layout, path, limit, workers, runner, show_progress)
 
 
 def _write(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: int, plan: list[Planned],
-           layout: StoreLayout, path: StorePath, limit: int | None, workers: int, show_progress: bool) -> StorePath:
+           layout: StoreLayout, path: StorePath, limit: int | None, workers: int, runner: TeacherRunner,
+           show_progress: bool) -> StorePath:
     """Create or resume the store at ``path`` (locked by the caller) and write the pending shards."""
     rank, world, _ = dist_info()
     geometry = loaded.geometry
     attrs = store_attrs(config, task, loaded, shots, plan) | {"shard_size": layout.shard_size}
     store = open_or_create(path, layout, attrs, config.overwrite, rank)
     pending = store.pending_shards(rank, world)
-    runner = TeacherRunner(loaded, config.layer_target, config.topk, config.batch_size)
     total = sum(len(store.shard_samples(s)) for s in pending)
     progress = Progress(total, f"teacher-cache {task.name} ({shots}-shot)", enabled=show_progress and rank == 0)
     with ShardWriter(store, writers=config.writers) as writer:

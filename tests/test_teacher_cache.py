@@ -136,6 +136,55 @@ def test_out_of_memory_with_prompt_workers_rebuilds_the_prompts(tmp_path, monkey
         assert np.array_equal(alone.read_array(k), halved.read_array(k)), k
 
 
+def test_warm_up_runs_one_batch_during_planning_and_changes_nothing(tmp_path, monkeypatch):
+    """On a device listed in WARM_UP_DEVICES (CUDA; here the CPU, patched in) with prompt workers, one forward
+    of a real-shaped batch (the first query's teacher prompt, batch-size times) runs on a thread while the
+    workers plan; the thread has ended before the shard workers fork; the store is bit for bit the one a run
+    without it writes."""
+    import copy
+    import threading
+
+    import stages.teacher_cache as tc
+    from pipeline.forward import TeacherRunner
+
+    fam = tiny("idefics2")
+    loaded = wrap_model(copy.deepcopy(fam.model), fam.processor, "tiny-idefics2")
+    plain = open_store(cache(tmp_path / "a", loaded, n_queries=6, batch_size=3, num_workers=2))
+    original, calls = TeacherRunner.forward, []
+
+    def forward(self, prompts, to_cpu=True, batch=None):
+        calls.append((threading.current_thread().name, [len(p.encoded) for p in prompts]))
+        return original(self, prompts, to_cpu, batch)
+
+    alive_at_shards = []
+    original_shards = tc.shard_prompts
+
+    def shard_prompts(*args, **kwargs):
+        alive_at_shards.append([t.name for t in threading.enumerate() if t.name == "teacher-warm-up"])
+        yield from original_shards(*args, **kwargs)
+
+    monkeypatch.setattr(TeacherRunner, "forward", forward)
+    monkeypatch.setattr(tc, "shard_prompts", shard_prompts)
+    monkeypatch.setattr(tc, "WARM_UP_DEVICES", ("cpu",))
+    warmed = open_store(cache(tmp_path / "b", loaded, n_queries=6, batch_size=3, num_workers=2))
+    name, lengths = calls[0]
+    assert name == "teacher-warm-up" and len(lengths) == 3 and len(set(lengths)) == 1
+    task = load_task("shapes_vqa")
+    rec = warmed.read(0)
+    assert rec.query_id == 0
+    demos = [task.split("support")[j] for j in rec.icd_ids]
+    first = build_prompt(fam.family, fam.processor, task.spec, task.split("train")[0], demos,
+                         [task.demo_answer(d) for d in demos], task.demo_answer(task.split("train")[0]))
+    assert lengths[0] == len(first.encoded)  # query 0's 2-shot teacher prompt, with its stored demonstrations
+    assert all(n == "MainThread" for n, _ in calls[1:]) and sum(len(x) for _, x in calls[1:]) == 6
+    assert alive_at_shards == [[]]
+    for k in ARRAYS:
+        assert np.array_equal(plain.read_array(k), warmed.read_array(k)), k
+    calls.clear()
+    cache(tmp_path / "c", loaded, n_queries=6, batch_size=3, num_workers=0)
+    assert all(n == "MainThread" for n, _ in calls)  # no workers: nothing to overlap, no warm-up
+
+
 def test_resume_and_refusals(tmp_path):
     fam = tiny("llama")
     loaded = wrap_model(fam.model, fam.processor, "tiny-llama")
