@@ -7,7 +7,8 @@ writes of the store, final validation); its forwards are timed by wrapping ``Tea
 and the prompts it saw are kept. The stock forward then runs the same batches (same order, same
 batch size, collated beforehand; host-to-device copy included) with attention routed to stock sdpa:
 once with every logit (a plain ``model(**batch)``) and once with ``logits_to_keep=1``.
-Stage 2: ``stages.train_student.run`` twice (offline, online) with the same model, batch and steps;
+Stage 2: ``stages.train_student.run`` twice (offline, online) with the same model, batch and steps (env
+``STAGE2_WORKERS=4,2``: offline again with those ``--num-workers``);
 per-step wall times come from wrapping ``Trainer.step`` and the waits for the DataLoader from wrapping
 ``Trainer.loader`` (the Trainer's own ``data_s`` is never incremented). With env ``STAGE2_PROFILE=1``, one more
 offline run of 14 steps runs its steps 0-3 and 10-13 under ``torch.profiler`` (CPU and CUDA), the step's parts marked
@@ -368,6 +369,14 @@ def stage2(report: Report, loaded, alias: str, shots: int, store: Path, n: int, 
         steady = statistics.median(steps_s[2:] if len(steps_s) > 4 else steps_s)
         results[mode] = {"summary": summary, "timers": dict(timers), "step_s": steps_s, "steady_step_s": steady}
     report.extra["stage2"] = results
+    for w in filter(None, os.environ.get("STAGE2_WORKERS", "").split(",")):  # offline again, other --num-workers
+        steps_w: list[float] = []
+        summary_w, timers_w = train_run(loaded, TrainConfig(**{**common, "num_workers": int(w)}, cache=str(store),
+                                                            max_steps=steps, name=f"offline-w{w}"), steps_w)
+        results[f"offline-w{w}"] = {"summary": summary_w, "timers": dict(timers_w), "step_s": steps_w,
+                                    "steady_step_s": statistics.median(steps_w[2:] if len(steps_w) > 4 else steps_w)}
+        report.add(f"offline samples/s (end to end, --num-workers {w})", summary_w["samples_per_s"], "samples/s",
+                   ref="online samples/s (end to end)")
     if os.environ.get("STAGE2_PROFILE"):  # a separate offline run, so that the timed ones carry no profiler
         prof, prof_steps = StepProfile(), []
         train_run(loaded, TrainConfig(**common, cache=str(store), max_steps=14, name="profile"), prof_steps, prof)
