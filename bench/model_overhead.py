@@ -10,11 +10,16 @@ parameters' gradients. Figures are medians of synchronised wall-clock times of w
 ``train-student --compile`` runs it), stock vs MimIC with the default (eager-op) kernels, the trainer's
 path (the third round on the H200 compiled the fused variant instead), each warmed up untimed so that
 compilation is excluded; the compile seconds (the warm-up calls) are reported apart.
+
+Env: ``OVERHEAD_EAGER`` / ``OVERHEAD_COMPILED`` (comma-separated routings, default ``sdpa,mimic,mimic-eager``
+/ ``sdpa,mimic-eager``) to measure fewer; ``OVERHEAD_PROFILE=1``: after each compiled forward+backward,
+``torch.profiler`` over 3 more calls (tables in ``suite.json``, ``overhead_profile``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from typing import Any
 
@@ -71,12 +76,31 @@ def overhead(report: Report, loaded, teacher_batch: dict | None, batch: int, ite
     shapes = {"student": student_batch}
     if teacher_batch is not None:
         shapes["teacher"] = teacher_batch
-    for routing in ("sdpa", "mimic", "mimic-eager"):
+    for routing in os.environ.get("OVERHEAD_EAGER", "sdpa,mimic,mimic-eager").split(","):
         measure(report, loaded, shapes, routing, iters, compiled=False)
     # compiled: stock and the trainer's path (MimIC with the default, eager-op kernels)
-    for routing in ("sdpa", "mimic-eager"):
+    for routing in os.environ.get("OVERHEAD_COMPILED", "sdpa,mimic-eager").split(","):
         measure(report, loaded, shapes, routing, iters, compiled=True)
     set_attention(model, "mimic")
+
+
+def profile_calls(fn, calls: int = 3) -> dict:
+    """Key averages of ``calls`` calls of ``fn`` under torch.profiler (CPU and CUDA): by CPU total, by device
+    self time."""
+    from harness import sync
+
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    sync()
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        sync()
+    ka = prof.key_averages()
+    return {"calls": calls,
+            "by_cpu_total": ka.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60),
+            "by_device_self": ka.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60)}
 
 
 def measure(report: Report, loaded, shapes: dict, routing: str, iters: int, compiled: bool) -> None:
@@ -128,6 +152,8 @@ def measure(report: Report, loaded, shapes: dict, routing: str, iters: int, comp
             ref = f"{prefix}fwd+bwd stock sdpa student B{len(b['input_ids'])}/T{b['input_ids'].shape[1]}"
             label = ref if routing == "sdpa" else ref.replace("stock sdpa", TAGS[routing])
             timed(label, _fwd_bwd(model, b), None if routing == "sdpa" else ref)
+            if compiled and os.environ.get("OVERHEAD_PROFILE"):
+                report.extra.setdefault("overhead_profile", {})[label] = profile_calls(_fwd_bwd(model, b))
         finally:
             hook.remove()
     finally:

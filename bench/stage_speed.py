@@ -186,7 +186,14 @@ def stage1(report: Report, loaded, alias: str, shots: int, n: int, batch: int, w
     """Teacher-cache with store vs stock forward; returns the store path and per-sample numbers.
 
     Twice: cold (the first teacher-cache of this process, as a user meets it: call this first) and warm
-    (the same again in the same process); the stock forward runs after both."""
+    (the same again in the same process); the stock forward runs after both. Env ``STAGE1_STORE_ONLY=1``:
+    the cold run only (stage 2's store), no stock forward."""
+    if os.environ.get("STAGE1_STORE_ONLY"):  # one (cold) teacher-cache for stage 2's store, nothing compared
+        run = teacher_cache_run(loaded, alias, shots, n, batch, workers, work / "stage1.zarr", writers)
+        run.pop("runs")
+        report.extra["stage1"] = {"n": n, "batch": batch, "cold_timers": run, "store_only": True}
+        report.add("teacher-cache + store samples/s (cold: first run of the process)", n / run["wall_s"], "samples/s")
+        return {"store": work / "stage1.zarr", "samples_per_s": n / run["wall_s"], "n": n}
     cold = teacher_cache_run(loaded, alias, shots, n, batch, workers, work / "stage1-cold.zarr", writers)
     cold.pop("runs")
     run = teacher_cache_run(loaded, alias, shots, n, batch, workers, work / "stage1.zarr", writers)

@@ -47,6 +47,21 @@ UNSUPPORTED = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpe
                DistributedType.MEGATRON_LM: "Megatron-LM", DistributedType.XLA: "XLA"}
 
 
+WORKER_NICENESS = 5
+"""How much lower the CPU priority of train-student's loader workers is than the training process's."""
+
+
+def yield_cpu(_worker_id: int) -> None:
+    """A loader worker's first act: lower its CPU priority by ``WORKER_NICENESS``. Why: on a GPU the student
+    step is bound by the host (one Python thread issuing ~5,300 kernels a step, the device busy ~38% of it),
+    and while 8 workers filled their queues the first ~10 steps of an epoch took 0.6-0.8 s instead of
+    0.23 s on the H200 (docs/benchmarks.md, fifth round). Where the system refuses, the worker goes on as it is."""
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError:
+        pass
+
+
 def check_tracker(report_to: str) -> None:
     """Refuse a tracker whose package is missing (accelerate would only warn and train without it)."""
     package = TRACKER_PACKAGES.get(report_to)
@@ -377,11 +392,12 @@ class Trainer:
         return n if n is not None else (4 if self.loaded.device.type == "cuda" else 0)
 
     def loader(self, micro_batches: list[list[int]]) -> torch.utils.data.DataLoader:
-        """Reads (store, images, tokenisation) in ``num_workers`` processes while the device computes."""
+        """Reads (store, images, tokenisation) in ``num_workers`` processes while the device computes; the
+        workers run at a lower CPU priority (``yield_cpu``)."""
         return torch.utils.data.DataLoader(
             self.data, batch_sampler=micro_batches, collate_fn=StudentCollate(self.loaded.family, self.loaded.processor),
             num_workers=self.workers, prefetch_factor=4 if self.workers else None,
-            pin_memory=self.loaded.device.type == "cuda",
+            pin_memory=self.loaded.device.type == "cuda", worker_init_fn=yield_cpu if self.workers else None,
         )
 
     def step(self, group: list[list[Item]], epoch: int, opt: Any, sched: Any, params: list) -> dict:

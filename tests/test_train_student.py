@@ -141,6 +141,33 @@ def test_loader_micro_batches_give_the_loss_of_items_collated_here(tmp_path, onl
     trainer.student.detach()
 
 
+def _niceness(_item):
+    import os
+
+    return os.nice(0)
+
+
+def test_loader_workers_run_at_a_lower_cpu_priority(tmp_path, llama):
+    """The training loader's workers lower their CPU priority as they start (the step is host-bound on a GPU);
+    the training process keeps its own."""
+    import os
+
+    from stages.trainer import WORKER_NICENESS
+
+    store = make_store(tmp_path, llama, n=4)
+    trainer = setup(train_cfg(tmp_path, store, num_workers=2), llama)
+    try:
+        loader = trainer.loader(trainer.epoch_groups(0)[0])
+        assert loader.num_workers == 2
+        before = os.nice(0)
+        probe = torch.utils.data.DataLoader(range(4), batch_size=None, num_workers=2, collate_fn=_niceness,
+                                            worker_init_fn=loader.worker_init_fn)
+        assert list(probe) == [min(19, before + WORKER_NICENESS)] * 4
+        assert os.nice(0) == before
+    finally:
+        trainer.student.detach()
+
+
 @pytest.mark.parametrize("method", ["live", "lora"])
 def test_baselines_train_save_and_reload(tmp_path, llama, method):
     base_keys = set(llama.model.state_dict())
