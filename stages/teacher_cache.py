@@ -122,6 +122,8 @@ def plan_queries(task: Any, loaded: Loaded, shots: int, n_queries: int, seed: in
 
 WARM_UP_DEVICES = ("cuda",)
 """Devices whose first forwards of a process are slow enough to hide behind planning (``warm_up``)."""
+WARMED: set[str] = set()
+"""Devices this process warmed up already: its first teacher-cache only (a process loads libraries once)."""
 
 
 def warm_up(task: Any, loaded: Loaded, runner: TeacherRunner, first: Planned, limit: int | None) -> None:
@@ -130,10 +132,13 @@ def warm_up(task: Any, loaded: Loaded, runner: TeacherRunner, first: Planned, li
     attention, cuBLAS); on the H200 the first shard of a fresh process took 5.9 s against 0.8 s warm
     (docs/benchmarks.md, fifth round). ``plan_queries`` runs this on a thread while its workers plan, so
     the cost overlaps planning instead of delaying the first shard. Any failure here is left to the real
-    forwards, which meet the same problem and report it (an over-long prompt, out of memory)."""
+    forwards, which meet the same problem and report it (an over-long prompt, out of memory). Once per
+    device and process (``WARMED``): a second teacher-cache of the same process finds everything loaded, and
+    the warm-up would only hold the GIL while the plan comes in (+0.85 s of planning in such a run)."""
     try:
         prompt = teacher_prompts(task, loaded, [first], limit)[0]
         runner.forward([prompt] * runner.batch_size)
+        WARMED.add(str(loaded.device))
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
     except Exception:  # noqa: BLE001 - see the docstring: the run itself raises it with its own message
@@ -358,7 +363,7 @@ def run(config: TeacherCacheConfig, loaded: Loaded | None = None, show_progress:
     check_topk(loaded.model, config.topk)
     runner = TeacherRunner(loaded, config.layer_target, config.topk, config.batch_size)
     meanwhile = ((lambda first: warm_up(task, loaded, runner, first, limit))
-                 if loaded.device.type in WARM_UP_DEVICES else None)
+                 if loaded.device.type in WARM_UP_DEVICES and str(loaded.device) not in WARMED else None)
     plan = plan_queries(task, loaded, shots, config.n_queries, config.seed, workers, config.demos, meanwhile)
     geometry = loaded.geometry
     layout = StoreLayout(

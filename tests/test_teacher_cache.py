@@ -139,8 +139,8 @@ def test_out_of_memory_with_prompt_workers_rebuilds_the_prompts(tmp_path, monkey
 def test_warm_up_runs_one_batch_during_planning_and_changes_nothing(tmp_path, monkeypatch):
     """On a device listed in WARM_UP_DEVICES (CUDA; here the CPU, patched in) with prompt workers, one forward
     of a real-shaped batch (the first query's teacher prompt, batch-size times) runs on a thread while the
-    workers plan; the thread has ended before the shard workers fork; the store is bit for bit the one a run
-    without it writes."""
+    workers plan, in the first teacher-cache of the process only; the thread has ended before the shard
+    workers fork; the store is bit for bit the one a run without it writes."""
     import copy
     import threading
 
@@ -166,6 +166,7 @@ def test_warm_up_runs_one_batch_during_planning_and_changes_nothing(tmp_path, mo
     monkeypatch.setattr(TeacherRunner, "forward", forward)
     monkeypatch.setattr(tc, "shard_prompts", shard_prompts)
     monkeypatch.setattr(tc, "WARM_UP_DEVICES", ("cpu",))
+    monkeypatch.setattr(tc, "WARMED", set())
     warmed = open_store(cache(tmp_path / "b", loaded, n_queries=6, batch_size=3, num_workers=2))
     name, lengths = calls[0]
     assert name == "teacher-warm-up" and len(lengths) == 3 and len(set(lengths)) == 1
@@ -181,8 +182,12 @@ def test_warm_up_runs_one_batch_during_planning_and_changes_nothing(tmp_path, mo
     for k in ARRAYS:
         assert np.array_equal(plain.read_array(k), warmed.read_array(k)), k
     calls.clear()
-    cache(tmp_path / "c", loaded, n_queries=6, batch_size=3, num_workers=0)
-    assert all(n == "MainThread" for n, _ in calls)  # no workers: nothing to overlap, no warm-up
+    cache(tmp_path / "c", loaded, n_queries=6, batch_size=3, num_workers=2)
+    assert calls and all(n == "MainThread" for n, _ in calls)  # once per process: this one is warm
+    calls.clear()
+    monkeypatch.setattr(tc, "WARMED", set())
+    cache(tmp_path / "d", loaded, n_queries=6, batch_size=3, num_workers=0)
+    assert calls and all(n == "MainThread" for n, _ in calls)  # no workers: nothing to overlap, no warm-up
 
 
 def test_resume_and_refusals(tmp_path):
