@@ -5,10 +5,9 @@ without any file of the package knowing about it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -58,14 +57,17 @@ def plugin_env(tmp_path_factory):
             "PYTHONPATH": os.pathsep.join([str(REPO), str(site)])}
 
 
-def pipeline(env, *args, cwd):
-    res = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], env=env, cwd=cwd,
-                         capture_output=True, text=True, timeout=300)
+def _pipeline(warm, env, *args, cwd):
+    """``python -m pipeline ARGS`` in a process of its own (forked by conftest's ``warm_pipeline`` from a server
+    started with ``env``, the plugin's site on its path)."""
+    res = warm.run(list(map(str, args)), env=env, cwd=cwd, timeout=300)
     assert res.returncode == 0, f"pipeline {' '.join(map(str, args))}:\n{res.stderr[-3000:]}"
     return res
 
 
-def test_toy_method_trains_saves_loads_and_evaluates_through_the_cli(tmp_path, plugin_env):
+def test_toy_method_trains_saves_loads_and_evaluates_through_the_cli(tmp_path, plugin_env, warm_pipeline):
+    warm_pipeline.prestart(plugin_env, 1)  # the server imports torch while the model is saved
+    pipeline = functools.partial(_pipeline, warm_pipeline)
     fam = tiny("llama")
     model = tmp_path / "model"
     fam.model.save_pretrained(model)
@@ -93,9 +95,9 @@ def test_toy_method_trains_saves_loads_and_evaluates_through_the_cli(tmp_path, p
     assert result["l2"]["mean"]["student"] != result["l2"]["mean"]["zero-shot"]
 
 
-def test_unknown_method_is_a_one_line_error_listing_the_methods(tmp_path, plugin_env):
-    res = subprocess.run([sys.executable, "-m", "pipeline", "train-student", "--cache", "x.zarr", "--method", "nope"],
-                         env=plugin_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+def test_unknown_method_is_a_one_line_error_listing_the_methods(tmp_path, plugin_env, warm_pipeline):
+    res = warm_pipeline.run(["train-student", "--cache", "x.zarr", "--method", "nope"], env=plugin_env, cwd=tmp_path,
+                            timeout=300)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "unknown student method 'nope'" in res.stderr
     assert all(name in res.stderr for name in ("mimic", "live", "lora", "toy-bias"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -170,7 +169,7 @@ def test_builtin_tasks_are_yaml_files_too():
     assert (TASKS_DIR / "_words.yaml").is_file() and "_words" not in task_names()  # a template, not a task
 
 
-def test_a_hooked_task_runs_through_the_cli(tmp_path):
+def test_a_hooked_task_runs_through_the_cli(tmp_path, warm_pipeline):
     """teacher-cache records the hook prompt's identity; evaluate scores with the hook metric (each record's
     score recomputed here from the prediction); an edited prompt hook makes the store stale."""
     path = write_task(tmp_path / "task", HOOKED)
@@ -181,9 +180,8 @@ def test_a_hooked_task_runs_through_the_cli(tmp_path):
     fam.processor.save_pretrained(model)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
-    def pipeline(*args, ok=True):
-        res = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], env=env, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=300)
+    def pipeline(*args, ok=True):  # a process of its own, forked from a server that imported torch (conftest)
+        res = warm_pipeline.run(list(map(str, args)), env=env, cwd=tmp_path, timeout=300)
         assert (res.returncode == 0) == ok, res.stderr[-3000:]
         return res
 
