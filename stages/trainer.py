@@ -53,9 +53,12 @@ WORKER_NICENESS = 5
 
 def yield_cpu(_worker_id: int) -> None:
     """A loader worker's first act: lower its CPU priority by ``WORKER_NICENESS``. Why: on a GPU the student
-    step is bound by the host (one Python thread issuing ~5,300 kernels a step, the device busy ~38% of it),
+    step is bound by the host (one Python thread issuing ~6,100 kernels a step, the device busy ~38% of it),
     and while 8 workers filled their queues the first ~10 steps of an epoch took 0.6-0.8 s instead of
-    0.23 s on the H200 (docs/benchmarks.md, fifth round). Where the system refuses, the worker goes on as it is."""
+    0.23 s on the H200. Measured once with and once without (docs/benchmarks.md, fifth round): the slow start
+    of 8 workers went from 4.7 s to 4.1 s above the steady steps, the steady step from 0.233 to 0.201 s;
+    within run-to-run noise, so not shown to help, kept as harmless. Where the system refuses, the worker
+    goes on as it is."""
     try:
         os.nice(WORKER_NICENESS)
     except OSError:
