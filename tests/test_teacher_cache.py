@@ -188,6 +188,10 @@ def test_warm_up_runs_one_batch_during_planning_and_changes_nothing(tmp_path, mo
     monkeypatch.setattr(tc, "WARMED", set())
     cache(tmp_path / "d", loaded, n_queries=6, batch_size=3, num_workers=0)
     assert calls and all(n == "MainThread" for n, _ in calls)  # no workers: nothing to overlap, no warm-up
+    monkeypatch.setattr(tc, "WARMED", set())  # a prompt over the limit fails the warm-up quietly, then the run
+    with pytest.raises(UserError, match="more than the limit 20") as err:
+        cache(tmp_path / "e", loaded, n_queries=6, batch_size=3, num_workers=2, max_length=20)
+    assert "Traceback" not in str(err.value) and not tc.WARMED
 
 
 def test_resume_and_refusals(tmp_path):
