@@ -167,6 +167,22 @@ def time_fn(fn: Callable[[], Any], warmup: int = 2, iters: int = 10) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "n": iters}
 
 
+def profiler(**kwargs: Any) -> Any:
+    """``torch.profiler.profile`` over the CPU and, where there is one, the GPU."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=acts, **kwargs)
+
+
+def profile_tables(prof: Any, rows: int = 30) -> dict[str, str]:
+    """A finished profile's key averages: by CPU total (where the host time goes, the step's parts
+    included) and by device self time (which kernels the GPU runs)."""
+    ka = prof.key_averages()
+    return {"by_cpu_total": ka.table(sort_by="cpu_time_total", row_limit=rows, max_name_column_width=60),
+            "by_device_self": ka.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60)}
+
+
 def bench_kernel(fn: Callable[[], Any], warmup_ms: int = 50, rep_ms: int = 200) -> float:
     """Median ms of a short GPU call (triton's do_bench: CUDA events, L2 flushed between calls);
     a synchronised wall-clock median on CPU."""

@@ -87,20 +87,14 @@ def overhead(report: Report, loaded, teacher_batch: dict | None, batch: int, ite
 def profile_calls(fn, calls: int = 3) -> dict:
     """Key averages of ``calls`` calls of ``fn`` under torch.profiler (CPU and CUDA): by CPU total, by device
     self time."""
-    from harness import sync
+    from harness import profile_tables, profiler, sync
 
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
     sync()
-    with torch.profiler.profile(activities=acts) as prof:
+    with profiler() as prof:
         for _ in range(calls):
             fn()
         sync()
-    ka = prof.key_averages()
-    return {"calls": calls,
-            "by_cpu_total": ka.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60),
-            "by_device_self": ka.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60)}
+    return {"calls": calls, **profile_tables(prof)}
 
 
 def measure(report: Report, loaded, shapes: dict, routing: str, iters: int, compiled: bool) -> None:

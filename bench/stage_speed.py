@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import Report, counted_flops, forward_flops, set_attention, sync
+from harness import Report, counted_flops, forward_flops, profile_tables, profiler, set_attention, sync
 
 
 class Timers(dict):
@@ -294,10 +294,7 @@ class StepProfile:
 
     def before(self, index: int) -> None:
         if any(index == first for first, _ in self.windows):
-            acts = [torch.profiler.ProfilerActivity.CPU]
-            if torch.cuda.is_available():
-                acts.append(torch.profiler.ProfilerActivity.CUDA)
-            self.prof = torch.profiler.profile(activities=acts)
+            self.prof = profiler()
             self.prof.__enter__()
 
     def after(self, index: int) -> None:
@@ -305,10 +302,7 @@ class StepProfile:
         if self.prof is not None and window is not None:
             sync()
             self.prof.__exit__(None, None, None)
-            ka = self.prof.key_averages()
-            self.tables[f"steps {window[0]}-{index}"] = {
-                "by_cpu_total": ka.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60),
-                "by_device_self": ka.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60)}
+            self.tables[f"steps {window[0]}-{index}"] = profile_tables(self.prof, rows=40)
             self.prof = None
 
 
