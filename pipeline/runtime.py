@@ -122,6 +122,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return choices[dtype]
 
 
+def loader_workers(num_workers: int | None, device: torch.device) -> int:
+    """``--num-workers`` of teacher-cache and train-student: as given, else 4 on CUDA (the device must not wait
+    for prompts and collation) and 0 on the CPU (the work runs in the main process)."""
+    return num_workers if num_workers is not None else (4 if device.type == "cuda" else 0)
+
+
 def load_for_stage(
     name: str,
     device: str = "auto",

@@ -35,6 +35,7 @@ from pipeline.runtime import (
     default_store_path,
     dist_info,
     load_for_stage,
+    loader_workers,
 )
 from pipeline.settings import TeacherCacheConfig
 from pipeline.store import (
@@ -358,7 +359,7 @@ def run(config: TeacherCacheConfig, loaded: Loaded | None = None, show_progress:
     if loaded is None:
         loaded = load_for_stage(config.model, config.device, config.dtype, config.revision, config.trust_remote_code)
     check_task_fits_model(task, loaded)
-    workers = config.num_workers if config.num_workers is not None else (4 if loaded.device.type == "cuda" else 0)
+    workers = loader_workers(config.num_workers, loaded.device)
     limit = context_limit(loaded.model, config.max_length)
     check_topk(loaded.model, config.topk)
     runner = TeacherRunner(loaded, config.layer_target, config.topk, config.batch_size)

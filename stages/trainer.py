@@ -30,7 +30,7 @@ from pipeline.forward import TeacherRunner, forward_states, pad_states
 from pipeline.losses import align_l2sum, align_mse, answer_ce, gather_positions, kl_topk
 from pipeline.methods import get_method
 from pipeline.rundir import Checkpoint, RunDir
-from pipeline.runtime import Loaded, Progress, make_accelerator
+from pipeline.runtime import Loaded, Progress, loader_workers, make_accelerator
 from stages.training import Item, StudentCollate, StudentData, steps_per_epoch
 
 AUTO_COMPILE_STEPS = 2500
@@ -390,9 +390,8 @@ class Trainer:
 
     @property
     def workers(self) -> int:
-        """``--num-workers``, by default 4 on CUDA (the step must not wait for collation) and 0 on the CPU."""
-        n = self.config.num_workers
-        return n if n is not None else (4 if self.loaded.device.type == "cuda" else 0)
+        """``--num-workers``, by default 4 on CUDA and 0 on the CPU (``loader_workers``)."""
+        return loader_workers(self.config.num_workers, self.loaded.device)
 
     def loader(self, micro_batches: list[list[int]]) -> torch.utils.data.DataLoader:
         """Reads (store, images, tokenisation) in ``num_workers`` processes while the device computes; the

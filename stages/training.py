@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from pipeline.config import UserError
-from pipeline.forward import pad_states, without_images
+from pipeline.forward import pad_states, pin_batch, without_images
 from pipeline.prompts import DemoCache, build_prompt, check_alignment
 from pipeline.retrieval import model_index
 from pipeline.runtime import Loaded
@@ -152,7 +152,7 @@ class MicroBatch(list):
 
     def pin_memory(self) -> MicroBatch:
         if self.batch is not None:
-            self.batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in self.batch.items()}
+            self.batch = pin_batch(self.batch, True)
         if self.teacher is not None:
             self.teacher = self.teacher.pin_memory()
         return self
