@@ -12,7 +12,7 @@ path (the third round on the H200 compiled the fused variant instead), each warm
 compilation is excluded; the compile seconds (the warm-up calls) are reported apart.
 
 Env: ``OVERHEAD_EAGER`` / ``OVERHEAD_COMPILED`` (comma-separated routings, default ``sdpa,mimic,mimic-eager``
-/ ``sdpa,mimic-eager``) to measure fewer; ``OVERHEAD_PROFILE=1``: after each compiled forward+backward,
+/ ``sdpa,mimic-eager``) to measure fewer; ``OVERHEAD_PROFILE=1``: after each forward+backward (eager and compiled),
 ``torch.profiler`` over 3 more calls (tables in ``suite.json``, ``overhead_profile``).
 """
 
@@ -146,7 +146,7 @@ def measure(report: Report, loaded, shapes: dict, routing: str, iters: int, comp
             ref = f"{prefix}fwd+bwd stock sdpa student B{len(b['input_ids'])}/T{b['input_ids'].shape[1]}"
             label = ref if routing == "sdpa" else ref.replace("stock sdpa", TAGS[routing])
             timed(label, _fwd_bwd(model, b), None if routing == "sdpa" else ref)
-            if compiled and os.environ.get("OVERHEAD_PROFILE"):
+            if os.environ.get("OVERHEAD_PROFILE"):
                 report.extra.setdefault("overhead_profile", {})[label] = profile_calls(_fwd_bwd(model, b))
         finally:
             hook.remove()
