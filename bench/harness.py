@@ -183,6 +183,19 @@ def profile_tables(prof: Any, rows: int = 30) -> dict[str, str]:
             "by_device_self": ka.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60)}
 
 
+def longest_events(prof: Any, rows: int = 60) -> list[tuple]:
+    """The ``rows`` longest single host events of a finished profile: (name, thread, start s, ms), start counted
+    from the profile's first event. One-time costs (a first allocation, a kernel module loaded, a plan built)
+    hide inside the key averages' sums; here each shows on its own."""
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+    if not events:
+        return []
+    t0 = min(e.time_range.start for e in events)
+    events.sort(key=lambda e: e.time_range.elapsed_us(), reverse=True)
+    return [(e.name[:80], e.thread, round((e.time_range.start - t0) / 1e6, 3), round(e.time_range.elapsed_us() / 1e3, 2))
+            for e in events[:rows]]
+
+
 def bench_kernel(fn: Callable[[], Any], warmup_ms: int = 50, rep_ms: int = 200) -> float:
     """Median ms of a short GPU call (triton's do_bench: CUDA events, L2 flushed between calls);
     a synchronised wall-clock median on CPU."""

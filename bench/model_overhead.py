@@ -13,7 +13,10 @@ compilation is excluded; the compile seconds (the warm-up calls) are reported ap
 
 Env: ``OVERHEAD_EAGER`` / ``OVERHEAD_COMPILED`` (comma-separated routings, default ``sdpa,mimic,mimic-eager``
 / ``sdpa,mimic-eager``) to measure fewer; ``OVERHEAD_PROFILE=1``: after each forward+backward (eager and compiled),
-``torch.profiler`` over 3 more calls (tables in ``suite.json``, ``overhead_profile``).
+``torch.profiler`` over 3 more calls (tables in ``suite.json``, ``overhead_profile``); ``OVERHEAD_MODE``: the
+``torch.compile`` mode of the compiled figures (e.g. ``reduce-overhead``: the compiled graphs replayed as CUDA
+graphs; each call then starts with ``torch.compiler.cudagraph_mark_step_begin``); ``OVERHEAD_FWD=0``: the
+forward+backward figures only.
 """
 
 from __future__ import annotations
@@ -61,8 +64,10 @@ def _fwd(model, b):
     return run
 
 
-def _fwd_bwd(model, b):
+def _fwd_bwd(model, b, graphs: bool = False):
     def run():
+        if graphs:  # a new step: the graphs' outputs of the previous call may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         out = model(**b, use_cache=False)
         out.logits.float().pow(2).mean().backward()
     return run
@@ -76,10 +81,10 @@ def overhead(report: Report, loaded, teacher_batch: dict | None, batch: int, ite
     shapes = {"student": student_batch}
     if teacher_batch is not None:
         shapes["teacher"] = teacher_batch
-    for routing in os.environ.get("OVERHEAD_EAGER", "sdpa,mimic,mimic-eager").split(","):
+    for routing in filter(None, os.environ.get("OVERHEAD_EAGER", "sdpa,mimic,mimic-eager").split(",")):
         measure(report, loaded, shapes, routing, iters, compiled=False)
     # compiled: stock and the trainer's path (MimIC with the default, eager-op kernels)
-    for routing in os.environ.get("OVERHEAD_COMPILED", "sdpa,mimic-eager").split(","):
+    for routing in filter(None, os.environ.get("OVERHEAD_COMPILED", "sdpa,mimic-eager").split(",")):
         measure(report, loaded, shapes, routing, iters, compiled=True)
     set_attention(model, "mimic")
 
@@ -107,7 +112,8 @@ def measure(report: Report, loaded, shapes: dict, routing: str, iters: int, comp
     from pipeline.students import new_student
 
     model, student_batch = loaded.model, shapes["student"]
-    prefix = "compiled " if compiled else ""
+    mode = os.environ.get("OVERHEAD_MODE") if compiled else None
+    prefix = (f"compiled ({mode}) " if mode else "compiled ") if compiled else ""
     student = None
     set_attention(model, "sdpa" if routing == "sdpa" else "mimic")
     if routing != "sdpa":
@@ -135,8 +141,8 @@ def measure(report: Report, loaded, shapes: dict, routing: str, iters: int, comp
     try:
         if compiled:
             torch._dynamo.reset()
-            stack.enter_context(forward_replaced(model, compile_fn(model.forward)))
-        for name, b in shapes.items():
+            stack.enter_context(forward_replaced(model, compile_fn(model.forward, **({"mode": mode} if mode else {}))))
+        for name, b in shapes.items() if os.environ.get("OVERHEAD_FWD", "1") != "0" else ():
             ref = f"{prefix}fwd stock sdpa {name} B{len(b['input_ids'])}/T{b['input_ids'].shape[1]}"
             label = ref if routing == "sdpa" else ref.replace("stock sdpa", TAGS[routing])
             timed(label, _fwd(model, b), None if routing == "sdpa" else ref)
@@ -145,9 +151,10 @@ def measure(report: Report, loaded, shapes: dict, routing: str, iters: int, comp
             b = student_batch
             ref = f"{prefix}fwd+bwd stock sdpa student B{len(b['input_ids'])}/T{b['input_ids'].shape[1]}"
             label = ref if routing == "sdpa" else ref.replace("stock sdpa", TAGS[routing])
-            timed(label, _fwd_bwd(model, b), None if routing == "sdpa" else ref)
+            timed(label, _fwd_bwd(model, b, mode == "reduce-overhead"), None if routing == "sdpa" else ref)
             if os.environ.get("OVERHEAD_PROFILE"):
-                report.extra.setdefault("overhead_profile", {})[label] = profile_calls(_fwd_bwd(model, b))
+                report.extra.setdefault("overhead_profile", {})[label] = profile_calls(
+                    _fwd_bwd(model, b, mode == "reduce-overhead"))
         finally:
             hook.remove()
     finally:

@@ -14,10 +14,13 @@ per-step wall times come from wrapping ``Trainer.step`` and the waits for the Da
 offline run of 14 steps runs its steps 0-3 and 10-13 under ``torch.profiler`` (CPU and CUDA), the step's parts marked
 (``bench::step``, ``bench::accumulate``, ``bench::targets``, ``bench::student_loss``, ``bench::backward``;
 step minus accumulate: clipping, optimiser, schedule); the tables land in ``suite.json`` (``stage2_profile``).
+With ``STAGE1_STORE_ONLY=1 STAGE1_PROFILE=1`` the one cold teacher-cache runs under ``torch.profiler``
+(``stage1_profile``: key averages and the longest single host events, for the first shard's one-time costs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -26,7 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import Report, counted_flops, forward_flops, profile_tables, profiler, set_attention, sync
+from harness import (
+    Report,
+    counted_flops,
+    forward_flops,
+    longest_events,
+    profile_tables,
+    profiler,
+    set_attention,
+    sync,
+)
 
 
 class Timers(dict):
@@ -39,7 +51,8 @@ def _wrap(owner: Any, name: str, timers: Timers, key: str, keep: list | None = N
 
     def wrapped(*args, **kwargs):
         t0 = time.perf_counter()
-        out = original(*args, **kwargs)
+        with torch.profiler.record_function(f"bench::{key}"):  # a named range when a profiler runs
+            out = original(*args, **kwargs)
         sync()
         timers.add(key, time.perf_counter() - t0)
         if keep is not None:
@@ -83,7 +96,9 @@ def _model_timer(model: Any, timers: Timers):
 
     def post(_m, _args, _kwargs, _out):
         sync()
-        timers.add("model_forward_s", time.perf_counter() - start["t"])
+        end = time.perf_counter()
+        timers.add("model_forward_s", end - start["t"])
+        timers.setdefault("model_forward_s_each", []).append(round(end - start["t"], 4))
 
     handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
                model.register_forward_hook(post, with_kwargs=True)]
@@ -189,9 +204,13 @@ def stage1(report: Report, loaded, alias: str, shots: int, n: int, batch: int, w
     (the same again in the same process); the stock forward runs after both. Env ``STAGE1_STORE_ONLY=1``:
     the cold run only (stage 2's store), no stock forward."""
     if os.environ.get("STAGE1_STORE_ONLY"):  # one (cold) teacher-cache for stage 2's store, nothing compared
-        run = teacher_cache_run(loaded, alias, shots, n, batch, workers, work / "stage1.zarr", writers)
+        prof = profiler() if os.environ.get("STAGE1_PROFILE") else contextlib.nullcontext()
+        with prof:
+            run = teacher_cache_run(loaded, alias, shots, n, batch, workers, work / "stage1.zarr", writers)
         run.pop("runs")
         report.extra["stage1"] = {"n": n, "batch": batch, "cold_timers": run, "store_only": True}
+        if os.environ.get("STAGE1_PROFILE"):  # the cold run under torch.profiler: where a fresh process's first shard goes
+            report.extra["stage1_profile"] = {**profile_tables(prof, rows=50), "longest": longest_events(prof)}
         report.add("teacher-cache + store samples/s (cold: first run of the process)", n / run["wall_s"], "samples/s")
         return {"store": work / "stage1.zarr", "samples_per_s": n / run["wall_s"], "n": n}
     cold = teacher_cache_run(loaded, alias, shots, n, batch, workers, work / "stage1-cold.zarr", writers)
