@@ -87,11 +87,15 @@ def _timed_generator(module: Any, name: str, timers: Timers, key: str):
 
 
 def _model_timer(model: Any, timers: Timers):
-    """Synchronised wall time of every model forward (hooks on the top module)."""
+    """Synchronised wall time of every model forward (hooks on the top module), each with its batch shape."""
     start = {}
 
-    def pre(_m, _args, _kwargs):
+    def pre(_m, _args, kwargs):
         sync()
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        if ids is not None:  # (B, T, padded?): which attention kind each forward ran
+            timers.setdefault("model_forward_shape_each", []).append(
+                (*ids.shape, bool(mask is not None and not bool(mask.all()))))
         start["t"] = time.perf_counter()
 
     def post(_m, _args, _kwargs, _out):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -88,13 +88,13 @@ class PlanData(torch.utils.data.Dataset):
 
 def plan_queries(task: Any, loaded: Loaded, shots: int, n_queries: int, seed: int,
                  num_workers: int = 0, demos: str = "random",
-                 meanwhile: Callable[[Planned], None] | None = None) -> list[Planned]:
+                 meanwhile: Callable[[Sequence[Planned]], None] | None = None) -> list[Planned]:
     """Sample demonstrations and tokenise the student side of every query (for T_max and checks),
     in ``num_workers`` processes when > 0. ``demos="similar"``: the support split's index is built (or
     read from its cache) and every query embedded here, in the main process, before workers fork.
-    ``meanwhile``: with workers, called with the first query's plan on a thread of this process while the
-    workers plan (``warm_up``), after they forked and joined before this returns, so no later fork
-    happens while it runs."""
+    ``meanwhile``: with workers, called on a thread of this process while the workers plan (``warm_up``), with
+    the plan as a lazy sequence (an item is planned in the thread when read), after the workers forked and
+    joined before this returns, so no later fork happens while it runs."""
     queries = task.split("train")
     task.split("support")  # loaded before workers fork
     n = min(n_queries, len(queries))
@@ -112,7 +112,7 @@ def plan_queries(task: Any, loaded: Loaded, shots: int, n_queries: int, seed: in
     planned = iter(loader)  # the workers fork here
     thread = None
     if meanwhile is not None:
-        thread = threading.Thread(target=lambda: meanwhile(data[0]), name="teacher-warm-up", daemon=True)
+        thread = threading.Thread(target=lambda: meanwhile(data), name="teacher-warm-up", daemon=True)
         thread.start()
     try:
         return list(planned)
@@ -127,18 +127,21 @@ WARMED: set[str] = set()
 """Devices this process warmed up already: its first teacher-cache only (a process loads libraries once)."""
 
 
-def warm_up(task: Any, loaded: Loaded, runner: TeacherRunner, first: Planned, limit: int | None) -> None:
-    """One forward of a batch shaped like stage 1's (the first query's teacher prompt, ``runner.batch_size``
-    times), nothing kept. Why: a process's first forwards on CUDA load libraries and kernels (cuDNN's
-    attention, cuBLAS); on the H200 the first shard of a fresh process took 5.9 s against 0.8 s warm
-    (docs/benchmarks.md, fifth round). ``plan_queries`` runs this on a thread while its workers plan, so
-    the cost overlaps planning instead of delaying the first shard. Any failure here is left to the real
-    forwards, which meet the same problem and report it (an over-long prompt, out of memory). Once per
-    device and process (``WARMED``): a second teacher-cache of the same process finds everything loaded, and
-    the warm-up would only hold the GIL while the plan comes in (+0.85 s of planning in such a run)."""
+def warm_up(task: Any, loaded: Loaded, runner: TeacherRunner, plans: Sequence[Planned], limit: int | None) -> None:
+    """One forward of a batch like stage 1's (the teacher prompts of the first ``runner.batch_size`` queries,
+    padded to the longest as a real batch is), nothing kept. Why: a process's first forwards on CUDA load
+    libraries and kernels and build cuDNN's attention plans; on the H200 the first shard of a fresh process
+    took 5.9 s against 0.8 s warm (docs/benchmarks.md, fifth round). Distinct prompts, not one repeated: a
+    batch without padding passes no attention mask, and the masked attention of the real batches then built
+    its own cuDNN plans in the first shard (1.9 + 1.3 s, sixth round). ``plan_queries`` runs this on a thread
+    while its workers plan, so the cost overlaps planning instead of delaying the first shard. Any failure
+    here is left to the real forwards, which meet the same problem and report it (an over-long prompt, out of
+    memory). Once per device and process (``WARMED``): a second teacher-cache of the same process finds
+    everything loaded, and the warm-up would only hold the GIL while the plan comes in (+0.85 s of planning
+    in such a run)."""
     try:
-        prompt = teacher_prompts(task, loaded, [first], limit)[0]
-        runner.forward([prompt] * runner.batch_size)
+        first = [plans[i] for i in range(min(len(plans), runner.batch_size))]
+        runner.forward(teacher_prompts(task, loaded, first, limit))
         WARMED.add(str(loaded.device))
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
@@ -363,7 +366,7 @@ def run(config: TeacherCacheConfig, loaded: Loaded | None = None, show_progress:
     limit = context_limit(loaded.model, config.max_length)
     check_topk(loaded.model, config.topk)
     runner = TeacherRunner(loaded, config.layer_target, config.topk, config.batch_size)
-    meanwhile = ((lambda first: warm_up(task, loaded, runner, first, limit))
+    meanwhile = ((lambda plans: warm_up(task, loaded, runner, plans, limit))
                  if loaded.device.type in WARM_UP_DEVICES and str(loaded.device) not in WARMED else None)
     plan = plan_queries(task, loaded, shots, config.n_queries, config.seed, workers, config.demos, meanwhile)
     geometry = loaded.geometry
