@@ -128,20 +128,25 @@ WARMED: set[str] = set()
 
 
 def warm_up(task: Any, loaded: Loaded, runner: TeacherRunner, plans: Sequence[Planned], limit: int | None) -> None:
-    """One forward of a batch like stage 1's (the teacher prompts of the first ``runner.batch_size`` queries,
-    padded to the longest as a real batch is), nothing kept. Why: a process's first forwards on CUDA load
-    libraries and kernels and build cuDNN's attention plans; on the H200 the first shard of a fresh process
-    took 5.9 s against 0.8 s warm (docs/benchmarks.md, fifth round). Distinct prompts, not one repeated: a
-    batch without padding passes no attention mask, and the masked attention of the real batches then built
-    its own cuDNN plans in the first shard (1.9 + 1.3 s, sixth round). ``plan_queries`` runs this on a thread
+    """One forward of a batch like stage 1's, nothing kept: ``runner.batch_size`` rows cycling through the
+    teacher prompts of the first queries, as many as it takes to meet two lengths (so that the batch is
+    padded, as real batches are). Why: a process's first forwards on CUDA load libraries and kernels and
+    build cuDNN's attention plans; on the H200 the first shard of a fresh process took 5.9 s against 0.8 s
+    warm (docs/benchmarks.md, fifth round). Two lengths, not one prompt repeated: a batch without padding
+    passes no attention mask, and the masked attention of the real batches then built its own cuDNN plans
+    in the first shard (1.9 + 1.3 s; sixth round). ``plan_queries`` runs this on a thread
     while its workers plan, so the cost overlaps planning instead of delaying the first shard. Any failure
     here is left to the real forwards, which meet the same problem and report it (an over-long prompt, out of
     memory). Once per device and process (``WARMED``): a second teacher-cache of the same process finds
     everything loaded, and the warm-up would only hold the GIL while the plan comes in (+0.85 s of planning
     in such a run)."""
     try:
-        first = [plans[i] for i in range(min(len(plans), runner.batch_size))]
-        runner.forward(teacher_prompts(task, loaded, first, limit))
+        prompts: list[Any] = []  # the first queries' prompts, up to two lengths: building one costs ~0.35 s
+        for i in range(min(len(plans), runner.batch_size)):
+            prompts += teacher_prompts(task, loaded, [plans[i]], limit)
+            if len({len(p.encoded) for p in prompts}) > 1:
+                break
+        runner.forward([prompts[i % len(prompts)] for i in range(runner.batch_size)])
         WARMED.add(str(loaded.device))
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
