@@ -8,6 +8,7 @@
 #   bash bench/run_gpu.sh idefics2  # bench/suite.py, Idefics2-8B shape, 8-shot
 #   bash bench/run_gpu.sh idefics1  # bench/suite.py, Idefics-9B shape, 32-shot
 #   bash bench/run_gpu.sh evalbatch # bench/eval_batch.py: largest batch and queries/s per mode, 3 beams
+#   bash bench/run_gpu.sh sdpafirst # bench/sdpa_first_call.py: sdpa's first-call cost per sequence length (fresh machine)
 #   bash bench/run_gpu.sh stage1    # bench/suite.py --sections stage1, one fresh process per variant (cold, then warm)
 # Wheels for zarr & co. travel in .whl/ (see docs/benchmarks.md); logs go to $OUT (default results/).
 set -o pipefail
@@ -67,9 +68,12 @@ case "$1" in
       rm -rf "/tmp/bench-stage1-$v"
     done
     ;;
+  sdpafirst)
+    python3 sdpa_first_call.py --out "$OUT/sdpa_first_call.json" 2>&1 | tee "$OUT/sdpa_first_call.log"
+    ;;
   evalbatch)
     python3 eval_batch.py --model "${MODEL:-idefics2-8b}" --shots 8 32 --max-batch "${MAX_BATCH:-256}" \
       --out "$OUT/eval_batch" 2>&1 | tee "$OUT/eval_batch.log" | grep -E "FAIL|Error|^\|"
     ;;
-  *) echo "usage: bash bench/run_gpu.sh check|log_z2|mu_paths|attention|profile|idefics2|idefics1|evalbatch|stage1"; exit 2 ;;
+  *) echo "usage: bash bench/run_gpu.sh check|log_z2|mu_paths|attention|profile|idefics2|idefics1|evalbatch|stage1|sdpafirst"; exit 2 ;;
 esac
