@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -143,6 +144,7 @@ def teacher_cache_run(loaded, alias: str, shots: int, n: int, batch: int, worker
     cfg = tc.TeacherCacheConfig(task="shapes_vqa", model=alias, out=str(out), shots=shots, n_queries=n,
                                 batch_size=batch, num_workers=workers, overwrite=True, device=str(loaded.device),
                                 writers=writers)
+    shutil.rmtree(out, ignore_errors=True)  # a complete store of the same settings would be resumed: nothing timed
     try:
         t0 = time.perf_counter()
         tc.run(cfg, loaded=loaded, show_progress=False)
