@@ -133,13 +133,13 @@ def warm_up(task: Any, loaded: Loaded, runner: TeacherRunner, plans: Sequence[Pl
     padded, as real batches are). Why: a process's first forwards on CUDA load libraries and kernels and
     build cuDNN's attention plans; on the H200 the first shard of a fresh process took 5.9 s against 0.8 s
     warm (docs/benchmarks.md, fifth round). Two lengths, not one prompt repeated: a batch without padding
-    passes no attention mask, and the masked attention of the real batches then built its own cuDNN plans
-    in the first shard (1.9 + 1.3 s; sixth round). ``plan_queries`` runs this on a thread
-    while its workers plan, so the cost overlaps planning instead of delaying the first shard. Any failure
-    here is left to the real forwards, which meet the same problem and report it (an over-long prompt, out of
-    memory). Once per device and process (``WARMED``): a second teacher-cache of the same process finds
-    everything loaded, and the warm-up would only hold the GIL while the plan comes in (+0.85 s of planning
-    in such a run)."""
+    passes no attention mask, so it would not run the masked attention every real batch runs. (On a fresh
+    machine the first real batches still build cuDNN plans for padded lengths of other alignments, 1-2 s
+    each; sixth round.) ``plan_queries`` runs this on a thread while its workers plan, so the cost overlaps
+    planning instead of delaying the first shard. Any failure here is left to the real forwards, which meet
+    the same problem and report it (an over-long prompt, out of memory). Once per device and process
+    (``WARMED``): a second teacher-cache of the same process finds everything loaded, and the warm-up would
+    only hold the GIL while the plan comes in (+0.85 s of planning in such a run)."""
     try:
         prompts: list[Any] = []  # the first queries' prompts, up to two lengths: building one costs ~0.35 s
         for i in range(min(len(plans), runner.batch_size)):

@@ -139,8 +139,9 @@ def test_out_of_memory_with_prompt_workers_rebuilds_the_prompts(tmp_path, monkey
 def test_warm_up_runs_one_batch_during_planning_and_changes_nothing(tmp_path, monkeypatch):
     """On a device listed in WARM_UP_DEVICES (CUDA; here the CPU, patched in) with prompt workers, one forward
     of a real batch (rows cycling through the first queries' teacher prompts up to two lengths, so padded as
-    the run's batches are) runs on a thread while the workers plan, in the first teacher-cache of the process only; the thread
-    has ended before the shard workers fork; the store is bit for bit the one a run without it writes."""
+    the run's batches are) runs on a thread while the workers plan, in the first teacher-cache of the process
+    only; the thread has ended before the shard workers fork; the store is bit for bit the one a run without
+    it writes."""
     import copy
     import threading
 
