@@ -17,37 +17,23 @@ import collections
 import json
 
 import torch
-from harness import build_model, set_attention
-from model_overhead import _embed_requires_grad, _fwd_bwd, device_batch, student_prompts
+from harness import build_model
+from model_overhead import _embed_requires_grad, _fwd_bwd, device_batch, routed, student_prompts
 
 OPS = ("aten::copy_", "aten::clone", "aten::add_")
 
 
 def count(loaded, batch: dict, routing: str, calls: int = 3) -> list[dict]:
-    from pipeline.decoding import compile_fn, forward_replaced
-    from pipeline.students import new_student
-
-    model, student = loaded.model, None
-    set_attention(model, "sdpa" if routing == "sdpa" else "mimic")
-    if routing != "sdpa":
-        student = new_student("mimic", "mimic", model, loaded.geometry)
-        with torch.no_grad():
-            for p in student.module.parameters():
-                p.normal_(0, 0.02)
-            model(**batch, use_cache=False, logits_to_keep=1)  # the one-time layer check, eagerly
-    torch._dynamo.reset()
-    hook = _embed_requires_grad(model)
-    try:
-        with forward_replaced(model, compile_fn(model.forward)):
-            fn = _fwd_bwd(model, batch)
+    with routed(loaded, batch, routing, compiled=True):
+        hook = _embed_requires_grad(loaded.model)
+        try:
+            fn = _fwd_bwd(loaded.model, batch)
             for _ in range(calls):
                 fn()
             with torch.profiler.profile(with_stack=True, record_shapes=True) as prof:
                 fn()
-    finally:
-        hook.remove()
-        if student is not None:
-            student.detach()
+        finally:
+            hook.remove()
     found: collections.Counter = collections.Counter()
     for e in prof.events():
         if e.name in OPS:

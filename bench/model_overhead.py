@@ -102,32 +102,53 @@ def profile_calls(fn, calls: int = 3) -> dict:
     return {"calls": calls, **profile_tables(prof)}
 
 
+@contextlib.contextmanager
+def routed(loaded, batch: dict, routing: str, compiled: bool, mode: str | None = None):
+    """The model as ``routing`` runs it while the block runs: stock sdpa, or MimIC heads (random non-zero
+    parameters; ``mimic``: the fused kernels, ``mimic-eager``: the plain ops of pipeline.mimic); ``compiled``:
+    its forward through ``torch.compile`` in ``mode``. Afterwards the student is detached and every base
+    parameter frozen (``batch`` runs the student's one-time layer check eagerly before compiling)."""
+    from pipeline.decoding import compile_fn, forward_replaced
+    from pipeline.mimic import MuKernels
+    from pipeline.students import new_student
+
+    model, student = loaded.model, None
+    set_attention(model, "sdpa" if routing == "sdpa" else "mimic")
+    try:
+        if routing != "sdpa":
+            student = new_student("mimic", "mimic", model, loaded.geometry)
+            kernels = MuKernels(fused=routing == "mimic")
+            with torch.no_grad():
+                for heads in student.module:
+                    heads.kernels = kernels
+                for p in student.module.parameters():
+                    p.normal_(0, 0.02)
+            if compiled:
+                with torch.no_grad():  # the student's one-time layer check (a self-removing hook) runs eagerly
+                    model(**batch, use_cache=False, logits_to_keep=1)
+        if not compiled:
+            yield
+            return
+        torch._dynamo.reset()
+        with forward_replaced(model, compile_fn(model.forward, mode=mode)):
+            yield
+    finally:
+        if student is not None:
+            student.detach()
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+
 def measure(report: Report, loaded, shapes: dict, routing: str, iters: int, compiled: bool) -> None:
     """Forward at every shape and forward+backward at the student shape, for one routing; ``compiled``:
     through ``torch.compile(model.forward)``, warmed up untimed (the warm-up seconds reported apart)."""
     from harness import sync
 
-    from pipeline.decoding import compile_fn, forward_replaced
-    from pipeline.mimic import MuKernels
-    from pipeline.students import new_student
-
     model, student_batch = loaded.model, shapes["student"]
     mode = os.environ.get("OVERHEAD_MODE") if compiled else None
+    graphs = mode == "reduce-overhead"
     prefix = (f"compiled ({mode}) " if mode else "compiled ") if compiled else ""
-    student = None
-    set_attention(model, "sdpa" if routing == "sdpa" else "mimic")
-    if routing != "sdpa":
-        student = new_student("mimic", "mimic", model, loaded.geometry)
-        kernels = MuKernels(fused=routing == "mimic")  # eager: the plain ops of pipeline.mimic
-        with torch.no_grad():
-            for heads in student.module:
-                heads.kernels = kernels
-            for p in student.module.parameters():
-                p.normal_(0, 0.02)
-        if compiled:
-            with torch.no_grad():  # the student's one-time layer check (a self-removing hook) runs eagerly
-                model(**student_batch, use_cache=False, logits_to_keep=1)
-    stack = contextlib.ExitStack()  # the compiled forward, in place while the figures are taken
+    fwd_shapes = shapes if os.environ.get("OVERHEAD_FWD", "1") != "0" else {}
 
     def timed(label: str, fn, ref: str | None) -> None:
         if compiled:
@@ -138,11 +159,8 @@ def measure(report: Report, loaded, shapes: dict, routing: str, iters: int, comp
             report.extra[f"compile_s {label}"] = round(time.perf_counter() - t0, 2)
         report.add(label, time_fn(fn, 0 if compiled else 2, iters)["median_ms"], "ms", ref=ref)
 
-    try:
-        if compiled:
-            torch._dynamo.reset()
-            stack.enter_context(forward_replaced(model, compile_fn(model.forward, **({"mode": mode} if mode else {}))))
-        for name, b in shapes.items() if os.environ.get("OVERHEAD_FWD", "1") != "0" else ():
+    with routed(loaded, student_batch, routing, compiled, mode):
+        for name, b in fwd_shapes.items():
             ref = f"{prefix}fwd stock sdpa {name} B{len(b['input_ids'])}/T{b['input_ids'].shape[1]}"
             label = ref if routing == "sdpa" else ref.replace("stock sdpa", TAGS[routing])
             timed(label, _fwd(model, b), None if routing == "sdpa" else ref)
@@ -151,15 +169,8 @@ def measure(report: Report, loaded, shapes: dict, routing: str, iters: int, comp
             b = student_batch
             ref = f"{prefix}fwd+bwd stock sdpa student B{len(b['input_ids'])}/T{b['input_ids'].shape[1]}"
             label = ref if routing == "sdpa" else ref.replace("stock sdpa", TAGS[routing])
-            timed(label, _fwd_bwd(model, b, mode == "reduce-overhead"), None if routing == "sdpa" else ref)
+            timed(label, _fwd_bwd(model, b, graphs), None if routing == "sdpa" else ref)
             if os.environ.get("OVERHEAD_PROFILE"):
-                report.extra.setdefault("overhead_profile", {})[label] = profile_calls(
-                    _fwd_bwd(model, b, mode == "reduce-overhead"))
+                report.extra.setdefault("overhead_profile", {})[label] = profile_calls(_fwd_bwd(model, b, graphs))
         finally:
             hook.remove()
-    finally:
-        stack.close()
-        if student is not None:
-            student.detach()
-        for p in model.parameters():
-            p.requires_grad_(False)
