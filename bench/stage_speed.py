@@ -379,6 +379,15 @@ def train_run(loaded, config, steps_out: list, profile: StepProfile | None = Non
     return json.loads((Path(run_dir) / "summary.json").read_text()), timers
 
 
+def timed_train(loaded, config) -> dict:
+    """One timed ``train_run``: its summary, timers, each step's seconds and the median step after the first
+    two (the steady step; all of them for runs of 4 steps or fewer)."""
+    steps_s: list[float] = []
+    summary, timers = train_run(loaded, config, steps_s)
+    steady = statistics.median(steps_s[2:] if len(steps_s) > 4 else steps_s)
+    return {"summary": summary, "timers": dict(timers), "step_s": steps_s, "steady_step_s": steady}
+
+
 def stage2(report: Report, loaded, alias: str, shots: int, store: Path, n: int, batch: int, steps: int,
            workers: int, work: Path) -> dict:
     from stages.train_student import TrainConfig
@@ -390,19 +399,11 @@ def stage2(report: Report, loaded, alias: str, shots: int, store: Path, n: int, 
         mode_args = ({"cache": str(store)} if mode == "offline"
                      else {"online": True, "task": "shapes_vqa", "shots": shots, "n_queries": n, "layer_target": "mlp"})
         train_run(loaded, TrainConfig(**common, **mode_args, max_steps=2, name=f"warm-{mode}"), [])
-        steps_s: list[float] = []
-        summary, timers = train_run(loaded, TrainConfig(**common, **mode_args, max_steps=steps, name=mode), steps_s)
-        steady = statistics.median(steps_s[2:] if len(steps_s) > 4 else steps_s)
-        results[mode] = {"summary": summary, "timers": dict(timers), "step_s": steps_s, "steady_step_s": steady}
+        results[mode] = timed_train(loaded, TrainConfig(**common, **mode_args, max_steps=steps, name=mode))
     report.extra["stage2"] = results
     for w in filter(None, os.environ.get("STAGE2_WORKERS", "").split(",")):  # offline again, other --num-workers
-        steps_w: list[float] = []
-        summary_w, timers_w = train_run(loaded, TrainConfig(**{**common, "num_workers": int(w)}, cache=str(store),
-                                                            max_steps=steps, name=f"offline-w{w}"), steps_w)
-        results[f"offline-w{w}"] = {"summary": summary_w, "timers": dict(timers_w), "step_s": steps_w,
-                                    "steady_step_s": statistics.median(steps_w[2:] if len(steps_w) > 4 else steps_w)}
-        report.add(f"offline samples/s (end to end, --num-workers {w})", summary_w["samples_per_s"], "samples/s",
-                   ref="online samples/s (end to end)")
+        results[f"offline-w{w}"] = timed_train(loaded, TrainConfig(
+            **{**common, "num_workers": int(w)}, cache=str(store), max_steps=steps, name=f"offline-w{w}"))
     if os.environ.get("STAGE2_PROFILE"):  # a separate offline run, so that the timed ones carry no profiler
         prof, prof_steps = StepProfile(), []
         train_run(loaded, TrainConfig(**common, cache=str(store), max_steps=14, name="profile"), prof_steps, prof)
@@ -413,6 +414,10 @@ def stage2(report: Report, loaded, alias: str, shots: int, store: Path, n: int, 
     report.add("online samples/s (end to end)", on["summary"]["samples_per_s"], "samples/s")
     report.add("offline samples/s (end to end)", off["summary"]["samples_per_s"], "samples/s",
                ref="online samples/s (end to end)")
+    for mode, r in results.items():  # after the online row, so that each prints its ratio to it
+        if mode.startswith("offline-w"):
+            report.add(f"offline samples/s (end to end, --num-workers {mode[9:]})", r["summary"]["samples_per_s"],
+                       "samples/s", ref="online samples/s (end to end)")
     report.add("online samples/s (steady, median step)", batch / on["steady_step_s"], "samples/s")
     report.add("offline samples/s (steady, median step)", batch / off["steady_step_s"], "samples/s",
                ref="online samples/s (steady, median step)")
