@@ -125,6 +125,28 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+TEACHER_PAD_MULTIPLE = 8
+"""A padded teacher batch is padded further, to a multiple of this many tokens (``teacher_padding``)."""
+
+
+def teacher_padding(loaded: Loaded, lengths: Sequence[int]) -> int:
+    """``pad_to_multiple_of`` for a teacher batch of prompts of these lengths: ``TEACHER_PAD_MULTIPLE`` when the
+    batch is padded anyway (two lengths or more), else 1, and 1 where the rounded length would pass the model's
+    positions. Why: on CUDA, a padded batch runs the masked attention, and torch's cuDNN attention builds
+    kernels for it on first use per alignment of the padded length, 1-2 s each on a fresh machine
+    (docs/benchmarks.md, sixth round). Rounded to a multiple of 8 every padded batch has one alignment, which
+    the warm-up forward builds while the plan is made. A batch of one length stays unpadded: it passes no
+    mask and runs the unmasked kernel (padding it would change which kernel computes it). The extra columns
+    are masked like any padding (tests: the stored states equal a forward of each prompt alone)."""
+    if len(set(lengths)) < 2:
+        return 1
+    width = -(-max(lengths) // TEACHER_PAD_MULTIPLE) * TEACHER_PAD_MULTIPLE
+    config = loaded.model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    positions = getattr(config, "max_position_embeddings", None)
+    return 1 if isinstance(positions, int) and width > positions else TEACHER_PAD_MULTIPLE
+
+
 class TeacherRunner:
     """Teacher forwards for a list of samples, batched by length, with out-of-memory back-off."""
 
@@ -154,10 +176,13 @@ class TeacherRunner:
         (values, indices) per prompt. ``batch``: the prompts already collated."""
         lengths = [len(p.encoded) for p in prompts]
         starts = [p.span_start for p in prompts]
+        if batch is None:
+            batch = self.loaded.family.collate([p.encoded for p in prompts], self.loaded.processor, "right",
+                                               pad_to_multiple_of=teacher_padding(self.loaded, lengths))
         # logits only where they are used: the last position (none needed), or with top-k the positions
-        # from the earliest span start on (right padding: every span lies in the last max(len) - min(start)),
+        # from the earliest span start on (right padding: every span lies in the last width - min(start)),
         # not over the demonstrations (an lm_head over all of them was ~20% of a small model's forward)
-        keep = (max(lengths) - min(starts)) if self.topk else 1
+        keep = (batch["input_ids"].shape[1] - min(starts)) if self.topk else 1
         extra = {"logits_to_keep": keep} if self.keep_logits else {}
         run = forward_states(self.loaded, self.capture, prompts, batch, **extra)
         out, pos, states = run.output, run.positions, run.states.to(torch.bfloat16)
@@ -214,12 +239,13 @@ class TeacherRunner:
 
 def sorted_batches(loaded: Loaded, prompts: list[Any], size: int, pin: bool = False
                    ) -> tuple[int, list[tuple[list[int], dict]]]:
-    """(size, [(prompt indices, CPU batch)]): ``prompts`` sorted by length and collated (right padding) in
-    batches of ``size``, as ``TeacherRunner.run_sorted`` runs them."""
+    """(size, [(prompt indices, CPU batch)]): ``prompts`` sorted by length and collated (right padding,
+    ``teacher_padding``) in batches of ``size``, as ``TeacherRunner.run_sorted`` runs them."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].encoded))
     chunks = [order[i : i + size] for i in range(0, len(order), size)]
-    return size, [(c, loaded.family.collate([prompts[j].encoded for j in c], loaded.processor, "right", pin=pin))
-                  for c in chunks]
+    return size, [(c, loaded.family.collate(
+        [prompts[j].encoded for j in c], loaded.processor, "right", pin=pin,
+        pad_to_multiple_of=teacher_padding(loaded, [len(prompts[j].encoded) for j in c]))) for c in chunks]
 
 
 def keeps_logits(model: Any) -> bool:

@@ -40,28 +40,34 @@ def _encodings(tf, synthetic_image, with_images: bool) -> list[Encoded]:
     return [a, b]
 
 
-def _logits(tf, batch: list[Encoded], side: str = "right") -> torch.Tensor:
+def _logits(tf, batch: list[Encoded], side: str = "right", multiple: int = 1) -> torch.Tensor:
     with torch.no_grad():
-        return tf.model(**tf.family.collate(batch, tf.processor, side)).logits
+        return tf.model(**tf.family.collate(batch, tf.processor, side, pad_to_multiple_of=multiple)).logits
 
 
 def _real(logits: torch.Tensor, row: int, length: int, side: str) -> torch.Tensor:
     return logits[row, -length:] if side == "left" else logits[row, :length]
 
 
+@pytest.mark.parametrize("multiple", [1, 8], ids=["tight", "multiple-of-8"])
 @pytest.mark.parametrize("with_images", [True, False], ids=["images", "text"])
-def test_padding_invariance(tiny_family, synthetic_image, with_images):
-    """A sample's logits at its real tokens are the same alone, padded left and padded right."""
+def test_padding_invariance(tiny_family, synthetic_image, with_images, multiple):
+    """A sample's logits at its real tokens are the same alone, padded left and padded right, also with the
+    batch padded further to a multiple of 8 tokens (the teacher's batches)."""
     tf = tiny_family
     if with_images and tf.family.image_token is None:
         pytest.skip("text-only family")
     encs = _encodings(tf, synthetic_image, with_images)
     alone = [_logits(tf, [e])[0] for e in encs]
+    longest = max(len(e) for e in encs)
     for side in ("left", "right"):
-        batch = tf.family.collate(encs, tf.processor, side)
+        batch = tf.family.collate(encs, tf.processor, side, pad_to_multiple_of=multiple)
         image_keys = set(batch) - {"input_ids", "attention_mask", "position_ids"}
         assert bool(image_keys) == (with_images or tf.family.images_always), sorted(batch)
-        logits = _logits(tf, encs, side)
+        width = batch["input_ids"].shape[1]
+        assert width == (longest if multiple == 1 else -(-longest // 8) * 8) and width >= longest
+        assert batch["attention_mask"].sum(-1).tolist() == [len(e) for e in encs]
+        logits = _logits(tf, encs, side, multiple)
         for row, (enc, ref) in enumerate(zip(encs, alone, strict=True)):
             torch.testing.assert_close(_real(logits, row, len(enc), side), ref, atol=1e-5, rtol=0)
 
@@ -94,6 +100,15 @@ def test_position_ids_and_masks(tiny_family):
         assert "position_ids" not in left
     with pytest.raises(ValueError, match="padding_side"):
         tf.family.collate(encs, tf.processor, "middle")
+    wide = tf.family.collate(encs, tf.processor, "right", pad_to_multiple_of=3)
+    assert wide["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]]
+    assert wide["input_ids"][:, :4].tolist() == right["input_ids"].tolist()
+    if tf.family.explicit_position_ids:
+        assert wide["position_ids"].tolist() == [[0, 1, 2, 3, 3, 3], [0, 1, 1, 1, 1, 1]]
+    assert tf.family.collate(encs, tf.processor, "left", pad_to_multiple_of=4)["input_ids"].shape == (2, 4)
+    for bad in (0, -8, 2.0, "8"):
+        with pytest.raises(ValueError, match="pad_to_multiple_of"):
+            tf.family.collate(encs, tf.processor, "right", pad_to_multiple_of=bad)
 
 
 def _whole_prompt(tf, texts, images):

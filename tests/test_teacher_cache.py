@@ -293,11 +293,30 @@ def test_foreign_directory_is_refused_not_wiped(tmp_path):
     assert (tmp_path / "s.zarr" / "precious.txt").read_text() == "user data"
 
 
+def test_teacher_padding_only_pads_padded_batches_within_the_positions():
+    """A batch of one length stays unpadded (no mask, the unmasked kernel); a padded one is rounded up to a
+    multiple of 8 tokens unless that passes the model's positions."""
+    from pipeline.forward import teacher_padding
+
+    fam = tiny("llama")
+    loaded = wrap_model(fam.model, fam.processor, "tiny-llama")
+    positions = loaded.model.config.max_position_embeddings
+    assert teacher_padding(loaded, [13, 13, 13]) == 1 and teacher_padding(loaded, [13]) == 1
+    assert teacher_padding(loaded, [13, 11]) == 8 and teacher_padding(loaded, [16, 11]) == 8
+    assert teacher_padding(loaded, [positions - 8, positions - 9]) == 8
+    assert teacher_padding(loaded, [positions - 1, positions - 9]) == (8 if positions % 8 == 0 else 1)
+    loaded.model.config.max_position_embeddings = 20
+    try:
+        assert teacher_padding(loaded, [19, 3]) == 1 and teacher_padding(loaded, [16, 3]) == 8
+    finally:
+        loaded.model.config.max_position_embeddings = positions
+
+
 @pytest.mark.parametrize("family", ["llama", "idefics2"])
 def test_topk_logits_of_a_batch_equal_a_full_forward_of_each_prompt(family):
     """Top-k log-probs are computed from logits kept only from the earliest span on (logits_to_keep); each
     must equal log_softmax of a plain full forward of that prompt alone, at its own span positions."""
-    from pipeline.forward import TeacherRunner
+    from pipeline.forward import TeacherRunner, sorted_batches
 
     fam = tiny(family)
     loaded = wrap_model(fam.model, fam.processor, f"tiny-{family}")
@@ -309,6 +328,12 @@ def test_topk_logits_of_a_batch_equal_a_full_forward_of_each_prompt(family):
                for i in range(3)]
     runner = TeacherRunner(loaded, "mlp", topk=4)
     got = runner.forward(prompts)
+    # the batch was padded to a multiple of 8 tokens beyond the longest prompt (TEACHER_PAD_MULTIPLE)
+    longest = max(len(p.encoded) for p in prompts)
+    assert longest % 8 != 0
+    (_, batch), = sorted_batches(loaded, prompts, len(prompts))[1]
+    assert batch["input_ids"].shape[1] == -(-longest // 8) * 8
+    assert runner.run_sorted(prompts, sorted_batches(loaded, prompts, 2))[0][0].shape == got[0][0].shape
     for prompt, (_, values, indices) in zip(prompts, got, strict=True):
         batch = loaded.family.collate([prompt.encoded], loaded.processor, "right")
         with torch.no_grad():

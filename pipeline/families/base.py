@@ -163,22 +163,28 @@ class Family:
         return self.encode_image(self, processor, segment.text, segment.image)
 
     def collate(
-        self, batch: Sequence[Encoded], processor: Any, padding_side: PaddingSide = "right", pin: bool = False
+        self, batch: Sequence[Encoded], processor: Any, padding_side: PaddingSide = "right", pin: bool = False,
+        pad_to_multiple_of: int = 1,
     ) -> dict[str, torch.Tensor]:
         """Pad encodings into model inputs for ``model(**batch)`` / ``model.generate(**batch)``.
 
         Returns input_ids (B, T), attention_mask (B, T), position_ids (B, T) = cumsum(mask) - 1 clamped
         at 0 when ``explicit_position_ids``, plus the family's image tensors when any sample has images.
         ``pin`` (CUDA): the image tensors are built in page-locked memory (``host_zeros``).
+        ``pad_to_multiple_of``: T is the longest encoding rounded up to a multiple of it (as the tokenizers'
+        option of that name), the extra columns padding like any other.
         """
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if not batch:
             raise ValueError("cannot collate an empty batch")
+        if not (isinstance(pad_to_multiple_of, int) and pad_to_multiple_of >= 1):
+            raise ValueError(f"pad_to_multiple_of must be an int >= 1, got {pad_to_multiple_of!r}")
         ids = [torch.as_tensor(e.input_ids, dtype=torch.long) for e in batch]
+        width = -(-max(len(t) for t in ids) // pad_to_multiple_of) * pad_to_multiple_of
         out = {
-            "input_ids": pad_rows(ids, pad_token_id(processor), padding_side),
-            "attention_mask": pad_rows([torch.ones_like(t) for t in ids], 0, padding_side),
+            "input_ids": pad_rows(ids, pad_token_id(processor), padding_side, width),
+            "attention_mask": pad_rows([torch.ones_like(t) for t in ids], 0, padding_side, width),
         }
         if self.explicit_position_ids:
             out["position_ids"] = (out["attention_mask"].cumsum(-1) - 1).clamp(min=0)
@@ -239,9 +245,15 @@ def host_cat(tensors: Sequence[torch.Tensor], pin: bool) -> torch.Tensor:
     return torch.cat(list(tensors), out=out)
 
 
-def pad_rows(rows: Sequence[torch.Tensor], value: int | float, side: PaddingSide) -> torch.Tensor:
-    """Stack 1-D tensors (T_i,) into (B, max T_i), filling with ``value`` on ``side``."""
-    width = max(len(r) for r in rows)
+def pad_rows(rows: Sequence[torch.Tensor], value: int | float, side: PaddingSide, width: int | None = None
+             ) -> torch.Tensor:
+    """Stack 1-D tensors (T_i,) into (B, width), filling with ``value`` on ``side``; ``width``: max T_i
+    when None, else at least max T_i."""
+    longest = max(len(r) for r in rows)
+    if width is None:
+        width = longest
+    elif width < longest:
+        raise ValueError(f"pad_rows: width {width} is less than the longest row's {longest}")
     out = torch.full((len(rows), width), value, dtype=rows[0].dtype)
     for i, r in enumerate(rows):
         if len(r):
