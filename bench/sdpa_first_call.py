@@ -56,10 +56,24 @@ def main() -> None:
             rows.append({"T": t, "T % 8": t % 8, "mask": masked, "first_ms": round(first, 2),
                          "second_ms": round(second, 3)})
             print(f"| {t} | {t % 8} | {'bool mask' if masked else 'causal'} | {first:.1f} | {second:.3f} |", flush=True)
+    # steady speed of each backend that takes a mask, at the first length (is cuDNN worth its first calls?)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    t = int(args.lengths.split(",")[0])
+    q = torch.randn(args.batch, 32, t, 128, device=dev, dtype=torch.bfloat16)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    mask = torch.ones(t, t, device=dev, dtype=torch.bool).tril()[None, None].repeat(args.batch, 1, 1, 1)
+    backends = {}
+    for name in ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
+        with sdpa_kernel(getattr(SDPBackend, name)):
+            call = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+            timed(call)
+            backends[name] = round(sorted(timed(call) for _ in range(10))[5], 3)
+        print(f"steady masked T={t}: {name} {backends[name]} ms", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
-                       "gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+                       "gpu": torch.cuda.get_device_name(), "rows": rows, "steady_masked_ms": backends}, f, indent=1)
 
 
 if __name__ == "__main__":
