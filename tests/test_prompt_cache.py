@@ -27,6 +27,12 @@ SIZES = [(56, 56), (84, 56), (56, 84)]
 DRAWS = [[0, 1], [1, 2], [2, 0], [1, 0]]
 
 
+def _teacher_collate(family, encodings, processor):
+    """A teacher batch as stage 1 collates it: right padding, to a multiple of 8 tokens when the lengths differ."""
+    multiple = 8 if len({len(e) for e in encodings}) > 1 else 1
+    return family.collate(encodings, processor, "right", pad_to_multiple_of=multiple)
+
+
 def _support(synthetic_image) -> list[Example]:
     return [Example(f"s{i}", f"what is shape {i}?", (f"a{i}",), synthetic_image(i, SIZES[i])) for i in range(3)]
 
@@ -185,7 +191,7 @@ def test_stage1_teacher_prompts_with_the_cache(num_workers):
         loader = torch.utils.data.DataLoader(data, batch_size=None, collate_fn=_keep, num_workers=num_workers)
         for shard_rows, (prompts, (_, batches)) in zip(rows, loader, strict=True):
             for chunk, batch in batches:  # the pixels travel in the collated batches ...
-                want = fam.family.collate([plain[shard_rows[j]].encoded for j in chunk], fam.processor, "right")
+                want = _teacher_collate(fam.family, [plain[shard_rows[j]].encoded for j in chunk], fam.processor)
                 assert batch.keys() == want.keys() and all(torch.equal(batch[k], want[k]) for k in want)
             for got, want in zip(prompts, [plain[i] for i in shard_rows], strict=True):  # ... not in the prompts
                 _assert_same(got, (want.input_ids, want.span_start, want.answer_start, [None] * 3))
@@ -226,7 +232,7 @@ def test_pinning_is_a_no_op_on_cpu_and_pins_when_asked():
     assert size == 2 and [len(c) for c, _ in chunks] == [2, 1]
     assert [j for c, _ in chunks for j in c] == sorted(range(3), key=lambda i: len(prompts[i].encoded))
     for chunk, batch in chunks:
-        want = loaded.family.collate([prompts[j].encoded for j in chunk], loaded.processor, "right")
+        want = _teacher_collate(loaded.family, [prompts[j].encoded for j in chunk], loaded.processor)
         assert all(torch.equal(batch[k], want[k]) for k in want)
         assert pin_batch(batch, False) is batch
         moved = to_device(batch, torch.device("cpu"), torch.bfloat16)
@@ -280,7 +286,7 @@ def test_images_cast_in_the_workers_give_the_batch_the_device_gets(monkeypatch):
     assert size == 2 and [c for c, _ in batches] == [order[:2], order[2:]]
     for chunk, got in batches:
         assert got["pixel_values"].dtype == torch.bfloat16 and got["pixel_attention_mask"].dtype == torch.bool
-        want = loaded.family.collate([cast[j].encoded for j in chunk], fam.processor, "right")
+        want = _teacher_collate(loaded.family, [cast[j].encoded for j in chunk], fam.processor)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     # a prompt over the limit comes back as a UserError value (re-raised by shard_prompts as one line)
     err = ShardData(task, loaded, plan, [[0]], 3, batch_size=2)[0]
