@@ -5,7 +5,7 @@
 #   bash bench/run_gpu.sh mu_paths  # bench/mu_paths.py (every mu path against float64, the auto choice)
 #   bash bench/run_gpu.sh attention # bench/attention.py
 #   bash bench/run_gpu.sh profile   # bench/profile_mimic.py (host vs device time of MimIC)
-#   bash bench/run_gpu.sh idefics2  # bench/suite.py, Idefics2-8B shape, 8-shot
+#   bash bench/run_gpu.sh idefics2  # bench/suite.py, Idefics2-8B shape, 8-shot (env N, STEPS, WORKERS, WRITERS, SECTIONS)
 #   bash bench/run_gpu.sh idefics1  # bench/suite.py, Idefics-9B shape, 32-shot
 #   bash bench/run_gpu.sh evalbatch # bench/eval_batch.py: largest batch and queries/s per mode, 3 beams
 #   bash bench/run_gpu.sh sdpafirst # bench/sdpa_first_call.py: sdpa's first-call cost per sequence length (fresh machine)
@@ -49,7 +49,7 @@ case "$1" in
     ;;
   idefics2)
     python3 suite.py --model idefics2-8b --shots 8 --icl-shots 8 32 --n "${N:-96}" --batch 8 --steps "${STEPS:-12}" \
-      --workers "${WORKERS:-8}" --sections "${SECTIONS:-stage1,stage2,overhead,infer,compiled,store}" --infer-batch "${INFER_BATCH:-4}" --out "$OUT/idefics2" \
+      --workers "${WORKERS:-8}" ${WRITERS:+--writers "$WRITERS"} --sections "${SECTIONS:-stage1,stage2,overhead,infer,compiled,store}" --infer-batch "${INFER_BATCH:-4}" --out "$OUT/idefics2" \
       --work /tmp/bench-idefics2 2>&1 | tee "$OUT/idefics2.log" | grep -E "FAILED|Error|^\[|^\|"
     ;;
   idefics1)

@@ -65,26 +65,30 @@ def _wrap(owner: Any, name: str, timers: Timers, key: str, keep: list | None = N
 
 
 def _timed_generator(module: Any, name: str, timers: Timers, key: str):
-    """Wrap a generator function: total seconds waiting for its items in ``timers[key]``, and each wait with
-    its start (seconds since the generator was created) in ``timers[key + "_each"]``."""
+    """Wrap a function that returns an iterator: total seconds waiting for its items in ``timers[key]``, and
+    each wait with its start (seconds since the function was called) in ``timers[key + "_each"]``. The
+    function runs at the call, as unwrapped (``shard_prompts`` forks its workers there)."""
     original = getattr(module, name)
 
     def wrapped(*args, **kwargs):
         start, each = time.perf_counter(), timers.setdefault(key + "_each", [])
-        it = original(*args, **kwargs)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                item = next(it)
-            except StopIteration:
-                return
-            finally:
-                timers.add(key, time.perf_counter() - t0)
-                each.append((round(t0 - start, 3), round(time.perf_counter() - t0, 3)))
-            yield item
+        return _timed_items(original(*args, **kwargs), start, each, timers, key)
 
     setattr(module, name, wrapped)
     return lambda: setattr(module, name, original)
+
+
+def _timed_items(it: Any, start: float, each: list, timers: Timers, key: str):
+    while True:
+        t0 = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        finally:
+            timers.add(key, time.perf_counter() - t0)
+            each.append((round(t0 - start, 3), round(time.perf_counter() - t0, 3)))
+        yield item
 
 
 def _model_timer(model: Any, timers: Timers):

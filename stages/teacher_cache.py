@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,12 +39,14 @@ from pipeline.runtime import (
 )
 from pipeline.settings import TeacherCacheConfig
 from pipeline.store import (
+    SHARD_LARGE,
     SampleRecord,
     ShardWriter,
     StoreError,
     StoreLayout,
     StorePath,
     create_store,
+    default_shard_size,
     open_store,
     remove_store,
     store_location,
@@ -86,15 +88,10 @@ class PlanData(torch.utils.data.Dataset):
                        student.answer_start - student.span_start)
 
 
-def plan_queries(task: Any, loaded: Loaded, shots: int, n_queries: int, seed: int,
-                 num_workers: int = 0, demos: str = "random",
-                 meanwhile: Callable[[Sequence[Planned]], None] | None = None) -> list[Planned]:
-    """Sample demonstrations and tokenise the student side of every query (for T_max and checks),
-    in ``num_workers`` processes when > 0. ``demos="similar"``: the support split's index is built (or
-    read from its cache) and every query embedded here, in the main process, before workers fork.
-    ``meanwhile``: with workers, called on a thread of this process while the workers plan (``warm_up``), with
-    the plan as a lazy sequence (an item is planned in the thread when read), after the workers forked and
-    joined before this returns, so no later fork happens while it runs."""
+def plan_data(task: Any, loaded: Loaded, shots: int, n_queries: int, seed: int, demos: str = "random") -> PlanData:
+    """The plan as a lazy sequence: each ``Planned`` is made (deterministically) when read, in whichever process
+    reads it. ``demos="similar"``: the support split's index is built (or read from its cache) and every query
+    embedded here, before any worker forks."""
     queries = task.split("train")
     task.split("support")  # loaded before workers fork
     n = min(n_queries, len(queries))
@@ -104,7 +101,21 @@ def plan_queries(task: Any, loaded: Loaded, shots: int, n_queries: int, seed: in
     if demos == "similar" and shots:
         index = model_index(loaded, task)
         index.add_queries([queries[i] for i in range(n)])
-    data = PlanData(task, loaded, shots, n, seed, demos, index)
+    return PlanData(task, loaded, shots, n, seed, demos, index)
+
+
+def plan_queries(task: Any, loaded: Loaded, shots: int, n_queries: int, seed: int,
+                 num_workers: int = 0, demos: str = "random",
+                 meanwhile: Callable[[Sequence[Planned]], None] | None = None,
+                 data: PlanData | None = None) -> list[Planned]:
+    """Sample demonstrations and tokenise the student side of every query (for T_max and checks),
+    in ``num_workers`` processes when > 0 (``data``: ``plan_data``'s sequence, made here when None).
+    ``meanwhile``: with workers, called on a thread of this process while the workers plan (``warm_up``), with
+    the plan as a lazy sequence (an item is planned in the thread when read), after the workers forked and
+    joined before this returns, so no later fork happens while it runs."""
+    if data is None:
+        data = plan_data(task, loaded, shots, n_queries, seed, demos)
+    n = len(data)
     if num_workers <= 0:
         return [data[i] for i in range(n)]
     loader = torch.utils.data.DataLoader(data, batch_size=None, collate_fn=_keep, num_workers=num_workers,
@@ -274,7 +285,8 @@ def teacher_prompts(task: Any, loaded: Loaded, plan: list[Planned], limit: int |
 
 
 class ShardData(torch.utils.data.Dataset):
-    """Whole shards, each built in one DataLoader worker while the device runs earlier shards: the teacher
+    """Whole shards, each built in one DataLoader worker while the device runs earlier shards: its planned
+    items (read from ``plan``: a list, or a ``PlanData`` that plans them in the worker), the teacher
     prompts of its samples (image processing and tokenisation, ~75 ms of one CPU core per Idefics2 8-shot
     prompt; pixels cast to the model's 16-bit dtype) and their batches collated as ``run_sorted`` runs them.
 
@@ -296,52 +308,95 @@ class ShardData(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.shards)
 
-    def __getitem__(self, k: int) -> tuple[list[Any], tuple] | UserError:
+    def __getitem__(self, k: int) -> tuple[list[Planned], list[Any], tuple] | UserError:
         try:
-            items = [self.plan[i] for i in self.shards[k]]
+            items = [self.plan[i] for i in self.shards[k]]  # planned here when ``plan`` is a PlanData
             prompts = [cast_images(p, self.dtype)  # pixels cross to the main process in the model's dtype
                        for p in teacher_prompts(self.task, self.loaded, items, self.limit, self.demo_cache)]
         except UserError as err:
             return err
         # the batches carry the pixels; the prompts go back without theirs (the consumer needs lengths and
         # spans, and rebuilds the prompts in the rare case it must collate again: a smaller batch after OOM)
-        return [without_images(p) for p in prompts], sorted_batches(self.loaded, prompts, self.batch_size)
+        return items, [without_images(p) for p in prompts], sorted_batches(self.loaded, prompts, self.batch_size)
 
 
 def _keep(item: Any) -> Any:
     return item
 
 
-def shard_prompts(task: Any, loaded: Loaded, plan: list[Planned], store: Any, pending: list[int],
-                  limit: int | None, num_workers: int, batch_size: int):
-    """Yield (shard, planned items, teacher prompts, collated batches or None) for each pending shard, in
-    order; with ``num_workers`` > 0 whole shards are built and collated (``ShardData``) that many processes
-    ahead of the consumer, the prompts coming without their images (``without_images``), else the prompts
-    are built here and collated by ``collate_ahead``."""
+def shard_prompts(task: Any, loaded: Loaded, plan: Sequence[Planned], rows: list[list[int]],
+                  limit: int | None, num_workers: int, batch_size: int) -> Iterator[tuple[list[Planned], list[Any],
+                                                                                         tuple | None]]:
+    """(planned items, teacher prompts, collated batches or None) for the samples of each shard in ``rows``,
+    in order. With ``num_workers`` > 0 whole shards are built and collated (``ShardData``) that many processes
+    ahead of the consumer, the prompts coming without their images (``without_images``); the workers fork
+    in this call, not at the first item (so that ``start_early`` can start them before the plan is made).
+    Without workers the prompts are built here, item by item, and collated by ``collate_ahead``."""
     if num_workers <= 0:
-        demo_cache = DemoCache()
-        for shard in pending:
-            items = [plan[i] for i in store.shard_samples(shard)]
-            yield shard, items, teacher_prompts(task, loaded, items, limit, demo_cache), None
-        return
-    rows = [list(store.shard_samples(shard)) for shard in pending]
+        def built_here() -> Iterator[tuple[list[Planned], list[Any], None]]:
+            demo_cache = DemoCache()
+            for shard_rows in rows:
+                items = [plan[i] for i in shard_rows]
+                yield items, teacher_prompts(task, loaded, items, limit, demo_cache), None
+        return built_here()
     loader = torch.utils.data.DataLoader(ShardData(task, loaded, plan, rows, limit, batch_size), batch_size=None,
                                          collate_fn=_keep, num_workers=num_workers, prefetch_factor=2)
-    for shard, shard_rows, built in zip(pending, rows, loader, strict=True):
-        if isinstance(built, UserError):
-            raise UserError(str(built))
-        prompts, collated = built
-        yield shard, [plan[i] for i in shard_rows], prompts, collated
+    def from_workers(built: Iterator[Any]) -> Iterator[tuple[list[Planned], list[Any], tuple]]:
+        # the generator alone holds the DataLoader's iterator: closing it stops the workers at once
+        for item in built:
+            if isinstance(item, UserError):
+                raise UserError(str(item))
+            yield item
+    return from_workers(iter(loader))  # iter(): the workers fork and start on the first shards now
+
+
+@dataclass
+class EarlyShards:
+    """Shard workers started before the plan is made (``start_early``): their shards' rows, assumed from the
+    sample count and the shard size, and the iterator ``shard_prompts`` returned for them. ``_write`` takes it
+    only if the store it opens has exactly these pending shards and rows; otherwise it is closed unused."""
+
+    rows: list[list[int]]
+    shards: Iterator[Any]
+
+    def close(self) -> None:
+        close = getattr(self.shards, "close", None)
+        if close is not None:
+            close()  # a generator: its DataLoader iterator goes, and with it the workers
+
+
+def start_early(config: TeacherCacheConfig, task: Any, loaded: Loaded, data: PlanData, path: StorePath,
+                limit: int | None, workers: int, batch_size: int) -> EarlyShards | None:
+    """Start building the shards while the plan is made, where the shards can be known before it: shard
+    workers (``num_workers`` > 0), one process, no store at ``path`` yet (every shard pending), and a shard size
+    known without ``t_max`` (``--shard-size``, or query 0's span already over the large-sample size, which
+    ``t_max`` then is too). The workers plan their own items (``PlanData`` is deterministic); ``_write``
+    checks them against the plan. Why: planning (student prompts of every query, for ``t_max``) and the first
+    shard's build (one worker, ~2 s for 16 Idefics2 8-shot prompts) came one after the other before the
+    first forward (docs/benchmarks.md, sixth round); now they overlap."""
+    if workers <= 0 or dist_info()[1] > 1 or path.exists():
+        return None
+    n = len(data)
+    size = config.shard_size
+    if size is None:
+        geometry = loaded.geometry
+        size = default_shard_size(len(data[0].span_ids), geometry.num_layers, geometry.hidden_size)
+        if size != SHARD_LARGE:  # a later, longer query could still make t_max large: wait for the plan
+            return None
+    size = min(size, n)
+    rows = [list(range(start, min(start + size, n))) for start in range(0, n, size)]
+    return EarlyShards(rows, shard_prompts(task, loaded, data, rows, limit, workers, batch_size))
 
 
 def collate_ahead(runner: TeacherRunner, shards: Any):
-    """Yield (shard, items, prompts, collated) with each shard's batches collated (or, collated by a prompt
-    worker, page-locked) on a thread while the device runs the previous shard."""
+    """Yield (shard, items, prompts, collated) for (shard, ``shard_prompts`` item) pairs, with each shard's
+    batches collated (or, collated by a prompt worker, page-locked) on a thread while the device runs the
+    previous shard."""
     from concurrent.futures import ThreadPoolExecutor
 
     pool, previous = None, None
     try:
-        for shard, items, prompts, collated in shards:
+        for shard, (items, prompts, collated) in shards:
             pool = pool or ThreadPoolExecutor(1, thread_name_prefix="teacher-collate")  # after workers fork
             future = (pool.submit(runner.collate_sorted, prompts) if collated is None
                       else pool.submit(runner.pin_sorted, collated))
@@ -373,31 +428,51 @@ def run(config: TeacherCacheConfig, loaded: Loaded | None = None, show_progress:
     runner = TeacherRunner(loaded, config.layer_target, config.topk, config.batch_size)
     meanwhile = ((lambda plans: warm_up(task, loaded, runner, plans, limit))
                  if loaded.device.type in WARM_UP_DEVICES and str(loaded.device) not in WARMED else None)
-    plan = plan_queries(task, loaded, shots, config.n_queries, config.seed, workers, config.demos, meanwhile)
-    geometry = loaded.geometry
-    layout = StoreLayout(
-        n_samples=len(plan), t_max=max(len(p.span_ids) for p in plan), n_layers=geometry.num_layers,
-        hidden=geometry.hidden_size, shots=shots, shard_size=config.shard_size, topk=config.topk or None,
-    )
-    with held_on_rank0(store_lock(path), rank, world):
-        return _write(config, task, loaded, shots, plan, layout, path, limit, workers, runner, show_progress)
+    data = plan_data(task, loaded, shots, config.n_queries, config.seed, config.demos)
+    early = start_early(config, task, loaded, data, path, limit, workers, runner.batch_size)  # before plan forks
+    try:
+        plan = plan_queries(task, loaded, shots, config.n_queries, config.seed, workers, config.demos, meanwhile,
+                            data)
+        geometry = loaded.geometry
+        layout = StoreLayout(
+            n_samples=len(plan), t_max=max(len(p.span_ids) for p in plan), n_layers=geometry.num_layers,
+            hidden=geometry.hidden_size, shots=shots, shard_size=config.shard_size, topk=config.topk or None,
+        )
+        with held_on_rank0(store_lock(path), rank, world):
+            return _write(config, task, loaded, shots, plan, layout, path, limit, workers, runner, show_progress,
+                          early)
+    finally:
+        if early is not None:
+            early.close()
 
 
 def _write(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: int, plan: list[Planned],
            layout: StoreLayout, path: StorePath, limit: int | None, workers: int, runner: TeacherRunner,
-           show_progress: bool) -> StorePath:
-    """Create or resume the store at ``path`` (locked by the caller) and write the pending shards."""
+           show_progress: bool, early: EarlyShards | None = None) -> StorePath:
+    """Create or resume the store at ``path`` (locked by the caller) and write the pending shards (built by
+    ``early``'s workers when its rows are exactly the pending shards')."""
     rank, world, _ = dist_info()
     geometry = loaded.geometry
     attrs = store_attrs(config, task, loaded, shots, plan) | {"shard_size": layout.shard_size}
     store = open_or_create(path, layout, attrs, config.overwrite, rank)
     pending = store.pending_shards(rank, world)
-    total = sum(len(store.shard_samples(s)) for s in pending)
+    rows = [list(store.shard_samples(s)) for s in pending]
+    total = sum(len(r) for r in rows)
     progress = Progress(total, f"teacher-cache {task.name} ({shots}-shot)", enabled=show_progress and rank == 0)
     with ShardWriter(store, writers=config.writers) as writer:
-        shards = shard_prompts(task, loaded, plan, store, pending, limit, workers, runner.batch_size)
+        if early is not None and early.rows == rows:
+            built = early.shards
+        else:
+            if early is not None:
+                early.close()
+            built = shard_prompts(task, loaded, plan, rows, limit, workers, runner.batch_size)
         demo_cache = DemoCache()
-        for shard, items, prompts, collated in collate_ahead(runner, shards):
+        for shard, items, prompts, collated in collate_ahead(runner, zip(pending, built, strict=True)):
+            if items != [plan[i] for i in store.shard_samples(shard)]:  # planned again by a shard worker
+                raise UserError(
+                    f"shard {shard}: a worker process planned its queries differently from the main process (other "
+                    "demonstrations or tokens); the task's splits or the demonstration sampling are not "
+                    "deterministic across processes. Run with --num-workers 0, and report the task")
             rebuild = None if workers <= 0 else (  # worker-built prompts come without their images
                 lambda items=items: teacher_prompts(task, loaded, items, limit, demo_cache))
             outputs = runner.run_sorted(prompts, collated, rebuild)

@@ -189,7 +189,8 @@ def test_stage1_teacher_prompts_with_the_cache(num_workers):
         rows = [[0, 1, 2], [3, 4, 5]]
         data = ShardData(task, loaded, plan, rows, None, batch_size=2)
         loader = torch.utils.data.DataLoader(data, batch_size=None, collate_fn=_keep, num_workers=num_workers)
-        for shard_rows, (prompts, (_, batches)) in zip(rows, loader, strict=True):
+        for shard_rows, (items, prompts, (_, batches)) in zip(rows, loader, strict=True):
+            assert items == [plan[i] for i in shard_rows]
             for chunk, batch in batches:  # the pixels travel in the collated batches ...
                 want = _teacher_collate(fam.family, [plain[shard_rows[j]].encoded for j in chunk], fam.processor)
                 assert batch.keys() == want.keys() and all(torch.equal(batch[k], want[k]) for k in want)
@@ -278,7 +279,8 @@ def test_images_cast_in_the_workers_give_the_batch_the_device_gets(monkeypatch):
     import stages.teacher_cache as tc
 
     monkeypatch.setattr(tc, "model_dtype", lambda model: torch.bfloat16)
-    sent, (size, batches) = ShardData(task, loaded, plan, [[0, 1, 2]], None, batch_size=2)[0]
+    items, sent, (size, batches) = ShardData(task, loaded, plan, [[0, 1, 2]], None, batch_size=2)[0]
+    assert items == plan[:3]
     assert [p.input_ids for p in sent] == [p.input_ids for p in prompts]
     assert all(image is None for p in sent for image in p.encoded.images)  # the pixels are in the batches only
     # its batches are run_sorted's: sorted by length, 2 a batch, the same tensors as collating the cast prompts

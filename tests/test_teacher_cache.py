@@ -197,6 +197,115 @@ def test_warm_up_runs_one_batch_during_planning_and_changes_nothing(tmp_path, mo
     assert "Traceback" not in str(err.value) and not tc.WARMED
 
 
+def _spy_early(monkeypatch):
+    """Record what ``start_early`` returned (None: the shards wait for the plan) and the order in which the
+    shard workers and the plan workers were started."""
+    import stages.teacher_cache as tc
+
+    seen, order = [], []
+    original_early, original_plan, original_shards = tc.start_early, tc.plan_queries, tc.shard_prompts
+
+    def start_early(*args, **kwargs):
+        got = original_early(*args, **kwargs)
+        seen.append(got)
+        return got
+
+    def plan_queries(*args, **kwargs):
+        order.append("plan")
+        return original_plan(*args, **kwargs)
+
+    def shard_prompts(*args, **kwargs):
+        order.append("shards")
+        return original_shards(*args, **kwargs)
+
+    monkeypatch.setattr(tc, "start_early", start_early)
+    monkeypatch.setattr(tc, "plan_queries", plan_queries)
+    monkeypatch.setattr(tc, "shard_prompts", shard_prompts)
+    return seen, order
+
+
+def test_shard_workers_start_before_the_plan_and_write_the_same_store(tmp_path, monkeypatch):
+    """With prompt workers, no store yet and a known shard size, the shard workers start (and plan their own
+    queries) before the plan is made; the store is bit for bit the one the main process alone writes. Where the
+    shards cannot be known first (a store to resume; a shard size that waits for t_max) they start after."""
+    fam = tiny("idefics2")
+    loaded = wrap_model(fam.model, fam.processor, "tiny-idefics2")
+    alone = open_store(cache(tmp_path / "a", loaded, n_queries=7, shard_size=3, batch_size=2, num_workers=0))
+    seen, order = _spy_early(monkeypatch)
+    early = open_store(cache(tmp_path / "b", loaded, n_queries=7, shard_size=3, batch_size=2, num_workers=2))
+    assert seen[0] is not None and seen[0].rows == [[0, 1, 2], [3, 4, 5], [6]] and order == ["shards", "plan"]
+    for k in ARRAYS:
+        assert np.array_equal(alone.read_array(k), early.read_array(k)), k
+    # resuming: the store exists, so the pending shards are known only once it is opened
+    seen.clear(), order.clear()
+    done = early.read_array("done")
+    assert done.all()
+    cache(tmp_path / "b", loaded, n_queries=7, shard_size=3, batch_size=2, num_workers=2)
+    assert seen == [None] and order == ["plan", "shards"]
+    # the default shard size of a small model depends on t_max: the shards wait for the plan
+    seen.clear(), order.clear()
+    small = open_store(cache(tmp_path / "c", loaded, n_queries=7, shard_size=None, batch_size=2, num_workers=2))
+    assert seen == [None] and order == ["plan", "shards"] and small.layout.shard_size == 7
+    # ... unless query 0's span is over the large-sample size already (then so is t_max): 16 a shard
+    import pipeline.store as store_mod
+
+    monkeypatch.setattr(store_mod, "LARGE_SAMPLE_BYTES", 1)
+    seen.clear(), order.clear()
+    large = open_store(cache(tmp_path / "d", loaded, n_queries=7, shard_size=None, batch_size=2, num_workers=2))
+    assert seen[0] is not None and seen[0].rows == [list(range(7))] and order == ["shards", "plan"]
+    assert large.layout.shard_size == 7
+    for k in ARRAYS:
+        assert np.array_equal(large.read_array(k), small.read_array(k)), k
+
+
+def test_early_shards_that_do_not_match_the_store_are_dropped(tmp_path, monkeypatch):
+    """If the store opened has other pending shards than the early workers assumed, their work is dropped
+    (closed, never read) and the shards are built again: the store is still the right one."""
+    import stages.teacher_cache as tc
+
+    fam = tiny("llama")
+    loaded = wrap_model(fam.model, fam.processor, "tiny-llama")
+    alone = open_store(cache(tmp_path / "a", loaded, task="antonyms", n_queries=5, shard_size=2, num_workers=0))
+    closed = []
+
+    def never_read():
+        raise AssertionError("early shards of the wrong rows were read")
+        yield  # a generator
+
+    class Wrong(tc.EarlyShards):
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setattr(tc, "start_early", lambda *a, **k: Wrong([[0, 1, 2, 3, 4]], never_read()))
+    got = open_store(cache(tmp_path / "b", loaded, task="antonyms", n_queries=5, shard_size=2, num_workers=2))
+    assert closed  # at least once (by _write; run's finally may close it again)
+    for k in ARRAYS:
+        assert np.array_equal(alone.read_array(k), got.read_array(k)), k
+
+
+def test_workers_that_plan_differently_stop_the_run(tmp_path, monkeypatch):
+    """A plan that is not deterministic across processes (here: other demonstrations in the shard workers) is
+    caught when the shard comes back, before anything of it is written: one-line error."""
+    import stages.teacher_cache as tc
+
+    fam = tiny("llama")
+    loaded = wrap_model(fam.model, fam.processor, "tiny-llama")
+    original = tc.PlanData.__getitem__
+
+    def getitem(self, i):
+        got = original(self, i)
+        info = torch.utils.data.get_worker_info()
+        if info is not None and isinstance(info.dataset, tc.ShardData):  # a shard worker, not a plan worker
+            got.demo_indices = list(reversed(got.demo_indices))
+        return got
+
+    monkeypatch.setattr(tc.PlanData, "__getitem__", getitem)
+    with pytest.raises(UserError, match="planned its queries differently") as err:
+        cache(tmp_path, loaded, task="antonyms", n_queries=4, shard_size=2, num_workers=2)
+    assert "\n" not in str(err.value)
+    assert not open_store(tmp_path / "s.zarr").read_array("done").any()
+
+
 def test_resume_and_refusals(tmp_path):
     fam = tiny("llama")
     loaded = wrap_model(fam.model, fam.processor, "tiny-llama")
