@@ -144,54 +144,24 @@ def warm_up(task: Any, loaded: Loaded, runner: TeacherRunner, plans: Sequence[Pl
     padded, as real batches are). Why: a process's first forwards on CUDA load libraries and kernels and
     build cuDNN's attention plans; on the H200 the first shard of a fresh process took 5.9 s against 0.8 s
     warm (docs/benchmarks.md, fifth round). Two lengths, not one prompt repeated: a batch without padding
-    passes no attention mask, so it would not run the masked attention every real batch runs (padded to a
-    multiple of 8 tokens, ``teacher_padding``, every padded batch then finds cuDNN's attention built: on a
-    fresh machine each alignment of the padded length cost 0.6-1 s; seventh round). ``plan_queries`` runs this on a thread while its workers plan, so the cost overlaps
+    passes no attention mask, so it would not run the masked attention every real batch runs. (On a fresh
+    machine the first real batches still build cuDNN plans for padded lengths of other alignments, 1-2 s
+    each; sixth round.) ``plan_queries`` runs this on a thread while its workers plan, so the cost overlaps
     planning instead of delaying the first shard. Any failure here is left to the real forwards, which meet
     the same problem and report it (an over-long prompt, out of memory). Once per device and process
     (``WARMED``): a second teacher-cache of the same process finds everything loaded, and the warm-up would
-    only hold the GIL while the plan comes in (+0.85 s of planning in such a run). On CUDA a thread reserves
-    page-locked memory for the run's states while the forward runs (``reserve_pinned``)."""
-    reserve = None
+    only hold the GIL while the plan comes in (+0.85 s of planning in such a run)."""
     try:
         prompts: list[Any] = []  # the first queries' prompts, up to two lengths: building one costs ~0.35 s
         for i in range(min(len(plans), runner.batch_size)):
             prompts += teacher_prompts(task, loaded, [plans[i]], limit)
             if len({len(p.encoded) for p in prompts}) > 1:
                 break
-        if loaded.device.type == "cuda":  # page-locked blocks for the states, while the forward runs
-            width = max(len(p.encoded) - p.span_start for p in prompts)
-            geometry = loaded.geometry
-            nbytes = runner.batch_size * (width + width // 4) * geometry.num_layers * geometry.hidden_size * 2
-            reserve = threading.Thread(target=reserve_pinned, args=(nbytes, PINNED_RESERVE), daemon=True,
-                                       name="teacher-pinned")
-            reserve.start()
         runner.forward([prompts[i % len(prompts)] for i in range(runner.batch_size)])
         WARMED.add(str(loaded.device))
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
     except Exception:  # noqa: BLE001 - see the docstring: the run itself raises it with its own message
-        pass
-    finally:
-        if reserve is not None:
-            reserve.join()
-
-
-PINNED_RESERVE = 8
-"""Page-locked blocks ``warm_up`` reserves for the states of that many batches: about as many as are in flight
-between the forwards and the writer (the current shard's batches and the shards queued or being written)."""
-
-
-def reserve_pinned(nbytes: int, count: int) -> None:
-    """Grow torch's caching host allocator by ``count`` page-locked blocks of ``nbytes`` and hand them back to
-    it, so that ``to_host`` finds them free instead of page-locking new memory on the forward loop's thread.
-    Why: in a fresh process that growth (``cudaHostAlloc``, up to ~0.2 s a block) cost the first shards'
-    forwards ~1.8 s on the H200 host (docs/benchmarks.md, seventh round). Any failure (no memory to lock) is
-    left to the run, which then allocates as it goes."""
-    try:
-        blocks = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(count)]
-        del blocks
-    except Exception:  # noqa: BLE001 - a reservation only; see the docstring
         pass
 
 
