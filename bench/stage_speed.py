@@ -16,6 +16,9 @@ offline run of 14 steps runs its steps 0-3 and 10-13 under ``torch.profiler`` (C
 step minus accumulate: clipping, optimiser, schedule); the tables land in ``suite.json`` (``stage2_profile``).
 With ``STAGE1_STORE_ONLY=1 STAGE1_PROFILE=1`` the one cold teacher-cache runs under ``torch.profiler``
 (``stage1_profile``: key averages and the longest single host events, for the first shard's one-time costs).
+``STAGE1_SKIP=early,warm_up`` runs teacher-cache without its early shard workers (``start_early``) or its
+warm-up forward (``warm_up``). Each model forward is recorded with its start, duration, shape and the
+page-locked blocks allocated so far (``*_each`` in the timers), and each ``pin_batch`` call with its start.
 """
 
 from __future__ import annotations
@@ -43,11 +46,27 @@ from harness import (
 
 
 class Timers(dict):
+    def __init__(self) -> None:
+        super().__init__()
+        self.start = time.perf_counter()  # what the ``*_each`` lists' start times count from
+
     def add(self, key: str, seconds: float) -> None:
         self[key] = self.get(key, 0.0) + seconds
 
+    def each(self, key: str, t0: float, seconds: float) -> None:
+        self.setdefault(key + "_each", []).append((round(t0 - self.start, 3), round(seconds, 4)))
 
-def _wrap(owner: Any, name: str, timers: Timers, key: str, keep: list | None = None, arg: int = 1):
+
+def _host_allocs() -> tuple[int, float]:
+    """(blocks torch's caching host allocator has page-locked so far, microseconds spent doing it)."""
+    if not torch.cuda.is_available():
+        return 0, 0.0
+    stats = torch.cuda.host_memory_stats()
+    return int(stats.get("num_host_alloc", 0)), float(stats.get("host_alloc_time.total", 0.0))
+
+
+def _wrap(owner: Any, name: str, timers: Timers, key: str, keep: list | None = None, arg: int = 1,
+          each: bool = False):
     original = getattr(owner, name)
 
     def wrapped(*args, **kwargs):
@@ -56,6 +75,8 @@ def _wrap(owner: Any, name: str, timers: Timers, key: str, keep: list | None = N
             out = original(*args, **kwargs)
         sync()
         timers.add(key, time.perf_counter() - t0)
+        if each:  # every call with its start: what overlapped what
+            timers.each(key, t0, time.perf_counter() - t0)
         if keep is not None:
             keep.append(args[arg:])
         return out
@@ -92,7 +113,8 @@ def _timed_items(it: Any, start: float, each: list, timers: Timers, key: str):
 
 
 def _model_timer(model: Any, timers: Timers):
-    """Synchronised wall time of every model forward (hooks on the top module), each with its batch shape."""
+    """Synchronised wall time of every model forward (hooks on the top module), each with its batch shape,
+    its start and the page-locked blocks allocated so far (``host_alloc_each``: count, microseconds)."""
     start = {}
 
     def pre(_m, _args, kwargs):
@@ -108,6 +130,8 @@ def _model_timer(model: Any, timers: Timers):
         end = time.perf_counter()
         timers.add("model_forward_s", end - start["t"])
         timers.setdefault("model_forward_s_each", []).append(round(end - start["t"], 4))
+        timers.setdefault("model_forward_start_each", []).append(round(start["t"] - timers.start, 3))
+        timers.setdefault("host_alloc_each", []).append(_host_allocs())
 
     handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
                model.register_forward_hook(post, with_kwargs=True)]
@@ -129,7 +153,7 @@ def teacher_cache_run(loaded, alias: str, shots: int, n: int, batch: int, worker
             _wrap(tc, "warm_up", timers, "warm_up_s"),  # on a thread inside plan_queries (CUDA)
             _wrap(store_mod.TeacherStore, "validate", timers, "validate_s"),
             _wrap(fw, "to_device", timers, "to_device_s"),
-            _wrap(fw, "pin_batch", timers, "pin_s"),
+            _wrap(fw, "pin_batch", timers, "pin_s", each=True),
             _wrap(store_mod.ShardWriter, "submit", timers, "submit_wait_s"),
             _wrap(store_mod.TeacherStore, "write_shard", timers, "writer_thread_write_s"),
             _timed_generator(tc, "shard_prompts", timers, "prompt_wait_s"),
@@ -148,14 +172,22 @@ def teacher_cache_run(loaded, alias: str, shots: int, n: int, batch: int, worker
     cfg = tc.TeacherCacheConfig(task="shapes_vqa", model=alias, out=str(out), shots=shots, n_queries=n,
                                 batch_size=batch, num_workers=workers, overwrite=True, device=str(loaded.device),
                                 writers=writers)
+    for part in filter(None, os.environ.get("STAGE1_SKIP", "").split(",")):  # what a cold run costs without it
+        name = {"early": "start_early", "warm_up": "warm_up"}[part]  # early: the shard workers fork after the plan
+        saved = getattr(tc, name)
+        setattr(tc, name, lambda *a, **k: None)
+        undo.append(lambda name=name, saved=saved: setattr(tc, name, saved))
     shutil.rmtree(out, ignore_errors=True)  # a complete store of the same settings would be resumed: nothing timed
+    before = _host_allocs()
     try:
-        t0 = time.perf_counter()
+        timers.start = t0 = time.perf_counter()
         tc.run(cfg, loaded=loaded, show_progress=False)
         wall = time.perf_counter() - t0
     finally:
-        for u in undo:
+        for u in reversed(undo):
             u()
+    after = _host_allocs()
+    timers["host_alloc"] = (after[0] - before[0], round((after[1] - before[1]) / 1e6, 3))  # blocks, seconds
     return {"wall_s": wall, **timers, "runs": runs}
 
 
