@@ -16,8 +16,8 @@ offline run of 14 steps runs its steps 0-3 and 10-13 under ``torch.profiler`` (C
 step minus accumulate: clipping, optimiser, schedule); the tables land in ``suite.json`` (``stage2_profile``).
 With ``STAGE1_STORE_ONLY=1 STAGE1_PROFILE=1`` the one cold teacher-cache runs under ``torch.profiler``
 (``stage1_profile``: key averages and the longest single host events, for the first shard's one-time costs).
-``STAGE1_SKIP=early,warm_up`` runs teacher-cache without its early shard workers (``start_early``) or its
-warm-up forward (``warm_up``). Each model forward is recorded with its start, duration, shape and the
+``STAGE1_SKIP=early,warm_up,few_threads`` runs teacher-cache without its early shard workers (``start_early``),
+its warm-up forward (``warm_up``) or the cap on its collate thread's intra-op threads (``COLLATE_THREADS``). Each model forward is recorded with its start, duration, shape and the
 page-locked blocks allocated so far (``*_each`` in the timers), and each ``pin_batch`` call with its start.
 """
 
@@ -173,9 +173,9 @@ def teacher_cache_run(loaded, alias: str, shots: int, n: int, batch: int, worker
                                 batch_size=batch, num_workers=workers, overwrite=True, device=str(loaded.device),
                                 writers=writers)
     for part in filter(None, os.environ.get("STAGE1_SKIP", "").split(",")):  # what a cold run costs without it
-        name = {"early": "start_early", "warm_up": "warm_up"}[part]  # early: the shard workers fork after the plan
-        saved = getattr(tc, name)
-        setattr(tc, name, lambda *a, **k: None)
+        name = {"early": "start_early", "warm_up": "warm_up", "few_threads": "COLLATE_THREADS"}[part]
+        saved = getattr(tc, name)  # early: the shard workers fork after the plan; few_threads: copies on every core
+        setattr(tc, name, 1 << 16 if part == "few_threads" else (lambda *a, **k: None))
         undo.append(lambda name=name, saved=saved: setattr(tc, name, saved))
     shutil.rmtree(out, ignore_errors=True)  # a complete store of the same settings would be resumed: nothing timed
     before = _host_allocs()

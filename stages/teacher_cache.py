@@ -388,16 +388,33 @@ def start_early(config: TeacherCacheConfig, task: Any, loaded: Loaded, data: Pla
     return EarlyShards(rows, shard_prompts(task, loaded, data, rows, limit, workers, batch_size))
 
 
+COLLATE_THREADS = 4
+"""Intra-op threads (torch's OpenMP team) of the collate thread, at most. With the default (every core) its
+page-locking copies, which overlap each shard's first forward, made that forward ~30 ms slower in a fresh
+process (first forwards of a shard: median 0.377 s against 0.339 s for the shard's second, on an H200 host
+of 16 cores; with 4: 0.354 s, with 1: 0.348 s; docs/benchmarks.md, seventh round): a copy spread over all
+cores takes them from the thread that launches the forward's kernels. One copy per shard still takes
+~0.15 s of the ~0.7 s its shard's forwards take."""
+
+
+def _fewer_threads(n: int) -> None:
+    """On a pool thread, at its start: this thread's intra-op threads down to ``n``. With OpenMP the count is
+    per thread; torch also keeps it as the default of threads that start later, which ``collate_ahead``
+    restores when its pool is done."""
+    torch.set_num_threads(max(1, min(n, torch.get_num_threads())))
+
+
 def collate_ahead(runner: TeacherRunner, shards: Any):
     """Yield (shard, items, prompts, collated) for (shard, ``shard_prompts`` item) pairs, with each shard's
     batches collated (or, collated by a prompt worker, page-locked) on a thread while the device runs the
-    previous shard."""
+    previous shard. The thread runs its copies on ``COLLATE_THREADS`` intra-op threads at most."""
     from concurrent.futures import ThreadPoolExecutor
 
-    pool, previous = None, None
+    pool, previous, threads = None, None, torch.get_num_threads()
     try:
         for shard, (items, prompts, collated) in shards:
-            pool = pool or ThreadPoolExecutor(1, thread_name_prefix="teacher-collate")  # after workers fork
+            pool = pool or ThreadPoolExecutor(1, thread_name_prefix="teacher-collate",  # after workers fork
+                                              initializer=_fewer_threads, initargs=(COLLATE_THREADS,))
             future = (pool.submit(runner.collate_sorted, prompts) if collated is None
                       else pool.submit(runner.pin_sorted, collated))
             if previous is not None:
@@ -408,6 +425,7 @@ def collate_ahead(runner: TeacherRunner, shards: Any):
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(threads)  # this thread's count, and the default of threads started later
 
 
 def run(config: TeacherCacheConfig, loaded: Loaded | None = None, show_progress: bool = True) -> StorePath:

@@ -258,6 +258,38 @@ def test_shard_workers_start_before_the_plan_and_write_the_same_store(tmp_path, 
         assert np.array_equal(large.read_array(k), small.read_array(k)), k
 
 
+def test_collate_thread_copies_on_fewer_intra_op_threads_and_leaves_the_process_as_it_was(monkeypatch):
+    """The collate thread's page-locking copies run on at most ``COLLATE_THREADS`` intra-op threads (all cores
+    slowed the forward they overlap); the calling thread's count, and the one threads started later get, are the
+    same after ``collate_ahead`` as before; the shards come through in order with their own batches."""
+    import threading
+
+    import stages.teacher_cache as tc
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(tc, "COLLATE_THREADS", 1)
+        seen = []
+
+        class Runner:
+            def pin_sorted(self, collated):
+                seen.append((threading.current_thread().name, torch.get_num_threads()))
+                return ("pinned", collated)
+
+        shards = [(k, ([f"item{k}"], [f"prompt{k}"], f"batches{k}")) for k in range(3)]
+        got = list(tc.collate_ahead(Runner(), iter(shards)))
+        assert got == [(k, [f"item{k}"], [f"prompt{k}"], ("pinned", f"batches{k}")) for k in range(3)]
+        assert len(seen) == 3 and all(name.startswith("teacher-collate") and n == 1 for name, n in seen), seen
+        assert torch.get_num_threads() == 2
+        later = []
+        t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        t.start(), t.join()
+        assert later == [2]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_early_shards_that_do_not_match_the_store_are_dropped(tmp_path, monkeypatch):
     """If the store opened has other pending shards than the early workers assumed, their work is dropped
     (closed, never read) and the shards are built again: the store is still the right one."""
