@@ -3,8 +3,11 @@ stage 2 offline (from the store) vs --online (teacher every step). Used by bench
 
 Stage 1: ``stages.teacher_cache.run`` on an in-process model, wall-clock end to end (planning, prompt
 building in ``num_workers`` processes, forwards, capture, device-to-host copy, compression and
-writes of the store, final validation); its forwards are timed by wrapping ``TeacherRunner.run_sorted``
-and the prompts it saw are kept. The stock forward then runs the same batches (same order, same
+writes of the store, final validation); its forwards are timed by wrapping ``TeacherRunner.run_sorted``.
+The warm run keeps the prompts and batches it saw (page-locked: the stock forward copies from the same memory);
+the cold one keeps only the sizes of its page-locked tensors, so that its page-locked pool grows as a user's
+run's does (to the few shards in flight, not to every batch of the run), and before the warm run the pool is
+grown to those sizes (allocated and freed), as a cold run that had kept its batches would leave it. The stock forward then runs the same batches (same order, same
 batch size, collated beforehand; host-to-device copy included) with attention routed to stock sdpa:
 once with every logit (a plain ``model(**batch)``) and once with ``logits_to_keep=1``.
 Stage 2: ``stages.train_student.run`` twice (offline, online) with the same model, batch and steps (env
@@ -29,6 +32,7 @@ import os
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +70,7 @@ def _host_allocs() -> tuple[int, float]:
 
 
 def _wrap(owner: Any, name: str, timers: Timers, key: str, keep: list | None = None, arg: int = 1,
-          each: bool = False):
+          each: bool = False, kept: Callable[[tuple], Any] = lambda a: a):
     original = getattr(owner, name)
 
     def wrapped(*args, **kwargs):
@@ -78,7 +82,7 @@ def _wrap(owner: Any, name: str, timers: Timers, key: str, keep: list | None = N
         if each:  # every call with its start: what overlapped what
             timers.each(key, t0, time.perf_counter() - t0)
         if keep is not None:
-            keep.append(args[arg:])
+            keep.append(kept(args[arg:]))
         return out
 
     setattr(owner, name, wrapped)
@@ -138,17 +142,38 @@ def _model_timer(model: Any, timers: Timers):
     return lambda: [h.remove() for h in handles]
 
 
+def _pinned_sizes(args: tuple) -> list[tuple[int, torch.dtype]]:
+    """(elements, dtype) of each page-locked tensor of a ``run_sorted`` call's collated batches."""
+    collated = args[1] if len(args) > 1 else None
+    if collated is None:
+        return []
+    return [(t.numel(), t.dtype) for _, b in collated[1] for t in b.values()
+            if isinstance(t, torch.Tensor) and t.is_pinned()]
+
+
+def grow_pinned_pool(kept: list[list[tuple[int, torch.dtype]]]) -> int:
+    """Page-lock tensors of these sizes all at once and free them: torch's caching host allocator keeps the
+    blocks for the next run, as it would after a run that had kept its batches. Returns the blocks allocated."""
+    before = _host_allocs()[0]
+    held = [torch.empty(n, dtype=d, pin_memory=True) for sizes in kept for n, d in sizes]
+    del held
+    return _host_allocs()[0] - before
+
+
 def teacher_cache_run(loaded, alias: str, shots: int, n: int, batch: int, workers: int, out: Path,
-                      writers: int | None = None) -> dict:
+                      writers: int | None = None, keep_batches: bool = True) -> dict:
     """Stage 1 end to end, with a breakdown: planning, waiting for prompts (DataLoader), the whole
     run_sorted (collate, host-to-device, forward, capture, device-to-host), the model forward alone,
-    collate, waiting to submit a shard to the writer, and the writer thread's write_shard."""
+    collate, waiting to submit a shard to the writer, and the writer thread's write_shard. ``runs``: each
+    run_sorted call's (prompts, collated, rebuild), or with ``keep_batches`` False only its page-locked
+    tensors' sizes (``_pinned_sizes``)."""
     import pipeline.forward as fw
     import pipeline.store as store_mod
     import stages.teacher_cache as tc
 
     timers, runs = Timers(), []
-    undo = [_wrap(tc.TeacherRunner, "run_sorted", timers, "forward_s", runs),  # keeps (prompts, collated, rebuild)
+    undo = [_wrap(tc.TeacherRunner, "run_sorted", timers, "forward_s", runs,  # keeps (prompts, collated, rebuild)
+                  kept=(lambda a: a) if keep_batches else _pinned_sizes),
             _wrap(tc, "plan_queries", timers, "plan_s"),
             _wrap(tc, "warm_up", timers, "warm_up_s"),  # on a thread inside plan_queries (CUDA)
             _wrap(store_mod.TeacherStore, "validate", timers, "validate_s"),
@@ -248,15 +273,17 @@ def stage1(report: Report, loaded, alias: str, shots: int, n: int, batch: int, w
     if os.environ.get("STAGE1_STORE_ONLY"):  # one (cold) teacher-cache for stage 2's store, nothing compared
         prof = profiler() if os.environ.get("STAGE1_PROFILE") else contextlib.nullcontext()
         with prof:
-            run = teacher_cache_run(loaded, alias, shots, n, batch, workers, work / "stage1.zarr", writers)
+            run = teacher_cache_run(loaded, alias, shots, n, batch, workers, work / "stage1.zarr", writers,
+                                    keep_batches=False)
         run.pop("runs")
         report.extra["stage1"] = {"n": n, "batch": batch, "cold_timers": run, "store_only": True}
         if os.environ.get("STAGE1_PROFILE"):  # the cold run under torch.profiler: where a fresh process's first shard goes
             report.extra["stage1_profile"] = {**profile_tables(prof, rows=50), "longest": longest_events(prof)}
         report.add("teacher-cache + store samples/s (cold: first run of the process)", n / run["wall_s"], "samples/s")
         return {"store": work / "stage1.zarr", "samples_per_s": n / run["wall_s"], "n": n}
-    cold = teacher_cache_run(loaded, alias, shots, n, batch, workers, work / "stage1-cold.zarr", writers)
-    cold.pop("runs")
+    cold = teacher_cache_run(loaded, alias, shots, n, batch, workers, work / "stage1-cold.zarr", writers,
+                             keep_batches=False)
+    cold["pinned_pool_grown_blocks"] = grow_pinned_pool(cold.pop("runs"))  # as if the cold run had kept its batches
     run = teacher_cache_run(loaded, alias, shots, n, batch, workers, work / "stage1.zarr", writers)
     runs = run.pop("runs")
     if torch.cuda.is_available():  # teacher-cache collates into page-locked memory: the same tensors?
