@@ -390,11 +390,10 @@ def start_early(config: TeacherCacheConfig, task: Any, loaded: Loaded, data: Pla
 
 COLLATE_THREADS = 4
 """Intra-op threads (torch's OpenMP team) of the collate thread, at most. With the default (every core) its
-page-locking copies, which overlap each shard's first forward, made that forward ~30 ms slower in a fresh
-process (first forwards of a shard: median 0.377 s against 0.339 s for the shard's second, on an H200 host
-of 16 cores; with 4: 0.354 s, with 1: 0.348 s; docs/benchmarks.md, seventh round): a copy spread over all
-cores takes them from the thread that launches the forward's kernels. One copy per shard still takes
-~0.15 s of the ~0.7 s its shard's forwards take."""
+page-locking copies, which overlap each shard's first forward, take cores from the thread that launches that
+forward's kernels: on a 16-core H200 host, in a fresh process, those forwards took 0.373 s (median) against
+0.349 s capped at 4 and 0.341 s for the shard's second forward (docs/benchmarks.md, seventh round). One
+shard's copies still take ~0.1 s of the ~0.7 s its forwards take."""
 
 
 def _fewer_threads(n: int) -> None:
