@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -394,19 +395,32 @@ def assert_same_store(a, b):
         assert np.array_equal(sa.read_array(k), sb.read_array(k)), k
 
 
-def test_sigkill_and_resume_gives_the_same_store(tmp_path, tiny_dir, warm_pipeline):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_and_resume_gives_the_same_store(tmp_path, tiny_dir, warm_pipeline, workers):
+    """Killed while writing, twice, then resumed: the store of an uninterrupted run. With 2 prompt workers the
+    first run takes the early-shard path (forwards while the plan is made), the resumed ones the other."""
     ref = tmp_path / "ref.zarr"
     warm_run(warm_pipeline, store_args(tiny_dir, ref))
     out = tmp_path / "killed.zarr"
     rng = random.Random(1234)
-    for _ in range(2):
-        proc = warm_pipeline.popen(list(store_args(tiny_dir, out)), cwd=REPO, env=cli()[1])  # a process of its own
+    args = [*store_args(tiny_dir, out), "--num-workers", str(workers)]
+    interrupted = []  # samples done when a kill landed while the store was being written
+    for _ in range(8):
+        proc = warm_pipeline.popen(args, cwd=REPO, env=cli()[1])  # a process of its own
         while not (out / "done").exists() and proc.poll() is None:  # wait until writing has begun
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 0.6))
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.2))  # writing 24 samples takes ~0.4 s here
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    warm_run(warm_pipeline, store_args(tiny_dir, out))
+        done = int(open_store(out).read_array("done").sum()) if (out / "done").exists() else 0
+        if done == 24:  # finished before the kill: start again, so that the next kill can land mid-write
+            shutil.rmtree(out)
+            continue
+        interrupted.append(done)
+        if len(interrupted) == 2:
+            break
+    assert interrupted, "no kill landed while the store was being written"
+    warm_run(warm_pipeline, args)
     assert_same_store(ref, out)
 
 
