@@ -10,9 +10,11 @@ Aligned positions: every query+answer token (query image tokens included), BOS e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -130,6 +132,52 @@ def plan_queries(task: Any, loaded: Loaded, shots: int, n_queries: int, seed: in
     finally:
         if thread is not None:
             thread.join()
+
+
+class PlanAhead:
+    """The plan (``plan_queries``'s list) made while the caller runs forwards: the plan workers fork at
+    construction, on the calling thread, and a thread collects their items. ``result`` waits for the plan;
+    ``cancel`` stops collecting and joins the thread, whose loader (and with it the workers) ends there: a
+    failed run neither waits for the whole plan nor leaves the thread inside the loader at exit (the process
+    then aborted: "terminate called without an active exception")."""
+
+    def __init__(self, data: PlanData, num_workers: int):
+        loader = torch.utils.data.DataLoader(data, batch_size=None, collate_fn=_keep, num_workers=num_workers,
+                                             prefetch_factor=8)
+        held = [iter(loader)]  # the workers fork here, before any forward of this run; the thread takes it
+        self._stop = threading.Event()
+        self._future: Future = Future()
+        self._thread = threading.Thread(target=self._collect, args=(held,), name="teacher-plan", daemon=True)
+        self._thread.start()
+
+    def _collect(self, held: list) -> None:
+        planned, out = held.pop(), []
+        try:
+            for item in planned:
+                if self._stop.is_set():
+                    break
+                out.append(item)
+            else:
+                self._future.set_result(out)
+        except BaseException as err:  # noqa: BLE001 - handed to result()
+            self._future.set_exception(err)
+        finally:
+            del planned  # the loader's workers end here, on this thread
+        if not self._future.done():
+            self._future.cancel()
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self) -> list[Planned]:
+        return self._future.result()
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+plan_ahead = PlanAhead  # what _write_while_planning calls (tests substitute it)
 
 
 WARM_UP_DEVICES = ("cuda",)
@@ -353,8 +401,10 @@ def shard_prompts(task: Any, loaded: Loaded, plan: Sequence[Planned], rows: list
 @dataclass
 class EarlyShards:
     """Shard workers started before the plan is made (``start_early``): their shards' rows, assumed from the
-    sample count and the shard size, and the iterator ``shard_prompts`` returned for them. ``_write`` takes it
-    only if the store it opens has exactly these pending shards and rows; otherwise it is closed unused."""
+    sample count and the shard size, and the iterator ``shard_prompts`` returned for them.
+    ``_write_while_planning`` runs them; if the store made after the plan has other shards, what they gave is
+    dropped and ``_write`` builds the shards again. (``_write``, when given it, takes it only if its store has
+    exactly these pending shards and rows; otherwise it is closed unused.)"""
 
     rows: list[list[int]]
     shards: Iterator[Any]
@@ -370,10 +420,11 @@ def start_early(config: TeacherCacheConfig, task: Any, loaded: Loaded, data: Pla
     """Start building the shards while the plan is made, where the shards can be known before it: shard
     workers (``num_workers`` > 0), one process, no store at ``path`` yet (every shard pending), and a shard size
     known without ``t_max`` (``--shard-size``, or query 0's span already over the large-sample size, which
-    ``t_max`` then is too). The workers plan their own items (``PlanData`` is deterministic); ``_write``
-    checks them against the plan. Why: planning (student prompts of every query, for ``t_max``) and the first
-    shard's build (one worker, ~2 s for 16 Idefics2 8-shot prompts) came one after the other before the
-    first forward (docs/benchmarks.md, sixth round); now they overlap."""
+    ``t_max`` then is too). The workers plan their own items (``PlanData`` is deterministic);
+    ``_write_while_planning`` runs their shards while the plan is made and checks them against it. Why:
+    planning (student prompts of every query, for ``t_max``) and the first shard's build (one worker, ~2 s for
+    16 Idefics2 8-shot prompts) came one after the other before the first forward (docs/benchmarks.md, sixth
+    round); now they overlap, and the forwards with them."""
     if workers <= 0 or dist_info()[1] > 1 or path.exists():
         return None
     n = len(data)
@@ -448,19 +499,118 @@ def run(config: TeacherCacheConfig, loaded: Loaded | None = None, show_progress:
     data = plan_data(task, loaded, shots, config.n_queries, config.seed, config.demos)
     early = start_early(config, task, loaded, data, path, limit, workers, runner.batch_size)  # before plan forks
     try:
+        if early is not None:  # one process (start_early): the store's lock now, before any forward
+            with held_on_rank0(store_lock(path), rank, world):
+                return _write_while_planning(config, task, loaded, shots, data, path, limit, workers, runner,
+                                             show_progress, early)
         plan = plan_queries(task, loaded, shots, config.n_queries, config.seed, workers, config.demos, meanwhile,
                             data)
-        geometry = loaded.geometry
-        layout = StoreLayout(
-            n_samples=len(plan), t_max=max(len(p.span_ids) for p in plan), n_layers=geometry.num_layers,
-            hidden=geometry.hidden_size, shots=shots, shard_size=config.shard_size, topk=config.topk or None,
-        )
+        layout = store_layout(config, loaded, shots, plan)
         with held_on_rank0(store_lock(path), rank, world):
             return _write(config, task, loaded, shots, plan, layout, path, limit, workers, runner, show_progress,
                           early)
     finally:
         if early is not None:
             early.close()
+
+
+def store_layout(config: TeacherCacheConfig, loaded: Loaded, shots: int, plan: list[Planned]) -> StoreLayout:
+    geometry = loaded.geometry
+    return StoreLayout(
+        n_samples=len(plan), t_max=max(len(p.span_ids) for p in plan), n_layers=geometry.num_layers,
+        hidden=geometry.hidden_size, shots=shots, shard_size=config.shard_size, topk=config.topk or None,
+    )
+
+
+PLAN_AHEAD_SHARDS = 4
+"""Shards whose states ``_write_while_planning`` holds in memory, at most, while the plan is not in (Idefics2-8B
+8-shot: ~350 MB a shard of 16 queries); then the forwards wait for the plan."""
+
+
+def _records(items: list[Planned], prompts: list[Any], outputs: list[tuple]) -> list[SampleRecord]:
+    return [SampleRecord(hs=hs, token_ids=p.span_ids, icd_ids=p.demo_indices, query_id=p.query_index,
+                         topk_values=tv, topk_indices=ti)
+            for p, (hs, tv, ti) in zip(items, outputs, strict=True)]
+
+
+def _check_planned(shard: int, items: list[Planned], planned: list[Planned]) -> None:
+    if items != planned:  # planned again by a shard worker
+        raise UserError(
+            f"shard {shard}: a worker process planned its queries differently from the main process (other "
+            "demonstrations or tokens); the task's splits or the demonstration sampling are not "
+            "deterministic across processes. Run with --num-workers 0, and report the task")
+
+
+def _write_while_planning(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: int, data: PlanData,
+                          path: StorePath, limit: int | None, workers: int, runner: TeacherRunner,
+                          show_progress: bool, early: EarlyShards) -> StorePath:
+    """``_write`` for early shards (one process, no store yet, locked by the caller), with the plan made
+    meanwhile: the forwards start on the first shard the workers built, while the plan workers plan (the
+    store's ``t_max`` and attributes need the whole plan). Up to ``PLAN_AHEAD_SHARDS`` shards of states wait in
+    memory for it; then the store is made and they are checked against the plan (``_check_planned``) and
+    written, in order. Nothing is written before the plan is in; a failure in planning stops the run with
+    nothing written. If the store's shards are not the rows the workers assumed, their work is dropped and
+    ``_write`` builds the shards again. Why: planning (a student prompt per query, ~3 s for 1,000 Idefics2
+    queries on the H200 host) came before the first forward; the warm run's distance from the stock forward
+    was mostly that (docs/benchmarks.md, seventh round). No warm-up forward here: the first real forwards
+    meet the same one-time costs, and planning overlaps them as it overlapped the warm-up."""
+    plan_future = plan_ahead(data, workers)
+    try:
+        return _write_planned_later(config, task, loaded, shots, plan_future, path, limit, workers, runner,
+                                    show_progress, early)
+    finally:
+        plan_future.cancel()  # a no-op once the plan is in
+
+
+def _write_planned_later(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: int, plan_future: Any,
+                         path: StorePath, limit: int | None, workers: int, runner: TeacherRunner,
+                         show_progress: bool, early: EarlyShards) -> StorePath:
+    """``_write_while_planning``'s work, with ``plan_future`` (a ``PlanAhead``) started."""
+    total = sum(len(r) for r in early.rows)
+    progress = Progress(total, f"teacher-cache {task.name} ({shots}-shot)", enabled=show_progress)
+    waiting: list[tuple[int, list[Planned], list[SampleRecord]]] = []
+    state: dict[str, Any] = {}
+    demo_cache = DemoCache()
+
+    def flush(stack: contextlib.ExitStack) -> bool:
+        """Make the store once the plan is in, then write every waiting shard; False: the store's shards are
+        not the workers' rows (nothing written)."""
+        if "writer" not in state:
+            plan = plan_future.result()
+            layout = store_layout(config, loaded, shots, plan)
+            attrs = store_attrs(config, task, loaded, shots, plan) | {"shard_size": layout.shard_size}
+            store = open_or_create(path, layout, attrs, config.overwrite, 0)
+            if [list(store.shard_samples(s)) for s in store.pending_shards(0, 1)] != early.rows:
+                state["plan"], state["layout"] = plan, layout
+                return False
+            state.update(plan=plan, layout=layout, store=store,
+                         writer=stack.enter_context(ShardWriter(store, writers=config.writers)))
+        for shard, items, records in waiting:
+            _check_planned(shard, items, [state["plan"][i] for i in state["store"].shard_samples(shard)])
+            state["writer"].submit(shard, records)
+        waiting.clear()
+        return True
+
+    written = False
+    with contextlib.ExitStack() as stack:  # the writer, once made, finishes its shards on leaving
+        for shard, items, prompts, collated in collate_ahead(runner, enumerate(early.shards)):
+            rebuild = lambda items=items: teacher_prompts(task, loaded, items, limit, demo_cache)  # noqa: E731
+            waiting.append((shard, items, _records(items, prompts, runner.run_sorted(prompts, collated, rebuild))))
+            progress.update(len(items), sum(len(p.encoded) for p in prompts), batch=runner.batch_size)
+            if ("writer" in state or plan_future.done() or len(waiting) >= PLAN_AHEAD_SHARDS) and not flush(stack):
+                break
+        else:
+            written = flush(stack)
+    elapsed = progress.close()
+    if not written:
+        early.close()  # the store's shards are other rows: build them again, after the plan
+        return _write(config, task, loaded, shots, state["plan"], state["layout"], path, limit, workers, runner,
+                      show_progress)
+    open_store(path).validate()
+    if show_progress:
+        print(f"wrote {path} ({len(state['plan'])} queries, {shots}-shot, {loaded.geometry.num_layers} layers) "
+              f"in {elapsed:.1f}s with 1 process")
+    return path
 
 
 def _write(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: int, plan: list[Planned],
@@ -485,20 +635,11 @@ def _write(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: int, pl
             built = shard_prompts(task, loaded, plan, rows, limit, workers, runner.batch_size)
         demo_cache = DemoCache()
         for shard, items, prompts, collated in collate_ahead(runner, zip(pending, built, strict=True)):
-            if items != [plan[i] for i in store.shard_samples(shard)]:  # planned again by a shard worker
-                raise UserError(
-                    f"shard {shard}: a worker process planned its queries differently from the main process (other "
-                    "demonstrations or tokens); the task's splits or the demonstration sampling are not "
-                    "deterministic across processes. Run with --num-workers 0, and report the task")
+            _check_planned(shard, items, [plan[i] for i in store.shard_samples(shard)])
             rebuild = None if workers <= 0 else (  # worker-built prompts come without their images
                 lambda items=items: teacher_prompts(task, loaded, items, limit, demo_cache))
             outputs = runner.run_sorted(prompts, collated, rebuild)
-            records = [
-                SampleRecord(hs=hs, token_ids=p.span_ids, icd_ids=p.demo_indices, query_id=p.query_index,
-                             topk_values=tv, topk_indices=ti)
-                for p, (hs, tv, ti) in zip(items, outputs, strict=True)
-            ]
-            writer.submit(shard, records)
+            writer.submit(shard, _records(items, prompts, outputs))
             progress.update(len(items), sum(len(p.encoded) for p in prompts), batch=runner.batch_size)
     elapsed = progress.close()
     barrier()

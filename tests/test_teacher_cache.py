@@ -141,8 +141,8 @@ def test_warm_up_runs_one_batch_during_planning_and_changes_nothing(tmp_path, mo
     """On a device listed in WARM_UP_DEVICES (CUDA; here the CPU, patched in) with prompt workers, one forward
     of a real batch (rows cycling through the first queries' teacher prompts up to two lengths, so padded as
     the run's batches are) runs on a thread while the workers plan, in the first teacher-cache of the process
-    only; the thread has ended before the shard workers fork; the store is bit for bit the one a run without
-    it writes."""
+    only, where the shards wait for the plan (a shard size that depends on t_max); the thread has ended before
+    the shard workers fork; the store is bit for bit the one a run without it writes."""
     import copy
     import threading
 
@@ -151,7 +151,7 @@ def test_warm_up_runs_one_batch_during_planning_and_changes_nothing(tmp_path, mo
 
     fam = tiny("idefics2")
     loaded = wrap_model(copy.deepcopy(fam.model), fam.processor, "tiny-idefics2")
-    plain = open_store(cache(tmp_path / "a", loaded, n_queries=6, batch_size=3, num_workers=2))
+    plain = open_store(cache(tmp_path / "a", loaded, n_queries=6, batch_size=3, num_workers=2, shard_size=None))
     original, calls = TeacherRunner.forward, []
 
     def forward(self, prompts, to_cpu=True, batch=None):
@@ -169,7 +169,7 @@ def test_warm_up_runs_one_batch_during_planning_and_changes_nothing(tmp_path, mo
     monkeypatch.setattr(tc, "shard_prompts", shard_prompts)
     monkeypatch.setattr(tc, "WARM_UP_DEVICES", ("cpu",))
     monkeypatch.setattr(tc, "WARMED", set())
-    warmed = open_store(cache(tmp_path / "b", loaded, n_queries=6, batch_size=3, num_workers=2))
+    warmed = open_store(cache(tmp_path / "b", loaded, n_queries=6, batch_size=3, num_workers=2, shard_size=None))
     name, lengths = calls[0]
     task = load_task("shapes_vqa")
     records = {r.query_id: r for r in (warmed.read(i) for i in range(6))}
@@ -186,15 +186,15 @@ def test_warm_up_runs_one_batch_during_planning_and_changes_nothing(tmp_path, mo
     for k in ARRAYS:
         assert np.array_equal(plain.read_array(k), warmed.read_array(k)), k
     calls.clear()
-    cache(tmp_path / "c", loaded, n_queries=6, batch_size=3, num_workers=2)
+    cache(tmp_path / "c", loaded, n_queries=6, batch_size=3, num_workers=2, shard_size=None)
     assert calls and all(n == "MainThread" for n, _ in calls)  # once per process: this one is warm
     calls.clear()
     monkeypatch.setattr(tc, "WARMED", set())
-    cache(tmp_path / "d", loaded, n_queries=6, batch_size=3, num_workers=0)
+    cache(tmp_path / "d", loaded, n_queries=6, batch_size=3, num_workers=0, shard_size=None)
     assert calls and all(n == "MainThread" for n, _ in calls)  # no workers: nothing to overlap, no warm-up
     monkeypatch.setattr(tc, "WARMED", set())  # a prompt over the limit fails the warm-up quietly, then the run
     with pytest.raises(UserError, match="more than the limit 20") as err:
-        cache(tmp_path / "e", loaded, n_queries=6, batch_size=3, num_workers=2, max_length=20)
+        cache(tmp_path / "e", loaded, n_queries=6, batch_size=3, num_workers=2, shard_size=None, max_length=20)
     assert "Traceback" not in str(err.value) and not tc.WARMED
 
 
@@ -205,6 +205,7 @@ def _spy_early(monkeypatch):
 
     seen, order = [], []
     original_early, original_plan, original_shards = tc.start_early, tc.plan_queries, tc.shard_prompts
+    original_ahead = tc.plan_ahead
 
     def start_early(*args, **kwargs):
         got = original_early(*args, **kwargs)
@@ -215,12 +216,17 @@ def _spy_early(monkeypatch):
         order.append("plan")
         return original_plan(*args, **kwargs)
 
+    def plan_ahead(*args, **kwargs):  # the plan made while the early shards' forwards run
+        order.append("plan")
+        return original_ahead(*args, **kwargs)
+
     def shard_prompts(*args, **kwargs):
         order.append("shards")
         return original_shards(*args, **kwargs)
 
     monkeypatch.setattr(tc, "start_early", start_early)
     monkeypatch.setattr(tc, "plan_queries", plan_queries)
+    monkeypatch.setattr(tc, "plan_ahead", plan_ahead)
     monkeypatch.setattr(tc, "shard_prompts", shard_prompts)
     return seen, order
 
@@ -292,28 +298,98 @@ def test_collate_thread_copies_on_fewer_intra_op_threads_and_leaves_the_process_
 
 
 def test_early_shards_that_do_not_match_the_store_are_dropped(tmp_path, monkeypatch):
-    """If the store opened has other pending shards than the early workers assumed, their work is dropped
-    (closed, never read) and the shards are built again: the store is still the right one."""
+    """If the store made after the plan has other shards than the early workers assumed, the states computed
+    from their shards are dropped (nothing written from them) and the shards are built again: the store is still
+    the right one."""
     import stages.teacher_cache as tc
 
     fam = tiny("llama")
     loaded = wrap_model(fam.model, fam.processor, "tiny-llama")
     alone = open_store(cache(tmp_path / "a", loaded, task="antonyms", n_queries=5, shard_size=2, num_workers=0))
-    closed = []
-
-    def never_read():
-        raise AssertionError("early shards of the wrong rows were read")
-        yield  # a generator
+    closed, original = [], tc.start_early
 
     class Wrong(tc.EarlyShards):
         def close(self):
             closed.append(True)
+            super().close()
 
-    monkeypatch.setattr(tc, "start_early", lambda *a, **k: Wrong([[0, 1, 2, 3, 4]], never_read()))
+    def start_early(*args, **kwargs):  # the real workers' shards ([0, 1], [2, 3], [4]), claimed as one of 5
+        got = original(*args, **kwargs)
+        return Wrong([[0, 1, 2, 3, 4]], got.shards)
+
+    monkeypatch.setattr(tc, "start_early", start_early)
     got = open_store(cache(tmp_path / "b", loaded, task="antonyms", n_queries=5, shard_size=2, num_workers=2))
-    assert closed  # at least once (by _write; run's finally may close it again)
+    assert closed
     for k in ARRAYS:
         assert np.array_equal(alone.read_array(k), got.read_array(k)), k
+
+
+class _Slow:
+    """A future for ``plan_ahead`` that is not done until ``result`` is called, which records how many shards
+    had run their forwards by then (and raises ``error`` instead of returning the plan, when given)."""
+
+    def __init__(self, future, forwards, error=None):
+        self.future, self.forwards, self.error, self.at_result = future, forwards, error, None
+
+    def done(self):
+        return False
+
+    def cancel(self):
+        self.future.cancel()
+
+    def result(self):
+        self.at_result = len(self.forwards)
+        plan = self.future.result()
+        if self.error is not None:
+            raise self.error
+        return plan
+
+
+def test_early_shards_run_their_forwards_while_the_plan_is_made(tmp_path, monkeypatch):
+    """Early shards: the forwards start before the plan is in; their states wait in memory, at most
+    PLAN_AHEAD_SHARDS shards of them, then the run waits for the plan, makes the store and writes them in order.
+    The store is bit for bit the one the main process alone writes, and no warm-up forward runs. A plan that
+    fails stops the run with its own one-line error and nothing written."""
+    import threading
+
+    import stages.teacher_cache as tc
+    from pipeline.forward import TeacherRunner
+
+    fam = tiny("llama")
+    loaded = wrap_model(fam.model, fam.processor, "tiny-llama")
+    opts = dict(task="antonyms", n_queries=9, shard_size=2)
+    alone = open_store(cache(tmp_path / "a", loaded, num_workers=0, **opts))
+    runs, futures = [], []
+    original_run, original_ahead = TeacherRunner.run_sorted, tc.plan_ahead
+
+    def run_sorted(self, prompts, *args, **kwargs):
+        runs.append((threading.current_thread().name, len(prompts)))
+        return original_run(self, prompts, *args, **kwargs)
+
+    def plan_ahead(*args, **kwargs):
+        futures.append(_Slow(original_ahead(*args, **kwargs), runs))
+        return futures[-1]
+
+    monkeypatch.setattr(TeacherRunner, "run_sorted", run_sorted)
+    monkeypatch.setattr(tc, "plan_ahead", plan_ahead)
+    monkeypatch.setattr(tc, "PLAN_AHEAD_SHARDS", 3)
+    monkeypatch.setattr(tc, "WARM_UP_DEVICES", ("cpu",))  # a warm-up would run here if the path kept it
+    monkeypatch.setattr(tc, "WARMED", set())
+    got = open_store(cache(tmp_path / "b", loaded, num_workers=2, **opts))
+    assert futures[0].at_result == 3  # three shards of forwards before the plan was waited for
+    assert [n for _, n in runs] == [2, 2, 2, 2, 1] and all(t == "MainThread" for t, _ in runs)  # no warm-up
+    for k in ARRAYS:
+        assert np.array_equal(alone.read_array(k), got.read_array(k)), k
+    # planning fails: its one-line error, no store
+    runs.clear()
+    monkeypatch.setattr(tc, "plan_ahead",
+                        lambda *a, **k: _Slow(original_ahead(*a, **k), runs, UserError("the plan failed")))
+    with pytest.raises(UserError, match="the plan failed"):
+        cache(tmp_path / "c", loaded, num_workers=2, **opts)
+    assert not (tmp_path / "c" / "s.zarr").exists()
+    monkeypatch.setattr(tc, "plan_ahead", original_ahead)
+    again = open_store(cache(tmp_path / "c", loaded, num_workers=2, **opts))  # the lock was released
+    assert again.read_array("done").all()
 
 
 def test_workers_that_plan_differently_stop_the_run(tmp_path, monkeypatch):
@@ -422,6 +498,18 @@ def test_sigkill_and_resume_gives_the_same_store(tmp_path, tiny_dir, warm_pipeli
     assert interrupted, "no kill landed while the store was being written"
     warm_run(warm_pipeline, args)
     assert_same_store(ref, out)
+
+
+def test_a_user_error_with_early_shards_exits_2_every_time(tmp_path, tiny_dir, warm_pipeline):
+    """A prompt over --max-length, found by an early shard worker while the plan is made: the one-line error and
+    exit 2, every time (the plan's thread once stayed inside its loader at exit and the process aborted, in
+    about two runs of three)."""
+    for i in range(3):
+        res = warm_pipeline.run([*store_args(tiny_dir, tmp_path / f"s{i}.zarr"), "--num-workers", "2",
+                                 "--max-length", "5"], cwd=REPO, env=cli()[1])
+        last = res.stderr.strip().splitlines()[-1]
+        assert res.returncode == 2 and last.startswith("error:") and "more than the limit 5" in last, res.stderr
+        assert "Traceback" not in res.stderr and "terminate called" not in res.stderr
 
 
 def test_two_gloo_processes_write_the_same_store(tmp_path, tiny_dir, warm_pipeline):
