@@ -19,7 +19,8 @@ offline run of 14 steps runs its steps 0-3 and 10-13 under ``torch.profiler`` (C
 step minus accumulate: clipping, optimiser, schedule); the tables land in ``suite.json`` (``stage2_profile``).
 With ``STAGE1_STORE_ONLY=1 STAGE1_PROFILE=1`` the one cold teacher-cache runs under ``torch.profiler``
 (``stage1_profile``: key averages and the longest single host events, for the first shard's one-time costs).
-``STAGE1_SKIP=early,warm_up,few_threads`` runs teacher-cache without its early shard workers (``start_early``),
+``STAGE1_SKIP=early,warm_up,few_threads`` runs teacher-cache without its early shard workers (``start_early``; with them the
+forwards run while the plan is made, and ``plan_wait_s`` is the forwards' wait for it),
 its warm-up forward (``warm_up``) or the cap on its collate thread's intra-op threads (``COLLATE_THREADS``). Each model forward is recorded with its start, duration, shape and the
 page-locked blocks allocated so far (``*_each`` in the timers), and each ``pin_batch`` call with its start.
 """
@@ -175,6 +176,7 @@ def teacher_cache_run(loaded, alias: str, shots: int, n: int, batch: int, worker
     undo = [_wrap(tc.TeacherRunner, "run_sorted", timers, "forward_s", runs,  # keeps (prompts, collated, rebuild)
                   kept=(lambda a: a) if keep_batches else _pinned_sizes),
             _wrap(tc, "plan_queries", timers, "plan_s"),
+            _wrap(tc.PlanAhead, "result", timers, "plan_wait_s"),  # early shards: the forwards' wait for the plan
             _wrap(tc, "warm_up", timers, "warm_up_s"),  # on a thread inside plan_queries (CUDA)
             _wrap(store_mod.TeacherStore, "validate", timers, "validate_s"),
             _wrap(fw, "to_device", timers, "to_device_s"),
@@ -324,7 +326,7 @@ def stage1(report: Report, loaded, alias: str, shots: int, n: int, batch: int, w
                ref="stock forward (all logits) samples/s")
     report.add("teacher-cache + store samples/s (end to end)", n / run["wall_s"], "samples/s",
                ref="stock forward (all logits) samples/s")
-    loop = run["wall_s"] - run.get("plan_s", 0.0)
+    loop = run["wall_s"] - run.get("plan_s", 0.0) - run.get("plan_wait_s", 0.0)
     report.add("teacher-cache + store samples/s (without planning)", n / loop, "samples/s",
                ref="stock forward (all logits) samples/s")
     report.add("teacher-cache forwards only samples/s", n / run["forward_s"], "samples/s",
