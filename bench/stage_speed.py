@@ -7,8 +7,9 @@ writes of the store, final validation); its forwards are timed by wrapping ``Tea
 The warm run keeps the prompts and batches it saw (page-locked: the stock forward copies from the same memory);
 the cold one keeps only the sizes of its page-locked tensors, so that its page-locked pool grows as a user's
 run's does (to the few shards in flight, not to every batch of the run), and before the warm run the pool is
-grown to those sizes (allocated and freed), as a cold run that had kept its batches would leave it. The stock forward then runs the same batches (same order, same
-batch size, collated beforehand; host-to-device copy included) with attention routed to stock sdpa:
+grown to those sizes (allocated and freed), as a cold run that had kept its batches would leave it. The stock
+forward then runs the same batches (same order, same batch size, collated beforehand; host-to-device copy
+included) with attention routed to stock sdpa:
 once with every logit (a plain ``model(**batch)``) and once with ``logits_to_keep=1``.
 Stage 2: ``stages.train_student.run`` twice (offline, online) with the same model, batch and steps (env
 ``STAGE2_WORKERS=4,2``: offline again with those ``--num-workers``);
@@ -19,10 +20,11 @@ offline run of 14 steps runs its steps 0-3 and 10-13 under ``torch.profiler`` (C
 step minus accumulate: clipping, optimiser, schedule); the tables land in ``suite.json`` (``stage2_profile``).
 With ``STAGE1_STORE_ONLY=1 STAGE1_PROFILE=1`` the one cold teacher-cache runs under ``torch.profiler``
 (``stage1_profile``: key averages and the longest single host events, for the first shard's one-time costs).
-``STAGE1_SKIP=early,warm_up,few_threads`` runs teacher-cache without its early shard workers (``start_early``; with them the
-forwards run while the plan is made, and ``plan_wait_s`` is the forwards' wait for it),
-its warm-up forward (``warm_up``) or the cap on its collate thread's intra-op threads (``COLLATE_THREADS``). Each model forward is recorded with its start, duration, shape and the
-page-locked blocks allocated so far (``*_each`` in the timers), and each ``pin_batch`` call with its start.
+``STAGE1_SKIP=early,warm_up,few_threads`` runs teacher-cache without its early shard workers (``start_early``;
+with them the forwards run while the plan is made, and ``plan_wait_s`` is the forwards' wait for it), its warm-up
+forward (``warm_up``) or the cap on its collate thread's intra-op threads (``COLLATE_THREADS``). Each model
+forward is recorded with its start, duration, shape and the page-locked blocks allocated so far (``*_each`` in
+the timers), and each ``pin_batch`` call with its start.
 """
 
 from __future__ import annotations

@@ -120,9 +120,7 @@ def plan_queries(task: Any, loaded: Loaded, shots: int, n_queries: int, seed: in
     n = len(data)
     if num_workers <= 0:
         return [data[i] for i in range(n)]
-    loader = torch.utils.data.DataLoader(data, batch_size=None, collate_fn=_keep, num_workers=num_workers,
-                                         prefetch_factor=8)
-    planned = iter(loader)  # the workers fork here
+    planned = _planned_by_workers(data, num_workers)  # the workers fork here
     thread = None
     if meanwhile is not None:
         thread = threading.Thread(target=lambda: meanwhile(data), name="teacher-warm-up", daemon=True)
@@ -134,17 +132,22 @@ def plan_queries(task: Any, loaded: Loaded, shots: int, n_queries: int, seed: in
             thread.join()
 
 
+def _planned_by_workers(data: PlanData, num_workers: int) -> Iterator[Planned]:
+    """The plan's items from ``num_workers`` processes, in order; they fork in this call."""
+    loader = torch.utils.data.DataLoader(data, batch_size=None, collate_fn=_keep, num_workers=num_workers,
+                                         prefetch_factor=8)
+    return iter(loader)
+
+
 class PlanAhead:
     """The plan (``plan_queries``'s list) made while the caller runs forwards: the plan workers fork at
     construction, on the calling thread, and a thread collects their items. ``result`` waits for the plan;
-    ``cancel`` stops collecting and joins the thread, whose loader (and with it the workers) ends there: a
-    failed run neither waits for the whole plan nor leaves the thread inside the loader at exit (the process
-    then aborted: "terminate called without an active exception")."""
+    ``cancel`` (also on leaving it as a context manager) stops collecting and joins the thread, whose loader
+    (and with it the workers) ends there: a failed run neither waits for the whole plan nor leaves the thread
+    inside the loader at exit (the process then aborted: "terminate called without an active exception")."""
 
     def __init__(self, data: PlanData, num_workers: int):
-        loader = torch.utils.data.DataLoader(data, batch_size=None, collate_fn=_keep, num_workers=num_workers,
-                                             prefetch_factor=8)
-        held = [iter(loader)]  # the workers fork here, before any forward of this run; the thread takes it
+        held = [_planned_by_workers(data, num_workers)]  # forked here, before any forward; the thread takes it
         self._stop = threading.Event()
         self._future: Future = Future()
         self._thread = threading.Thread(target=self._collect, args=(held,), name="teacher-plan", daemon=True)
@@ -176,8 +179,11 @@ class PlanAhead:
         self._stop.set()
         self._thread.join()
 
+    def __enter__(self) -> PlanAhead:
+        return self
 
-plan_ahead = PlanAhead  # what _write_while_planning calls (tests substitute it)
+    def __exit__(self, *exc: Any) -> None:
+        self.cancel()  # a no-op once the plan is in
 
 
 WARM_UP_DEVICES = ("cuda",)
@@ -527,10 +533,30 @@ PLAN_AHEAD_SHARDS = 4
 8-shot: ~350 MB a shard of 16 queries); then the forwards wait for the plan."""
 
 
-def _records(items: list[Planned], prompts: list[Any], outputs: list[tuple]) -> list[SampleRecord]:
+def _forward_shard(runner: TeacherRunner, task: Any, loaded: Loaded, limit: int | None, workers: int,
+                   demo_cache: DemoCache, items: list[Planned], prompts: list[Any], collated: tuple | None
+                   ) -> list[SampleRecord]:
+    """The store's records of one shard: its teacher forwards (``run_sorted``) with each item's plan."""
+    rebuild = None if workers <= 0 else (  # worker-built prompts come without their images
+        lambda: teacher_prompts(task, loaded, items, limit, demo_cache))
+    outputs = runner.run_sorted(prompts, collated, rebuild)
     return [SampleRecord(hs=hs, token_ids=p.span_ids, icd_ids=p.demo_indices, query_id=p.query_index,
                          topk_values=tv, topk_indices=ti)
             for p, (hs, tv, ti) in zip(items, outputs, strict=True)]
+
+
+def _finish(progress: Progress, path: StorePath, n_queries: int, shots: int, loaded: Loaded,
+            show_progress: bool) -> StorePath:
+    """After the last shard: the progress line closed, the store validated (rank 0) and reported."""
+    rank, world, _ = dist_info()
+    elapsed = progress.close()
+    barrier()
+    if rank == 0:
+        open_store(path).validate()
+        if show_progress or world > 1:
+            print(f"wrote {path} ({n_queries} queries, {shots}-shot, {loaded.geometry.num_layers} layers) in "
+                  f"{elapsed:.1f}s with {world} process{'es' if world > 1 else ''}")
+    return path
 
 
 def _check_planned(shard: int, items: list[Planned], planned: list[Planned]) -> None:
@@ -554,37 +580,23 @@ def _write_while_planning(config: TeacherCacheConfig, task: Any, loaded: Loaded,
     queries on the H200 host) came before the first forward; the warm run's distance from the stock forward
     was mostly that (docs/benchmarks.md, seventh round). No warm-up forward here: the first real forwards
     meet the same one-time costs, and planning overlaps them as it overlapped the warm-up."""
-    plan_future = plan_ahead(data, workers)
-    try:
-        return _write_planned_later(config, task, loaded, shots, plan_future, path, limit, workers, runner,
-                                    show_progress, early)
-    finally:
-        plan_future.cancel()  # a no-op once the plan is in
-
-
-def _write_planned_later(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: int, plan_future: Any,
-                         path: StorePath, limit: int | None, workers: int, runner: TeacherRunner,
-                         show_progress: bool, early: EarlyShards) -> StorePath:
-    """``_write_while_planning``'s work, with ``plan_future`` (a ``PlanAhead``) started."""
-    total = sum(len(r) for r in early.rows)
-    progress = Progress(total, f"teacher-cache {task.name} ({shots}-shot)", enabled=show_progress)
-    waiting: list[tuple[int, list[Planned], list[SampleRecord]]] = []
-    state: dict[str, Any] = {}
+    progress = Progress(sum(len(r) for r in early.rows), f"teacher-cache {task.name} ({shots}-shot)",
+                        enabled=show_progress)
+    waiting: list[tuple[int, list[Planned], list[SampleRecord]]] = []  # forwarded shards, before the store
+    state: dict[str, Any] = {}  # once the plan is in: plan, layout; once the store is made: store, writer
     demo_cache = DemoCache()
 
-    def flush(stack: contextlib.ExitStack) -> bool:
+    def flush(plan_future: PlanAhead, stack: contextlib.ExitStack) -> bool:
         """Make the store once the plan is in, then write every waiting shard; False: the store's shards are
         not the workers' rows (nothing written)."""
         if "writer" not in state:
-            plan = plan_future.result()
-            layout = store_layout(config, loaded, shots, plan)
+            plan = state["plan"] = plan_future.result()
+            layout = state["layout"] = store_layout(config, loaded, shots, plan)
             attrs = store_attrs(config, task, loaded, shots, plan) | {"shard_size": layout.shard_size}
             store = open_or_create(path, layout, attrs, config.overwrite, 0)
             if [list(store.shard_samples(s)) for s in store.pending_shards(0, 1)] != early.rows:
-                state["plan"], state["layout"] = plan, layout
                 return False
-            state.update(plan=plan, layout=layout, store=store,
-                         writer=stack.enter_context(ShardWriter(store, writers=config.writers)))
+            state.update(store=store, writer=stack.enter_context(ShardWriter(store, writers=config.writers)))
         for shard, items, records in waiting:
             _check_planned(shard, items, [state["plan"][i] for i in state["store"].shard_samples(shard)])
             state["writer"].submit(shard, records)
@@ -592,25 +604,23 @@ def _write_planned_later(config: TeacherCacheConfig, task: Any, loaded: Loaded, 
         return True
 
     written = False
-    with contextlib.ExitStack() as stack:  # the writer, once made, finishes its shards on leaving
+    # leaving: the writer (once made) finishes its shards, then the plan's thread is stopped if still running
+    with PlanAhead(data, workers) as plan_future, contextlib.ExitStack() as stack:
         for shard, items, prompts, collated in collate_ahead(runner, enumerate(early.shards)):
-            rebuild = lambda items=items: teacher_prompts(task, loaded, items, limit, demo_cache)  # noqa: E731
-            waiting.append((shard, items, _records(items, prompts, runner.run_sorted(prompts, collated, rebuild))))
+            waiting.append((shard, items, _forward_shard(runner, task, loaded, limit, workers, demo_cache, items,
+                                                         prompts, collated)))
             progress.update(len(items), sum(len(p.encoded) for p in prompts), batch=runner.batch_size)
-            if ("writer" in state or plan_future.done() or len(waiting) >= PLAN_AHEAD_SHARDS) and not flush(stack):
+            due = "writer" in state or plan_future.done() or len(waiting) >= PLAN_AHEAD_SHARDS
+            if due and not flush(plan_future, stack):
                 break
         else:
-            written = flush(stack)
-    elapsed = progress.close()
+            written = flush(plan_future, stack)
     if not written:
+        progress.close()
         early.close()  # the store's shards are other rows: build them again, after the plan
         return _write(config, task, loaded, shots, state["plan"], state["layout"], path, limit, workers, runner,
                       show_progress)
-    open_store(path).validate()
-    if show_progress:
-        print(f"wrote {path} ({len(state['plan'])} queries, {shots}-shot, {loaded.geometry.num_layers} layers) "
-              f"in {elapsed:.1f}s with 1 process")
-    return path
+    return _finish(progress, path, len(state["plan"]), shots, loaded, show_progress)
 
 
 def _write(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: int, plan: list[Planned],
@@ -619,7 +629,6 @@ def _write(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: int, pl
     """Create or resume the store at ``path`` (locked by the caller) and write the pending shards (built by
     ``early``'s workers when its rows are exactly the pending shards')."""
     rank, world, _ = dist_info()
-    geometry = loaded.geometry
     attrs = store_attrs(config, task, loaded, shots, plan) | {"shard_size": layout.shard_size}
     store = open_or_create(path, layout, attrs, config.overwrite, rank)
     pending = store.pending_shards(rank, world)
@@ -636,16 +645,7 @@ def _write(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: int, pl
         demo_cache = DemoCache()
         for shard, items, prompts, collated in collate_ahead(runner, zip(pending, built, strict=True)):
             _check_planned(shard, items, [plan[i] for i in store.shard_samples(shard)])
-            rebuild = None if workers <= 0 else (  # worker-built prompts come without their images
-                lambda items=items: teacher_prompts(task, loaded, items, limit, demo_cache))
-            outputs = runner.run_sorted(prompts, collated, rebuild)
-            writer.submit(shard, _records(items, prompts, outputs))
+            writer.submit(shard, _forward_shard(runner, task, loaded, limit, workers, demo_cache, items, prompts,
+                                                collated))
             progress.update(len(items), sum(len(p.encoded) for p in prompts), batch=runner.batch_size)
-    elapsed = progress.close()
-    barrier()
-    if rank == 0:
-        open_store(path).validate()
-        if show_progress or world > 1:
-            print(f"wrote {path} ({len(plan)} queries, {shots}-shot, {geometry.num_layers} layers) in {elapsed:.1f}s "
-                  f"with {world} process{'es' if world > 1 else ''}")
-    return path
+    return _finish(progress, path, len(plan), shots, loaded, show_progress)

@@ -205,7 +205,7 @@ def _spy_early(monkeypatch):
 
     seen, order = [], []
     original_early, original_plan, original_shards = tc.start_early, tc.plan_queries, tc.shard_prompts
-    original_ahead = tc.plan_ahead
+    original_ahead = tc.PlanAhead
 
     def start_early(*args, **kwargs):
         got = original_early(*args, **kwargs)
@@ -226,7 +226,7 @@ def _spy_early(monkeypatch):
 
     monkeypatch.setattr(tc, "start_early", start_early)
     monkeypatch.setattr(tc, "plan_queries", plan_queries)
-    monkeypatch.setattr(tc, "plan_ahead", plan_ahead)
+    monkeypatch.setattr(tc, "PlanAhead", plan_ahead)
     monkeypatch.setattr(tc, "shard_prompts", shard_prompts)
     return seen, order
 
@@ -325,7 +325,7 @@ def test_early_shards_that_do_not_match_the_store_are_dropped(tmp_path, monkeypa
 
 
 class _Slow:
-    """A future for ``plan_ahead`` that is not done until ``result`` is called, which records how many shards
+    """A ``PlanAhead`` that is not done until ``result`` is called, which records how many shards
     had run their forwards by then (and raises ``error`` instead of returning the plan, when given)."""
 
     def __init__(self, future, forwards, error=None):
@@ -336,6 +336,12 @@ class _Slow:
 
     def cancel(self):
         self.future.cancel()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.cancel()
 
     def result(self):
         self.at_result = len(self.forwards)
@@ -360,7 +366,7 @@ def test_early_shards_run_their_forwards_while_the_plan_is_made(tmp_path, monkey
     opts = dict(task="antonyms", n_queries=9, shard_size=2)
     alone = open_store(cache(tmp_path / "a", loaded, num_workers=0, **opts))
     runs, futures = [], []
-    original_run, original_ahead = TeacherRunner.run_sorted, tc.plan_ahead
+    original_run, original_ahead = TeacherRunner.run_sorted, tc.PlanAhead
 
     def run_sorted(self, prompts, *args, **kwargs):
         runs.append((threading.current_thread().name, len(prompts)))
@@ -371,7 +377,7 @@ def test_early_shards_run_their_forwards_while_the_plan_is_made(tmp_path, monkey
         return futures[-1]
 
     monkeypatch.setattr(TeacherRunner, "run_sorted", run_sorted)
-    monkeypatch.setattr(tc, "plan_ahead", plan_ahead)
+    monkeypatch.setattr(tc, "PlanAhead", plan_ahead)
     monkeypatch.setattr(tc, "PLAN_AHEAD_SHARDS", 3)
     monkeypatch.setattr(tc, "WARM_UP_DEVICES", ("cpu",))  # a warm-up would run here if the path kept it
     monkeypatch.setattr(tc, "WARMED", set())
@@ -382,12 +388,12 @@ def test_early_shards_run_their_forwards_while_the_plan_is_made(tmp_path, monkey
         assert np.array_equal(alone.read_array(k), got.read_array(k)), k
     # planning fails: its one-line error, no store
     runs.clear()
-    monkeypatch.setattr(tc, "plan_ahead",
+    monkeypatch.setattr(tc, "PlanAhead",
                         lambda *a, **k: _Slow(original_ahead(*a, **k), runs, UserError("the plan failed")))
     with pytest.raises(UserError, match="the plan failed"):
         cache(tmp_path / "c", loaded, num_workers=2, **opts)
     assert not (tmp_path / "c" / "s.zarr").exists()
-    monkeypatch.setattr(tc, "plan_ahead", original_ahead)
+    monkeypatch.setattr(tc, "PlanAhead", original_ahead)
     again = open_store(cache(tmp_path / "c", loaded, num_workers=2, **opts))  # the lock was released
     assert again.read_array("done").all()
 
