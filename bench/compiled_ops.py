@@ -24,10 +24,10 @@ OPS = ("aten::copy_", "aten::clone", "aten::add_")
 
 
 def count(loaded, batch: dict, routing: str, calls: int = 3) -> list[dict]:
-    with routed(loaded, batch, routing, compiled=True):
+    with routed(loaded, batch, routing, compiled=True) as params:
         hook = _embed_requires_grad(loaded.model)
         try:
-            fn = _fwd_bwd(loaded.model, batch)
+            fn = _fwd_bwd(loaded.model, batch, params=params)
             for _ in range(calls):
                 fn()
             with torch.profiler.profile(with_stack=True, record_shapes=True) as prof:

@@ -4,7 +4,8 @@ student shape. Used by bench/suite.py.
 
 Forward+backward: both runs make the decoder's input embeddings require grad (a forward hook), so the
 backward covers the same layers; the loss is the mean square of the logits for both; MimIC adds its
-parameters' gradients. Figures are medians of synchronised wall-clock times of whole calls.
+parameters' gradients, set to None before each call as the trainer's ``zero_grad(set_to_none=True)`` does
+(they never accumulate across calls). Figures are medians of synchronised wall-clock times of whole calls.
 
 "compiled ...": the same with the model's forward through ``torch.compile`` (default mode, as
 ``train-student --compile`` runs it), stock vs MimIC with the default (eager-op) kernels, the trainer's
@@ -64,8 +65,13 @@ def _fwd(model, b):
     return run
 
 
-def _fwd_bwd(model, b, graphs: bool = False):
+def _fwd_bwd(model, b, graphs: bool = False, params: tuple = ()):
+    """One call = a training step's forward and backward: ``params`` (the student's) start without gradients,
+    as the trainer's ``zero_grad(set_to_none=True)`` leaves them, so gradients never accumulate across calls
+    (with CUDA graphs an accumulated gradient would read a graph output the next replay overwrote)."""
     def run():
+        for p in params:
+            p.grad = None
         if graphs:  # a new step: the graphs' outputs of the previous call may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         out = model(**b, use_cache=False)
@@ -106,8 +112,9 @@ def profile_calls(fn, calls: int = 3) -> dict:
 def routed(loaded, batch: dict, routing: str, compiled: bool, mode: str | None = None):
     """The model as ``routing`` runs it while the block runs: stock sdpa, or MimIC heads (random non-zero
     parameters; ``mimic``: the fused kernels, ``mimic-eager``: the plain ops of pipeline.mimic); ``compiled``:
-    its forward through ``torch.compile`` in ``mode``. Afterwards the student is detached and every base
-    parameter frozen (``batch`` runs the student's one-time layer check eagerly before compiling)."""
+    its forward through ``torch.compile`` in ``mode``. Yields the student's parameters (none for stock). Afterwards
+    the student is detached and every base parameter frozen (``batch`` runs the student's one-time layer check
+    eagerly before compiling)."""
     from pipeline.decoding import compile_fn, forward_replaced
     from pipeline.mimic import MuKernels
     from pipeline.students import new_student
@@ -126,12 +133,13 @@ def routed(loaded, batch: dict, routing: str, compiled: bool, mode: str | None =
             if compiled:
                 with torch.no_grad():  # the student's one-time layer check (a self-removing hook) runs eagerly
                     model(**batch, use_cache=False, logits_to_keep=1)
+        params = () if student is None else tuple(student.module.parameters())
         if not compiled:
-            yield
+            yield params
             return
         torch._dynamo.reset()
         with forward_replaced(model, compile_fn(model.forward, mode=mode)):
-            yield
+            yield params
     finally:
         if student is not None:
             student.detach()
@@ -159,7 +167,7 @@ def measure(report: Report, loaded, shapes: dict, routing: str, iters: int, comp
             report.extra[f"compile_s {label}"] = round(time.perf_counter() - t0, 2)
         report.add(label, time_fn(fn, 0 if compiled else 2, iters)["median_ms"], "ms", ref=ref)
 
-    with routed(loaded, student_batch, routing, compiled, mode):
+    with routed(loaded, student_batch, routing, compiled, mode) as params:
         for name, b in fwd_shapes.items():
             ref = f"{prefix}fwd stock sdpa {name} B{len(b['input_ids'])}/T{b['input_ids'].shape[1]}"
             label = ref if routing == "sdpa" else ref.replace("stock sdpa", TAGS[routing])
@@ -169,8 +177,8 @@ def measure(report: Report, loaded, shapes: dict, routing: str, iters: int, comp
             b = student_batch
             ref = f"{prefix}fwd+bwd stock sdpa student B{len(b['input_ids'])}/T{b['input_ids'].shape[1]}"
             label = ref if routing == "sdpa" else ref.replace("stock sdpa", TAGS[routing])
-            timed(label, _fwd_bwd(model, b, graphs), None if routing == "sdpa" else ref)
+            timed(label, _fwd_bwd(model, b, graphs, params), None if routing == "sdpa" else ref)
             if os.environ.get("OVERHEAD_PROFILE"):
-                report.extra.setdefault("overhead_profile", {})[label] = profile_calls(_fwd_bwd(model, b, graphs))
+                report.extra.setdefault("overhead_profile", {})[label] = profile_calls(_fwd_bwd(model, b, graphs, params))
         finally:
             hook.remove()
