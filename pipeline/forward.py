@@ -114,14 +114,15 @@ def without_images(prompt: Any) -> Any:
     return dataclasses.replace(prompt, encoded=encoded)
 
 
-def to_host(t: torch.Tensor) -> torch.Tensor:
+def to_host(t: torch.Tensor, wait: bool = True) -> torch.Tensor:
     """Device -> host through page-locked memory, which torch's caching host allocator reuses: a
     fresh pageable buffer per batch (and a copy per sample) cost ~0.16 s per Idefics2 batch of 8 on
-    the benchmark VM (docs/benchmarks.md)."""
+    the benchmark VM (docs/benchmarks.md). ``wait`` False: the copy is only issued (read the result after
+    the stream's work so far is done, e.g. an event recorded after this call)."""
     if t.device.type != "cuda":
         return t.cpu()
     out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    out.copy_(t)
+    out.copy_(t, non_blocking=not wait)
     return out
 
 
@@ -174,8 +175,44 @@ class TeacherRunner:
     def forward(self, prompts: list[Any], to_cpu: bool = True, batch: dict | None = None) -> list[tuple[torch.Tensor, Any, Any]]:
         """States (T_span, L, D) bf16 (on CPU unless ``to_cpu`` is False) and optional top-k
         (values, indices) per prompt. ``batch``: the prompts already collated."""
-        lengths = [len(p.encoded) for p in prompts]
-        starts = [p.span_start for p in prompts]
+        if to_cpu:
+            return self.launch(prompts, batch)()
+        run, topk = self._run(prompts, batch)
+        states = run.states.to(torch.bfloat16)
+        results = []
+        for b, (n, s) in enumerate(zip(_lengths(prompts), _starts(prompts), strict=True)):
+            k = (topk.values[b, : n - s], topk.indices[b, : n - s]) if topk is not None else (None, None)
+            results.append((states[b, : n - s].clone(), *k))
+        return results
+
+    @torch.inference_mode()
+    def launch(self, prompts: list[Any], batch: dict | None = None) -> Callable[[], list[tuple[torch.Tensor, Any, Any]]]:
+        """``forward(prompts, batch=batch)`` without waiting for the device: the forward is issued and its
+        states (and top-k) copied to page-locked host memory asynchronously; the returned function waits
+        for that copy and gives ``forward``'s per-prompt results. Why: waiting at once left the device
+        idle while the host built the results and issued the next batch, ~24 ms per Idefics2 batch of 8
+        on the H200 (docs/benchmarks.md, eighth round); a caller that issues the next batch before
+        finishing this one keeps the device busy. Nothing blocks on the CPU, where the copies are plain."""
+        run, topk = self._run(prompts, batch)
+        states = to_host(run.states.to(torch.bfloat16), wait=False)
+        tk = (to_host(topk.values, wait=False), to_host(topk.indices, wait=False)) if topk is not None else None
+        done = None
+        if run.states.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        lengths, starts = _lengths(prompts), _starts(prompts)
+
+        def finish() -> list[tuple[torch.Tensor, Any, Any]]:
+            if done is not None:
+                done.synchronize()
+            return [(states[b, : n - s], *((tk[0][b, : n - s], tk[1][b, : n - s]) if tk else (None, None)))
+                    for b, (n, s) in enumerate(zip(lengths, starts, strict=True))]
+
+        return finish
+
+    def _run(self, prompts: list[Any], batch: dict | None) -> tuple[Forward, Any]:
+        """The captured forward of ``prompts`` and its top-k answer log-probs (None without ``topk``)."""
+        lengths, starts = _lengths(prompts), _starts(prompts)
         if batch is None:
             batch = self.loaded.family.collate([p.encoded for p in prompts], self.loaded.processor, "right",
                                                pad_to_multiple_of=teacher_padding(self.loaded, lengths))
@@ -185,56 +222,75 @@ class TeacherRunner:
         keep = (batch["input_ids"].shape[1] - min(starts)) if self.topk else 1
         extra = {"logits_to_keep": keep} if self.keep_logits else {}
         run = forward_states(self.loaded, self.capture, prompts, batch, **extra)
-        out, pos, states = run.output, run.positions, run.states.to(torch.bfloat16)
-        topk = None
-        if self.topk:
-            offset = run.batch["input_ids"].shape[1] - out.logits.shape[1]  # 0 when every position has logits
-            if bool((pos[run.mask] < offset).any()):
-                raise RuntimeError(f"top-k logits kept from position {offset}, but a span starts before it")
-            idx = (pos - offset).clamp(min=0)[..., None].expand(-1, -1, out.logits.shape[-1])
-            logp = torch.log_softmax(torch.gather(out.logits, 1, idx).float(), -1)
-            topk = logp.topk(self.topk, dim=-1)
-        move = (lambda t: t.cpu()) if to_cpu else (lambda t: t)
-        states = to_host(states) if to_cpu else states
-        results = []
-        for b, (n, s) in enumerate(zip(lengths, starts, strict=True)):
-            k = (move(topk.values[b, : n - s]), move(topk.indices[b, : n - s])) if topk is not None else (None, None)
-            results.append((states[b, : n - s] if to_cpu else states[b, : n - s].clone(), *k))
-        return results
+        out, pos = run.output, run.positions
+        if not self.topk:
+            return run, None
+        offset = run.batch["input_ids"].shape[1] - out.logits.shape[1]  # 0 when every position has logits
+        # every aligned position is at or after its prompt's span start (span_positions): checked on the host,
+        # which a device comparison would make wait for the forward
+        if min(s for n, s in zip(lengths, starts, strict=True) if n > s) < offset:
+            raise RuntimeError(f"top-k logits kept from position {offset}, but a span starts before it")
+        idx = (pos - offset).clamp(min=0)[..., None].expand(-1, -1, out.logits.shape[-1])
+        logp = torch.log_softmax(torch.gather(out.logits, 1, idx).float(), -1)
+        return run, logp.topk(self.topk, dim=-1)
 
     def run_sorted(self, prompts: list[Any], collated: tuple | None = None,
                    rebuild: Callable[[], list[Any]] | None = None) -> list[tuple[torch.Tensor, Any, Any]]:
-        """Batches of similar length; halve the batch on CUDA out-of-memory (``--batch-size 0``).
+        """``launch_sorted``'s results, waited for."""
+        return self.launch_sorted(prompts, collated, rebuild)()
+
+    def launch_sorted(self, prompts: list[Any], collated: tuple | None = None,
+                      rebuild: Callable[[], list[Any]] | None = None) -> Callable[[], list[tuple[torch.Tensor, Any, Any]]]:
+        """Batches of similar length, each issued with ``launch``; the returned function waits for them and
+        gives the results in the order of ``prompts``. Halves the batch on CUDA out-of-memory
+        (``--batch-size 0``; raised while a batch is issued, so the batches issued before stay valid).
         ``collated``: ``collate_sorted(prompts)``, used while the batch size is the one it was made for.
         ``rebuild``: the same prompts with their images, when ``prompts`` came without them
         (``without_images``) and a new batch size means collating again."""
+        issued: list[tuple[list[int], Callable[[], list]]] = []
         if collated is not None and collated[0] == self.batch_size:
             try:
-                done = {j: r for chunk, batch in collated[1]
-                        for j, r in zip(chunk, self.forward([prompts[j] for j in chunk], batch=batch), strict=True)}
-                return [done[j] for j in range(len(prompts))]
+                for chunk, batch in collated[1]:
+                    issued.append((chunk, self.launch([prompts[j] for j in chunk], batch=batch)))
+                return _gathered(issued, len(prompts))
             except torch.cuda.OutOfMemoryError:
                 if self.fixed_batch or self.batch_size == 1:
                     raise
+                issued.clear()
                 torch.cuda.empty_cache()
                 self.batch_size //= 2
         if rebuild is not None:
             prompts = rebuild()
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].encoded))
-        results: dict[int, Any] = {}
         i = 0
         while i < len(order):
             chunk = order[i : i + self.batch_size]
             try:
-                for j, r in zip(chunk, self.forward([prompts[j] for j in chunk]), strict=True):
-                    results[j] = r
+                issued.append((chunk, self.launch([prompts[j] for j in chunk])))
                 i += len(chunk)
             except torch.cuda.OutOfMemoryError:
                 if self.fixed_batch or self.batch_size == 1:
                     raise
                 torch.cuda.empty_cache()
                 self.batch_size //= 2
-        return [results[j] for j in range(len(prompts))]
+        return _gathered(issued, len(prompts))
+
+
+def _lengths(prompts: Sequence[Any]) -> list[int]:
+    return [len(p.encoded) for p in prompts]
+
+
+def _starts(prompts: Sequence[Any]) -> list[int]:
+    return [p.span_start for p in prompts]
+
+
+def _gathered(issued: list[tuple[list[int], Callable[[], list]]], n: int) -> Callable[[], list]:
+    """One function finishing every issued batch, its results put back in prompt order."""
+    def finish() -> list:
+        done = {j: r for chunk, fin in issued for j, r in zip(chunk, fin(), strict=True)}
+        return [done[j] for j in range(n)]
+
+    return finish
 
 
 def sorted_batches(loaded: Loaded, prompts: list[Any], size: int, pin: bool = False

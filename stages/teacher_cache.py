@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -535,14 +535,32 @@ PLAN_AHEAD_SHARDS = 4
 
 def _forward_shard(runner: TeacherRunner, task: Any, loaded: Loaded, limit: int | None, workers: int,
                    demo_cache: DemoCache, items: list[Planned], prompts: list[Any], collated: tuple | None
-                   ) -> list[SampleRecord]:
-    """The store's records of one shard: its teacher forwards (``run_sorted``) with each item's plan."""
+                   ) -> Callable[[], list[SampleRecord]]:
+    """One shard's teacher forwards, issued (``launch_sorted``); the returned function waits for them and
+    gives the store's records, each with its item's plan."""
     rebuild = None if workers <= 0 else (  # worker-built prompts come without their images
         lambda: teacher_prompts(task, loaded, items, limit, demo_cache))
-    outputs = runner.run_sorted(prompts, collated, rebuild)
-    return [SampleRecord(hs=hs, token_ids=p.span_ids, icd_ids=p.demo_indices, query_id=p.query_index,
-                         topk_values=tv, topk_indices=ti)
-            for p, (hs, tv, ti) in zip(items, outputs, strict=True)]
+    outputs = runner.launch_sorted(prompts, collated, rebuild)
+
+    def records() -> list[SampleRecord]:
+        return [SampleRecord(hs=hs, token_ids=p.span_ids, icd_ids=p.demo_indices, query_id=p.query_index,
+                             topk_values=tv, topk_indices=ti)
+                for p, (hs, tv, ti) in zip(items, outputs(), strict=True)]
+
+    return records
+
+
+def _one_behind(launched: Iterable[tuple[Any, Callable[[], Any]]]) -> Iterator[tuple[Any, Any]]:
+    """(key, finish()) of each (key, finish) pair, yielded once the next pair is made: a shard's forwards
+    are issued before the host waits for the previous shard's and writes them, so the device never waits
+    for the host between shards (docs/benchmarks.md, eighth round)."""
+    last = None
+    for key, finish in launched:
+        if last is not None:
+            yield last[0], last[1]()
+        last = (key, finish)
+    if last is not None:
+        yield last[0], last[1]()
 
 
 def _finish(progress: Progress, path: StorePath, n_queries: int, shots: int, loaded: Loaded,
@@ -606,9 +624,11 @@ def _write_while_planning(config: TeacherCacheConfig, task: Any, loaded: Loaded,
     written = False
     # leaving: the writer (once made) finishes its shards, then the plan's thread is stopped if still running
     with PlanAhead(data, workers) as plan_future, contextlib.ExitStack() as stack:
-        for shard, items, prompts, collated in collate_ahead(runner, enumerate(early.shards)):
-            waiting.append((shard, items, _forward_shard(runner, task, loaded, limit, workers, demo_cache, items,
-                                                         prompts, collated)))
+        launched = (((shard, items, prompts), _forward_shard(runner, task, loaded, limit, workers, demo_cache, items,
+                                                             prompts, collated))
+                    for shard, items, prompts, collated in collate_ahead(runner, enumerate(early.shards)))
+        for (shard, items, prompts), records in _one_behind(launched):
+            waiting.append((shard, items, records))
             progress.update(len(items), sum(len(p.encoded) for p in prompts), batch=runner.batch_size)
             due = "writer" in state or plan_future.done() or len(waiting) >= PLAN_AHEAD_SHARDS
             if due and not flush(plan_future, stack):
@@ -643,9 +663,14 @@ def _write(config: TeacherCacheConfig, task: Any, loaded: Loaded, shots: int, pl
                 early.close()
             built = shard_prompts(task, loaded, plan, rows, limit, workers, runner.batch_size)
         demo_cache = DemoCache()
-        for shard, items, prompts, collated in collate_ahead(runner, zip(pending, built, strict=True)):
-            _check_planned(shard, items, [plan[i] for i in store.shard_samples(shard)])
-            writer.submit(shard, _forward_shard(runner, task, loaded, limit, workers, demo_cache, items, prompts,
-                                                collated))
+
+        def launched() -> Iterator[tuple[Any, Callable[[], list[SampleRecord]]]]:
+            for shard, items, prompts, collated in collate_ahead(runner, zip(pending, built, strict=True)):
+                _check_planned(shard, items, [plan[i] for i in store.shard_samples(shard)])
+                yield (shard, items, prompts), _forward_shard(runner, task, loaded, limit, workers, demo_cache,
+                                                              items, prompts, collated)
+
+        for (shard, items, prompts), records in _one_behind(launched()):
+            writer.submit(shard, records)
             progress.update(len(items), sum(len(p.encoded) for p in prompts), batch=runner.batch_size)
     return _finish(progress, path, len(plan), shots, loaded, show_progress)

@@ -121,15 +121,15 @@ def test_out_of_memory_with_prompt_workers_rebuilds_the_prompts(tmp_path, monkey
     fam = tiny("idefics2")
     loaded = wrap_model(copy.deepcopy(fam.model), fam.processor, "tiny-idefics2")
     alone = open_store(cache(tmp_path / "a", loaded, n_queries=8, shard_size=4, batch_size=2, num_workers=0))
-    original, calls = TeacherRunner.forward, []
+    original, calls = TeacherRunner.launch, []
 
-    def forward(self, prompts, to_cpu=True, batch=None):
+    def launch(self, prompts, batch=None):
         calls.append((len(prompts), batch is not None))
         if batch is not None and len(calls) == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(self, prompts, to_cpu, batch)
+        return original(self, prompts, batch)
 
-    monkeypatch.setattr(TeacherRunner, "forward", forward)
+    monkeypatch.setattr(TeacherRunner, "launch", launch)
     halved = open_store(cache(tmp_path / "b", loaded, n_queries=8, shard_size=4, batch_size=0, num_workers=2))
     assert calls[0] == (4, True)  # the auto batch of 4 on the CPU, collated by a worker, ran out of memory
     assert calls[1:] == [(2, False)] * 4  # then batches of 2 collated here, in both shards
@@ -152,11 +152,11 @@ def test_warm_up_runs_one_batch_during_planning_and_changes_nothing(tmp_path, mo
     fam = tiny("idefics2")
     loaded = wrap_model(copy.deepcopy(fam.model), fam.processor, "tiny-idefics2")
     plain = open_store(cache(tmp_path / "a", loaded, n_queries=6, batch_size=3, num_workers=2, shard_size=None))
-    original, calls = TeacherRunner.forward, []
+    original, calls = TeacherRunner.launch, []
 
-    def forward(self, prompts, to_cpu=True, batch=None):
+    def launch(self, prompts, batch=None):
         calls.append((threading.current_thread().name, [len(p.encoded) for p in prompts]))
-        return original(self, prompts, to_cpu, batch)
+        return original(self, prompts, batch)
 
     alive_at_shards = []
     original_shards = tc.shard_prompts
@@ -165,7 +165,7 @@ def test_warm_up_runs_one_batch_during_planning_and_changes_nothing(tmp_path, mo
         alive_at_shards.append([t.name for t in threading.enumerate() if t.name == "teacher-warm-up"])
         yield from original_shards(*args, **kwargs)
 
-    monkeypatch.setattr(TeacherRunner, "forward", forward)
+    monkeypatch.setattr(TeacherRunner, "launch", launch)
     monkeypatch.setattr(tc, "shard_prompts", shard_prompts)
     monkeypatch.setattr(tc, "WARM_UP_DEVICES", ("cpu",))
     monkeypatch.setattr(tc, "WARMED", set())
@@ -366,9 +366,9 @@ def test_early_shards_run_their_forwards_while_the_plan_is_made(tmp_path, monkey
     opts = dict(task="antonyms", n_queries=9, shard_size=2)
     alone = open_store(cache(tmp_path / "a", loaded, num_workers=0, **opts))
     runs, futures = [], []
-    original_run, original_ahead = TeacherRunner.run_sorted, tc.PlanAhead
+    original_run, original_ahead = TeacherRunner.launch_sorted, tc.PlanAhead
 
-    def run_sorted(self, prompts, *args, **kwargs):
+    def launch_sorted(self, prompts, *args, **kwargs):
         runs.append((threading.current_thread().name, len(prompts)))
         return original_run(self, prompts, *args, **kwargs)
 
@@ -376,13 +376,14 @@ def test_early_shards_run_their_forwards_while_the_plan_is_made(tmp_path, monkey
         futures.append(_Slow(original_ahead(*args, **kwargs), runs))
         return futures[-1]
 
-    monkeypatch.setattr(TeacherRunner, "run_sorted", run_sorted)
+    monkeypatch.setattr(TeacherRunner, "launch_sorted", launch_sorted)
     monkeypatch.setattr(tc, "PlanAhead", plan_ahead)
     monkeypatch.setattr(tc, "PLAN_AHEAD_SHARDS", 3)
     monkeypatch.setattr(tc, "WARM_UP_DEVICES", ("cpu",))  # a warm-up would run here if the path kept it
     monkeypatch.setattr(tc, "WARMED", set())
     got = open_store(cache(tmp_path / "b", loaded, num_workers=2, **opts))
-    assert futures[0].at_result == 3  # three shards of forwards before the plan was waited for
+    # three shards of states waiting, and the fourth's forwards issued, before the plan was waited for
+    assert futures[0].at_result == 4
     assert [n for _, n in runs] == [2, 2, 2, 2, 1] and all(t == "MainThread" for t, _ in runs)  # no warm-up
     for k in ARRAYS:
         assert np.array_equal(alone.read_array(k), got.read_array(k)), k
@@ -590,3 +591,44 @@ def test_topk_logits_of_a_batch_equal_a_full_forward_of_each_prompt(family):
         want = torch.log_softmax(logits[prompt.span_start : len(prompt.encoded)], -1).topk(4, dim=-1)
         assert torch.equal(indices, want.indices)
         torch.testing.assert_close(values, want.values, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_next_shards_forwards_are_issued_before_the_host_waits_for_a_shard(tmp_path, monkeypatch, workers):
+    """The device never waits for the host between shards: shard k+1's forwards are issued before the host
+    waits for shard k's states (and builds and writes its records); every shard is waited for exactly once,
+    in order. With and without prompt workers (early shards, forwards while planning). The store, top-k
+    included, is bit for bit the one of a run that waits for each shard as soon as it is issued."""
+    from pipeline.forward import TeacherRunner
+
+    fam = tiny("llama")
+    loaded = wrap_model(fam.model, fam.processor, "tiny-llama")
+    opts = dict(task="antonyms", n_queries=7, shard_size=2, batch_size=1, topk=3, num_workers=workers)
+    original, events = TeacherRunner.launch_sorted, []
+
+    def at_once(self, prompts, *args, **kwargs):
+        done = original(self, prompts, *args, **kwargs)()
+        return lambda: done
+
+    monkeypatch.setattr(TeacherRunner, "launch_sorted", at_once)
+    waited = open_store(cache(tmp_path / "a", loaded, **opts))
+
+    def logged(self, prompts, *args, **kwargs):
+        shard = sum(e[0] == "issued" for e in events)
+        events.append(("issued", shard))
+        finish = original(self, prompts, *args, **kwargs)
+
+        def waited_for():
+            events.append(("waited", shard))
+            return finish()
+
+        return waited_for
+
+    monkeypatch.setattr(TeacherRunner, "launch_sorted", logged)
+    got = open_store(cache(tmp_path / "b", loaded, **opts))
+    shards = 4  # 7 queries in shards of 2
+    assert [e for e in events if e[0] == "waited"] == [("waited", k) for k in range(shards)]
+    for k in range(shards - 1):
+        assert events.index(("issued", k + 1)) < events.index(("waited", k)), events
+    for k in (*ARRAYS, "topk_values", "topk_indices"):
+        assert np.array_equal(waited.read_array(k), got.read_array(k)), k
