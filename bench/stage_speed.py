@@ -3,7 +3,9 @@ stage 2 offline (from the store) vs --online (teacher every step). Used by bench
 
 Stage 1: ``stages.teacher_cache.run`` on an in-process model, wall-clock end to end (planning, prompt
 building in ``num_workers`` processes, forwards, capture, device-to-host copy, compression and
-writes of the store, final validation); its forwards are timed by wrapping ``TeacherRunner.run_sorted``.
+writes of the store, final validation); its forwards are timed on the device with CUDA events (no
+synchronisation: teacher-cache issues a shard's forwards before it waits for the previous shard's), and every
+timer below is host time without waiting for the device.
 The warm run keeps the prompts and batches it saw (page-locked: the stock forward copies from the same memory);
 the cold one keeps only the sizes of its page-locked tensors, so that its page-locked pool grows as a user's
 run's does (to the few shards in flight, not to every batch of the run), and before the warm run the pool is
@@ -73,14 +75,18 @@ def _host_allocs() -> tuple[int, float]:
 
 
 def _wrap(owner: Any, name: str, timers: Timers, key: str, keep: list | None = None, arg: int = 1,
-          each: bool = False, kept: Callable[[tuple], Any] = lambda a: a):
+          each: bool = False, kept: Callable[[tuple], Any] = lambda a: a, wait: bool = True):
+    """``owner.name`` timed into ``timers[key]``; ``wait``: after a device synchronisation (the call's device
+    work counted), else host time only (a synchronisation would change what it measures: teacher-cache issues
+    the next batch while the device computes)."""
     original = getattr(owner, name)
 
     def wrapped(*args, **kwargs):
         t0 = time.perf_counter()
         with torch.profiler.record_function(f"bench::{key}"):  # a named range when a profiler runs
             out = original(*args, **kwargs)
-        sync()
+        if wait:
+            sync()
         timers.add(key, time.perf_counter() - t0)
         if each:  # every call with its start: what overlapped what
             timers.each(key, t0, time.perf_counter() - t0)
@@ -120,33 +126,57 @@ def _timed_items(it: Any, start: float, each: list, timers: Timers, key: str):
 
 
 def _model_timer(model: Any, timers: Timers):
-    """Synchronised wall time of every model forward (hooks on the top module), each with its batch shape,
-    its start and the page-locked blocks allocated so far (``host_alloc_each``: count, microseconds)."""
+    """Every model forward (hooks on the top module), timed without making the host wait for the device (a
+    synchronisation per forward would stop the host from issuing the next batch while the device computes,
+    as teacher-cache does): on CUDA with events, read when the hooks are removed. Per forward: its duration
+    on the device (``model_forward_s_each``; on the CPU its host time), its start on the device relative to
+    the first forward's (``model_forward_gpu_start_each``), the host time its call began
+    (``model_forward_start_each``), its batch shape with whether a mask was passed, and the page-locked blocks
+    allocated when its call returned (``host_alloc_each``: count, microseconds)."""
+    marks: list = []
     start = {}
 
     def pre(_m, _args, kwargs):
-        sync()
         ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-        if ids is not None:  # (B, T, padded?): which attention kind each forward ran
-            timers.setdefault("model_forward_shape_each", []).append(
-                (*ids.shape, bool(mask is not None and not bool(mask.all()))))
+        if ids is not None:  # (B, T, mask passed?): which attention kind each forward ran
+            timers.setdefault("model_forward_shape_each", []).append((*ids.shape, mask is not None))
         start["t"] = time.perf_counter()
+        start["ev"] = _event()
 
     def post(_m, _args, _kwargs, _out):
-        sync()
         end = time.perf_counter()
-        timers.add("model_forward_s", end - start["t"])
-        timers.setdefault("model_forward_s_each", []).append(round(end - start["t"], 4))
+        marks.append((start["t"], end, start["ev"], _event()))
         timers.setdefault("model_forward_start_each", []).append(round(start["t"] - timers.start, 3))
         timers.setdefault("host_alloc_each", []).append(_host_allocs())
 
+    def remove() -> None:
+        for h in handles:
+            h.remove()
+        sync()
+        first = marks[0][2] if marks else None
+        for t0, t1, e0, e1 in marks:
+            took = e0.elapsed_time(e1) / 1e3 if e0 is not None else t1 - t0
+            timers.add("model_forward_s", took)
+            timers.setdefault("model_forward_s_each", []).append(round(took, 4))
+            if first is not None:
+                timers.setdefault("model_forward_gpu_start_each", []).append(round(first.elapsed_time(e0) / 1e3, 4))
+
     handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
                model.register_forward_hook(post, with_kwargs=True)]
-    return lambda: [h.remove() for h in handles]
+    return remove
+
+
+def _event():
+    """A CUDA event recorded now on the current stream (None on the CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record()
+    return ev
 
 
 def _pinned_sizes(args: tuple) -> list[tuple[int, torch.dtype]]:
-    """(elements, dtype) of each page-locked tensor of a ``run_sorted`` call's collated batches."""
+    """(elements, dtype) of each page-locked tensor of a ``launch_sorted`` call's collated batches."""
     collated = args[1] if len(args) > 1 else None
     if collated is None:
         return []
@@ -165,26 +195,26 @@ def grow_pinned_pool(kept: list[list[tuple[int, torch.dtype]]]) -> int:
 
 def teacher_cache_run(loaded, alias: str, shots: int, n: int, batch: int, workers: int, out: Path,
                       writers: int | None = None, keep_batches: bool = True) -> dict:
-    """Stage 1 end to end, with a breakdown: planning, waiting for prompts (DataLoader), the whole
-    run_sorted (collate, host-to-device, forward, capture, device-to-host), the model forward alone,
-    collate, waiting to submit a shard to the writer, and the writer thread's write_shard. ``runs``: each
-    run_sorted call's (prompts, collated, rebuild), or with ``keep_batches`` False only its page-locked
-    tensors' sizes (``_pinned_sizes``)."""
+    """Stage 1 end to end, with a breakdown: planning, waiting for prompts (DataLoader), issuing a shard's
+    forwards (``launch_sorted``: host-to-device, forward, capture, device-to-host copies issued), the model
+    forwards on the device, collate, waiting to submit a shard to the writer, and the writer thread's
+    write_shard. ``runs``: each launch_sorted call's (prompts, collated, rebuild), or with ``keep_batches``
+    False only its page-locked tensors' sizes (``_pinned_sizes``)."""
     import pipeline.forward as fw
     import pipeline.store as store_mod
     import stages.teacher_cache as tc
 
     timers, runs = Timers(), []
-    undo = [_wrap(tc.TeacherRunner, "run_sorted", timers, "forward_s", runs,  # keeps (prompts, collated, rebuild)
+    undo = [_wrap(tc.TeacherRunner, "launch_sorted", timers, "issue_s", runs, wait=False,  # keeps its arguments
                   kept=(lambda a: a) if keep_batches else _pinned_sizes),
-            _wrap(tc, "plan_queries", timers, "plan_s"),
-            _wrap(tc.PlanAhead, "result", timers, "plan_wait_s"),  # early shards: the forwards' wait for the plan
-            _wrap(tc, "warm_up", timers, "warm_up_s"),  # on a thread inside plan_queries (CUDA)
-            _wrap(store_mod.TeacherStore, "validate", timers, "validate_s"),
-            _wrap(fw, "to_device", timers, "to_device_s"),
-            _wrap(fw, "pin_batch", timers, "pin_s", each=True),
-            _wrap(store_mod.ShardWriter, "submit", timers, "submit_wait_s"),
-            _wrap(store_mod.TeacherStore, "write_shard", timers, "writer_thread_write_s"),
+            _wrap(tc, "plan_queries", timers, "plan_s", wait=False),
+            _wrap(tc.PlanAhead, "result", timers, "plan_wait_s", wait=False),  # early shards: waiting for the plan
+            _wrap(tc, "warm_up", timers, "warm_up_s", wait=False),  # on a thread inside plan_queries (CUDA)
+            _wrap(store_mod.TeacherStore, "validate", timers, "validate_s", wait=False),
+            _wrap(fw, "to_device", timers, "to_device_s", wait=False),
+            _wrap(fw, "pin_batch", timers, "pin_s", each=True, wait=False),
+            _wrap(store_mod.ShardWriter, "submit", timers, "submit_wait_s", wait=False),
+            _wrap(store_mod.TeacherStore, "write_shard", timers, "writer_thread_write_s", wait=False),
             _timed_generator(tc, "shard_prompts", timers, "prompt_wait_s"),
             _model_timer(loaded.model, timers)]
     family = loaded.family
@@ -221,7 +251,7 @@ def teacher_cache_run(loaded, alias: str, shots: int, n: int, batch: int, worker
 
 
 def stock_batches(runs: list[tuple]) -> list[tuple[dict, int, int]]:
-    """(CPU batch, real text tokens, images): the batches run_sorted ran (collated by the prompt workers or
+    """(CPU batch, real text tokens, images): the batches launch_sorted ran (collated by the prompt workers or
     the collate thread), in its order."""
     out = []
     for prompts, (_, chunks), _ in runs:
@@ -331,7 +361,7 @@ def stage1(report: Report, loaded, alias: str, shots: int, n: int, batch: int, w
     loop = run["wall_s"] - run.get("plan_s", 0.0) - run.get("plan_wait_s", 0.0)
     report.add("teacher-cache + store samples/s (without planning)", n / loop, "samples/s",
                ref="stock forward (all logits) samples/s")
-    report.add("teacher-cache forwards only samples/s", n / run["forward_s"], "samples/s",
+    report.add("teacher-cache forwards only samples/s", n / run["model_forward_s"], "samples/s",
                ref="stock forward (logits_to_keep=1) samples/s")
     ablations(report, loaded, alias, shots, n, batch, workers, work)
     report.add("stock forward (all logits) tokens/s", tokens / stock_full, "tokens/s")
