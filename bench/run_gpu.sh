@@ -9,6 +9,7 @@
 #   bash bench/run_gpu.sh idefics1  # bench/suite.py, Idefics-9B shape, 32-shot
 #   bash bench/run_gpu.sh evalbatch # bench/eval_batch.py: largest batch and queries/s per mode, 3 beams
 #   bash bench/run_gpu.sh sdpafirst # bench/sdpa_first_call.py: sdpa's first-call cost per sequence length (fresh machine)
+#   bash bench/run_gpu.sh pipelined # bench/pipelined_check.py: stored states right with the copies waited for late
 #   bash bench/run_gpu.sh stage1    # bench/suite.py --sections stage1, one fresh process per variant (cold, then warm)
 # Wheels for zarr & co. travel in .whl/ (see docs/benchmarks.md); logs go to $OUT (default results/).
 set -o pipefail
@@ -68,6 +69,9 @@ case "$1" in
       rm -rf "/tmp/bench-stage1-$v"
     done
     ;;
+  pipelined)
+    python3 pipelined_check.py 2>&1 | tee "$OUT/pipelined_check.log" | grep -E "Error|pipelined check"
+    ;;
   sdpafirst)
     python3 sdpa_first_call.py --out "$OUT/sdpa_first_call.json" 2>&1 | tee "$OUT/sdpa_first_call.log"
     ;;
@@ -75,5 +79,5 @@ case "$1" in
     python3 eval_batch.py --model "${MODEL:-idefics2-8b}" --shots 8 32 --max-batch "${MAX_BATCH:-256}" \
       --out "$OUT/eval_batch" 2>&1 | tee "$OUT/eval_batch.log" | grep -E "FAIL|Error|^\|"
     ;;
-  *) echo "usage: bash bench/run_gpu.sh check|log_z2|mu_paths|attention|profile|idefics2|idefics1|evalbatch|stage1|sdpafirst"; exit 2 ;;
+  *) echo "usage: bash bench/run_gpu.sh check|log_z2|mu_paths|attention|profile|idefics2|idefics1|evalbatch|stage1|sdpafirst|pipelined"; exit 2 ;;
 esac
