@@ -176,8 +176,9 @@ class Trainer:
         """``model.forward`` through ``torch.compile`` while the block runs (``--compile``), else unchanged.
 
         Why: on a GPU each eager op costs 20-50 us of host time and MimIC adds ~30 small ops per layer, so an
-        eager student step is host-bound; compiled, they fuse (Idefics2-8B shape, H200, B8/T82: MimIC
-        forward+backward 181 ms eager, 97 ms compiled; bench/model_overhead.py). Default mode (no CUDA graphs:
+        eager student step is host-bound; compiled, they fuse (Idefics2-8B shape, H200, B8/T82, gradients set to
+        None each step as here: MimIC forward+backward 135.4 ms eager, 68.7 ms compiled, against stock's 107.0 /
+        64.2 ms; bench/model_overhead.py, docs/benchmarks.md eighth round). Default mode (no CUDA graphs:
         every step's activations are kept for the backward) and automatic dynamic shapes: the first padded
         length compiles a static graph, the next a dynamic one that serves every later length. Only the student's forward: the teacher's (``--online``) runs
         under inference mode with the student switched off, eagerly. The first student forward is eager
