@@ -553,9 +553,25 @@ def _forward_shard(runner: TeacherRunner, task: Any, loaded: Loaded, limit: int 
 def _one_behind(launched: Iterable[tuple[Any, Callable[[], Any]]]) -> Iterator[tuple[Any, Any]]:
     """(key, finish()) of each (key, finish) pair, yielded once the next pair is made: a shard's forwards
     are issued before the host waits for the previous shard's and writes them, so the device never waits
-    for the host between shards (docs/benchmarks.md, eighth round)."""
+    for the host between shards (docs/benchmarks.md, eighth round). If making the next pair fails (a later
+    shard's forwards), the pair before it is still yielded, so that its finished work is written, then the
+    error is raised."""
     last = None
-    for key, finish in launched:
+    pairs = iter(launched)
+    while True:
+        try:
+            key, finish = next(pairs)
+        except StopIteration:
+            break
+        except Exception:
+            if last is not None:
+                try:
+                    done = last[1]()
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    done = None
+                if done is not None:
+                    yield last[0], done
+            raise
         if last is not None:
             yield last[0], last[1]()
         last = (key, finish)

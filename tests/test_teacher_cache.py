@@ -632,3 +632,32 @@ def test_the_next_shards_forwards_are_issued_before_the_host_waits_for_a_shard(t
         assert events.index(("issued", k + 1)) < events.index(("waited", k)), events
     for k in (*ARRAYS, "topk_values", "topk_indices"):
         assert np.array_equal(waited.read_array(k), got.read_array(k)), k
+
+
+def test_a_failing_shard_still_lets_the_shard_before_it_be_written(tmp_path, monkeypatch):
+    """Shards are written one behind their forwards; when a shard's forwards fail, the shards before it (the
+    one whose forwards were issued included) are written, and a resume completes the store: bit for bit a
+    clean run's."""
+    from pipeline.forward import TeacherRunner
+
+    fam = tiny("llama")
+    loaded = wrap_model(fam.model, fam.processor, "tiny-llama")
+    opts = dict(task="antonyms", n_queries=7, shard_size=2, batch_size=1)
+    clean = open_store(cache(tmp_path / "a", loaded, **opts))
+    original, calls = TeacherRunner.launch_sorted, {"n": 0}
+
+    def failing(self, prompts, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("a device fault (simulated)")
+        return original(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(TeacherRunner, "launch_sorted", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        cache(tmp_path / "b", loaded, **opts)
+    partial = open_store(tmp_path / "b" / "s.zarr")
+    assert partial.read_array("done").tolist() == [True] * 4 + [False] * 3  # shards 0 and 1 written
+    monkeypatch.setattr(TeacherRunner, "launch_sorted", original)
+    resumed = open_store(cache(tmp_path / "b", loaded, **opts))
+    for k in ARRAYS:
+        assert np.array_equal(clean.read_array(k), resumed.read_array(k)), k
