@@ -161,7 +161,7 @@ class TeacherRunner:
         self.pin = loaded.device.type == "cuda"
 
     def collate_sorted(self, prompts: list[Any]) -> tuple[int, list[tuple[list[int], dict]]]:
-        """(batch size, [(prompt indices, CPU batch)]): ``run_sorted``'s batches, collated ahead of time
+        """(batch size, [(prompt indices, CPU batch)]): ``launch_sorted``'s batches, collated ahead of time
         (and page-locked on CUDA, so their host-to-device copies are asynchronous)."""
         return self.pin_sorted(sorted_batches(self.loaded, prompts, self.batch_size, self.pin))
 
@@ -178,12 +178,8 @@ class TeacherRunner:
         if to_cpu:
             return self.launch(prompts, batch)()
         run, topk = self._run(prompts, batch)
-        states = run.states.to(torch.bfloat16)
-        results = []
-        for b, (n, s) in enumerate(zip(_lengths(prompts), _starts(prompts), strict=True)):
-            k = (topk.values[b, : n - s], topk.indices[b, : n - s]) if topk is not None else (None, None)
-            results.append((states[b, : n - s].clone(), *k))
-        return results
+        tk = (topk.values, topk.indices) if topk is not None else None
+        return [(hs.clone(), *k) for hs, *k in _per_prompt(run.states.to(torch.bfloat16), tk, prompts)]
 
     @torch.inference_mode()
     def launch(self, prompts: list[Any], batch: dict | None = None) -> Callable[[], list[tuple[torch.Tensor, Any, Any]]]:
@@ -200,13 +196,11 @@ class TeacherRunner:
         if run.states.is_cuda:
             done = torch.cuda.Event()
             done.record()
-        lengths, starts = _lengths(prompts), _starts(prompts)
 
         def finish() -> list[tuple[torch.Tensor, Any, Any]]:
             if done is not None:
                 done.synchronize()
-            return [(states[b, : n - s], *((tk[0][b, : n - s], tk[1][b, : n - s]) if tk else (None, None)))
-                    for b, (n, s) in enumerate(zip(lengths, starts, strict=True))]
+            return _per_prompt(states, tk, prompts)
 
         return finish
 
@@ -228,16 +222,11 @@ class TeacherRunner:
         offset = run.batch["input_ids"].shape[1] - out.logits.shape[1]  # 0 when every position has logits
         # every aligned position is at or after its prompt's span start (span_positions): checked on the host,
         # which a device comparison would make wait for the forward
-        if min(s for n, s in zip(lengths, starts, strict=True) if n > s) < offset:
+        if min((s for n, s in zip(lengths, starts, strict=True) if n > s), default=offset) < offset:
             raise RuntimeError(f"top-k logits kept from position {offset}, but a span starts before it")
         idx = (pos - offset).clamp(min=0)[..., None].expand(-1, -1, out.logits.shape[-1])
         logp = torch.log_softmax(torch.gather(out.logits, 1, idx).float(), -1)
         return run, logp.topk(self.topk, dim=-1)
-
-    def run_sorted(self, prompts: list[Any], collated: tuple | None = None,
-                   rebuild: Callable[[], list[Any]] | None = None) -> list[tuple[torch.Tensor, Any, Any]]:
-        """``launch_sorted``'s results, waited for."""
-        return self.launch_sorted(prompts, collated, rebuild)()
 
     def launch_sorted(self, prompts: list[Any], collated: tuple | None = None,
                       rebuild: Callable[[], list[Any]] | None = None) -> Callable[[], list[tuple[torch.Tensor, Any, Any]]]:
@@ -284,6 +273,12 @@ def _starts(prompts: Sequence[Any]) -> list[int]:
     return [p.span_start for p in prompts]
 
 
+def _per_prompt(states: torch.Tensor, topk: tuple | None, prompts: Sequence[Any]) -> list[tuple[torch.Tensor, Any, Any]]:
+    """Each prompt's span of a batch's states (B, S, L, D) and top-k (values, indices) or None: views."""
+    return [(states[b, : n - s], *((topk[0][b, : n - s], topk[1][b, : n - s]) if topk else (None, None)))
+            for b, (n, s) in enumerate(zip(_lengths(prompts), _starts(prompts), strict=True))]
+
+
 def _gathered(issued: list[tuple[list[int], Callable[[], list]]], n: int) -> Callable[[], list]:
     """One function finishing every issued batch, its results put back in prompt order."""
     def finish() -> list:
@@ -296,7 +291,7 @@ def _gathered(issued: list[tuple[list[int], Callable[[], list]]], n: int) -> Cal
 def sorted_batches(loaded: Loaded, prompts: list[Any], size: int, pin: bool = False
                    ) -> tuple[int, list[tuple[list[int], dict]]]:
     """(size, [(prompt indices, CPU batch)]): ``prompts`` sorted by length and collated (right padding,
-    ``teacher_padding``) in batches of ``size``, as ``TeacherRunner.run_sorted`` runs them."""
+    ``teacher_padding``) in batches of ``size``, as ``TeacherRunner.launch_sorted`` runs them."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].encoded))
     chunks = [order[i : i + size] for i in range(0, len(order), size)]
     return size, [(c, loaded.family.collate(

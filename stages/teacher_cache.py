@@ -342,7 +342,7 @@ class ShardData(torch.utils.data.Dataset):
     """Whole shards, each built in one DataLoader worker while the device runs earlier shards: its planned
     items (read from ``plan``: a list, or a ``PlanData`` that plans them in the worker), the teacher
     prompts of its samples (image processing and tokenisation, ~75 ms of one CPU core per Idefics2 8-shot
-    prompt; pixels cast to the model's 16-bit dtype) and their batches collated as ``run_sorted`` runs them.
+    prompt; pixels cast to the model's 16-bit dtype) and their batches collated as ``launch_sorted`` runs them.
 
     Why collate here: on the H200 host the main process's collate thread spent 0.62-0.71 s per Idefics2
     batch (docs/benchmarks.md, third round), 15x what the same collation costs alone, bounding stage 1 at

@@ -283,7 +283,7 @@ def test_images_cast_in_the_workers_give_the_batch_the_device_gets(monkeypatch):
     assert items == plan[:3]
     assert [p.input_ids for p in sent] == [p.input_ids for p in prompts]
     assert all(image is None for p in sent for image in p.encoded.images)  # the pixels are in the batches only
-    # its batches are run_sorted's: sorted by length, 2 a batch, the same tensors as collating the cast prompts
+    # its batches are launch_sorted's: sorted by length, 2 a batch, the same tensors as collating the cast prompts
     order = sorted(range(3), key=lambda i: len(prompts[i].encoded))
     assert size == 2 and [c for c, _ in batches] == [order[:2], order[2:]]
     for chunk, got in batches:

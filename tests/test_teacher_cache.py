@@ -583,7 +583,7 @@ def test_topk_logits_of_a_batch_equal_a_full_forward_of_each_prompt(family):
     assert longest % 8 != 0
     (_, batch), = sorted_batches(loaded, prompts, len(prompts))[1]
     assert batch["input_ids"].shape[1] == -(-longest // 8) * 8
-    assert runner.run_sorted(prompts, sorted_batches(loaded, prompts, 2))[0][0].shape == got[0][0].shape
+    assert runner.launch_sorted(prompts, sorted_batches(loaded, prompts, 2))()[0][0].shape == got[0][0].shape
     for prompt, (_, values, indices) in zip(prompts, got, strict=True):
         batch = loaded.family.collate([prompt.encoded], loaded.processor, "right")
         with torch.no_grad():
